@@ -1,0 +1,30 @@
+# make demo: create .venv, install, run the main job on the embedded default corpus.
+# make test: create .venv if missing, install, run the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines take the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+# GPU machines (nvidia-smi present) keep whatever torch the environment provides.
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+
+.PHONY: install demo test test-fast clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m elastic_megatron.train model=tiny
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not slurm"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

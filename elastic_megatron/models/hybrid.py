@@ -1,0 +1,140 @@
+"""Build the hybrid Mamba-Transformer-MoE model (Megatron-Core `MambaModel`) from a ModelConfig.
+
+`to_transformer_config` is the single translation from our schema to Megatron's
+TransformerConfig; `build_model` validates, applies the CPU/no-TE compat patches and
+builds Megatron's MambaModel with the spec of the chosen backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron.core.activations import squared_relu
+from megatron.core.models.mamba.mamba_model import MambaModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from elastic_megatron.config.model import ModelConfig, validate_model_config, validate_parallel_layout
+from elastic_megatron.models import compat
+from elastic_megatron.models.specs import hybrid_stack_spec
+
+_ACTIVATIONS = {
+    "squared_relu": squared_relu,
+    "relu": torch.nn.functional.relu,
+    "gelu": torch.nn.functional.gelu,
+    "silu": torch.nn.functional.silu,
+}
+
+
+def resolve_token_dispatcher(cfg: ModelConfig) -> str:
+    """alltoall creates CUDA streams at construction, so CPU runs use allgather."""
+    if cfg.moe_token_dispatcher != "auto":
+        return cfg.moe_token_dispatcher
+    return "alltoall" if torch.cuda.is_available() else "allgather"
+
+
+def to_transformer_config(
+    cfg: ModelConfig,
+    params_dtype: torch.dtype = torch.float32,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    expert_parallel: int = 1,
+    sequence_parallel: bool = False,
+    **overrides,
+) -> TransformerConfig:
+    """Megatron TransformerConfig for `cfg` (nothing elastic goes in here)."""
+    has_moe = cfg.count("E") > 0
+    has_attention = cfg.count("*") > 0
+    kwargs = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        # Megatron requires attention fields even without attention layers.
+        num_attention_heads=cfg.num_attention_heads if has_attention else 1,
+        num_query_groups=cfg.num_query_groups if has_attention else 1,
+        kv_channels=cfg.head_dim if has_attention else cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        mamba_num_heads=cfg.mamba_num_heads,
+        mamba_head_dim=cfg.mamba_head_dim,
+        mamba_state_dim=cfg.mamba_state_dim,
+        mamba_num_groups=cfg.mamba_num_groups,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_eps,
+        activation_func=_ACTIVATIONS[cfg.activation],
+        gated_linear_unit=False,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        init_method_std=cfg.init_method_std,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        expert_model_parallel_size=expert_parallel,
+        sequence_parallel=sequence_parallel,
+        persist_layer_norm=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        use_mamba_mem_eff_path=False,
+    )
+    if has_moe:
+        kwargs.update(
+            num_moe_experts=cfg.moe_num_experts,
+            moe_router_topk=cfg.moe_router_topk,
+            moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=cfg.moe_shared_expert_ffn_hidden_size or None,
+            moe_router_score_function=cfg.moe_router_score_function,
+            moe_router_enable_expert_bias=cfg.moe_router_enable_expert_bias,
+            moe_router_topk_scaling_factor=cfg.moe_router_topk_scaling_factor,
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_router_dtype="fp32",
+            moe_token_dispatcher_type=resolve_token_dispatcher(cfg),
+            moe_grouped_gemm=cfg.backend == "te",
+            moe_permute_fusion=False,
+            moe_router_fusion=False,
+        )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_model(
+    cfg: ModelConfig,
+    params_dtype: torch.dtype = torch.float32,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    expert_parallel: int = 1,
+    sequence_parallel: bool = False,
+    pre_process: bool = True,
+    post_process: bool = True,
+) -> MambaModel:
+    """Validate `cfg` and build Megatron's hybrid MambaModel on this rank.
+
+    Megatron's parallel state must be initialised (see `elastic_megatron.parallel`).
+    """
+    validate_model_config(cfg)
+    validate_parallel_layout(cfg, tensor_parallel, expert_parallel)
+    if cfg.backend == "te" and not compat.have_transformer_engine():
+        from elastic_megatron.config.errors import ConfigError
+
+        raise ConfigError("model.backend", "te", "Transformer Engine is not installed here; use model.backend=local")
+    compat.apply()
+    tcfg = to_transformer_config(cfg, params_dtype, tensor_parallel, pipeline_parallel, expert_parallel, sequence_parallel)
+    model = MambaModel(
+        config=tcfg,
+        mamba_stack_spec=hybrid_stack_spec(cfg),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        hybrid_override_pattern=cfg.hybrid_pattern,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="none",
+        parallel_output=True,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model

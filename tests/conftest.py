@@ -1,0 +1,58 @@
+"""Shared fixtures: one gloo process group per test session (world size 1) and
+small model configs that isolate each layer type."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from elastic_megatron.config.model import ModelConfig, model_config_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    values = yaml.safe_load((REPO / "recipes" / "model" / f"{name}.yaml").read_text())
+    values.update(overrides)
+    return model_config_from_dict(values)
+
+
+def small_config(pattern: str, **overrides) -> ModelConfig:
+    """A small config of the tiny preset's widths with another layer pattern."""
+    return dataclasses.replace(preset("tiny"), hybrid_pattern=pattern, name=f"tiny[{pattern}]", **overrides)
+
+
+@pytest.fixture(scope="session")
+def dist():
+    from elastic_megatron.parallel.setup import destroy_distributed, initialize_distributed
+
+    initialize_distributed(seed=1234)
+    yield
+    destroy_distributed()
+
+
+@pytest.fixture
+def seed():
+    torch.manual_seed(0)
+    return 0
+
+
+def token_batch(vocab: int, batch: int = 2, seq: int = 24, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    pos = torch.arange(seq).expand(batch, seq)
+    return ids, pos
+
+
+def pytest_collection_modifyitems(config, items):
+    """gpu tests need CUDA: on a CPU machine they are reported as skipped with the reason."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on a GPU machine: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

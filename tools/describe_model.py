@@ -1,0 +1,67 @@
+"""Print parameter counts and checkpoint sizes of a model preset, without building it.
+
+    python tools/describe_model.py model=nemotron_nano_v3_30b
+    python tools/describe_model.py model=small format=json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from elastic_megatron.config.errors import ConfigError  # noqa: E402
+from elastic_megatron.config.loading import load_model_config  # noqa: E402
+from elastic_megatron.models.counter import PRECISIONS, model_size  # noqa: E402
+
+FORMATS = ("table", "json")
+COMPONENTS = ("embedding", "mamba", "attention", "mlp", "router", "expert", "shared_expert", "norm", "output")
+
+
+def _b(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.3f} MB"
+
+
+def render_table(cfg, size) -> str:
+    pattern = cfg.hybrid_pattern
+    lines = [
+        f"model {cfg.name}: {cfg.num_layers} layers "
+        f"({pattern.count('M')} Mamba2, {pattern.count('*')} attention, {pattern.count('-')} MLP, {pattern.count('E')} MoE), "
+        f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size}",
+        f"pattern {pattern}",
+        "",
+        f"{'component':<16}{'total params':>16}{'active params':>16}",
+    ]
+    for comp in COMPONENTS:
+        if comp in size.params_by_component:
+            lines.append(f"{comp:<16}{size.params_by_component[comp]:>16,}{size.active_by_component.get(comp, 0):>16,}")
+    lines.append(f"{'all':<16}{size.total_params:>16,}{size.active_params:>16,}   ({_b(size.total_params)} total, {_b(size.active_params)} active)")
+    lines += ["", f"{'precision':<16}{'checkpoint':>16}{'active weights':>16}"]
+    for p in PRECISIONS:
+        lines.append(f"{p:<16}{_gb(size.total_bytes[p]):>16}{_gb(size.active_bytes[p]):>16}")
+    return "\n".join(lines)
+
+
+@hydra.main(config_path="../recipes", config_name="describe_model", version_base=None)
+def main(cfg: DictConfig) -> None:
+    if cfg.format not in FORMATS:
+        raise ConfigError("format", cfg.format, f"allowed: {list(FORMATS)}")
+    model_cfg = load_model_config(cfg.model)
+    size = model_size(model_cfg)
+    if cfg.format == "json":
+        print(json.dumps({"model": model_cfg.name, "hybrid_pattern": model_cfg.hybrid_pattern, **size.as_dict()}))
+    else:
+        print(render_table(model_cfg, size))
+
+
+if __name__ == "__main__":
+    main()
