@@ -17,8 +17,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-demo: install
-	$(PY) -m elastic_megatron.train model=tiny
+DEMO_DATA := .cache/data/stdlib
+
+$(DEMO_DATA)_text_document.idx: | $(VENV)/.installed
+	$(PY) tools/preprocess_data.py --input python-stdlib --output-prefix $(DEMO_DATA) --tokenizer byte --overwrite
+
+demo: install $(DEMO_DATA)_text_document.idx
+	rm -rf runs/demo-pretrain
+	$(PY) -m elastic_megatron.train --config-name=pretrain model=tiny run.dir=runs/demo-pretrain
 
 test: install
 	$(PY) -m pytest -q
@@ -27,4 +33,4 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow and not slurm"
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .cache runs/demo-*

@@ -56,3 +56,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def stdlib_prefix(tmp_path_factory) -> str:
+    """A small byte-level indexed dataset of the embedded corpus, made once per session
+    with the real preprocessing tool."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("data") / "stdlib"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", "python-stdlib",
+         "--max-bytes", "400000", "--output-prefix", str(out), "--tokenizer", "byte"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return f"{out}_text_document"

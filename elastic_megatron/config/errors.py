@@ -18,3 +18,13 @@ class ConfigError(ValueError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"invalid config {key}={value!r}: {allowed}")
+
+
+def require_positive_int(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(key, value, "must be a positive integer")
+
+
+def require_choice(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, f"allowed: {list(allowed)}")

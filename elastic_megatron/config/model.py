@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
-from elastic_megatron.config.errors import ConfigError
+from elastic_megatron.config.errors import ConfigError, require_choice, require_positive_int
 
 # Layer symbols of Megatron-Core's hybrid pattern (megatron.core.ssm.mamba_hybrid_layer_allocation).
 MAMBA, ATTENTION, MLP, MOE = "M", "*", "-", "E"
@@ -98,8 +98,7 @@ def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
 
 
 def _positive(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"model.{key}", value, "must be a positive integer")
+    require_positive_int(f"model.{key}", value)
 
 
 def _divides(key: str, value: int, divisor_key: str, divisor: int) -> None:
@@ -117,10 +116,8 @@ def validate_model_config(cfg: ModelConfig) -> None:
             raise ConfigError("model.hybrid_pattern", cfg.hybrid_pattern, f"unknown symbol {symbol!r} at position {i}; allowed: {allowed}")
     for key in ("hidden_size", "vocab_size", "max_sequence_length"):
         _positive(key, getattr(cfg, key))
-    if cfg.backend not in BACKENDS:
-        raise ConfigError("model.backend", cfg.backend, f"allowed: {list(BACKENDS)}")
-    if cfg.activation not in ACTIVATIONS:
-        raise ConfigError("model.activation", cfg.activation, f"allowed: {list(ACTIVATIONS)}")
+    require_choice("model.backend", cfg.backend, BACKENDS)
+    require_choice("model.activation", cfg.activation, ACTIVATIONS)
     if not (isinstance(cfg.norm_eps, (int, float)) and cfg.norm_eps > 0):
         raise ConfigError("model.norm_eps", cfg.norm_eps, "must be a positive number")
     if not (isinstance(cfg.init_method_std, (int, float)) and cfg.init_method_std > 0):
@@ -154,10 +151,8 @@ def validate_model_config(cfg: ModelConfig) -> None:
             )
         if isinstance(cfg.moe_shared_expert_ffn_hidden_size, bool) or not isinstance(cfg.moe_shared_expert_ffn_hidden_size, int) or cfg.moe_shared_expert_ffn_hidden_size < 0:
             raise ConfigError("model.moe_shared_expert_ffn_hidden_size", cfg.moe_shared_expert_ffn_hidden_size, "must be an integer >= 0 (0: no shared expert)")
-        if cfg.moe_router_score_function not in ROUTER_SCORE_FUNCTIONS:
-            raise ConfigError("model.moe_router_score_function", cfg.moe_router_score_function, f"allowed: {list(ROUTER_SCORE_FUNCTIONS)}")
-        if cfg.moe_token_dispatcher not in TOKEN_DISPATCHERS:
-            raise ConfigError("model.moe_token_dispatcher", cfg.moe_token_dispatcher, f"allowed: {list(TOKEN_DISPATCHERS)}")
+        require_choice("model.moe_router_score_function", cfg.moe_router_score_function, ROUTER_SCORE_FUNCTIONS)
+        require_choice("model.moe_token_dispatcher", cfg.moe_token_dispatcher, TOKEN_DISPATCHERS)
         if cfg.moe_router_topk_scaling_factor is not None and not cfg.moe_router_topk_scaling_factor > 0:
             raise ConfigError("model.moe_router_topk_scaling_factor", cfg.moe_router_topk_scaling_factor, "must be a positive number or null")
         if cfg.moe_router_enable_expert_bias and cfg.moe_router_score_function != "sigmoid":
@@ -166,8 +161,8 @@ def validate_model_config(cfg: ModelConfig) -> None:
 
 def validate_parallel_layout(cfg: ModelConfig, tensor_parallel: int = 1, expert_parallel: int = 1) -> None:
     """Checks that depend on the parallel layout (sharded heads, groups and experts)."""
-    _positive("parallel.tp", tensor_parallel)
-    _positive("parallel.ep", expert_parallel)
+    require_positive_int("parallel.tp", tensor_parallel)
+    require_positive_int("parallel.ep", expert_parallel)
     if cfg.count(ATTENTION) and tensor_parallel > 1:
         if cfg.num_attention_heads % tensor_parallel:
             raise ConfigError("model.num_attention_heads", cfg.num_attention_heads, f"must be divisible by parallel.tp={tensor_parallel}")

@@ -50,13 +50,14 @@ def initialize_distributed(
 
     env = dist_env()
     if not dist.is_initialized():
-        if env.world_size == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(env.local_rank)
-        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+        if env.world_size == 1:
+            # A world of one rendezvous on a private port (never an inherited MASTER_PORT).
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel,

@@ -1,0 +1,177 @@
+"""The job schema: every recipe composes into a `JobConfig`.
+
+Registered in Hydra's ConfigStore as `job_schema`; each recipe lists it first in its
+defaults, so Hydra rejects unknown keys and wrongly typed values at composition time, and
+`validate_job` checks the values that depend on each other or on the world size before
+anything is allocated. Groups (recipes/<group>/*.yaml): model, data, trainer, parallel,
+logger, cluster, elastic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from elastic_megatron.config.errors import ConfigError, require_choice, require_positive_int
+from elastic_megatron.config.model import ModelConfig, validate_model_config, validate_parallel_layout
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DECAY_STYLES = ("constant", "linear", "cosine")
+LOGGERS = ("none", "wandb")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class RunConfig:
+    # One directory per job, chosen once: the Slurm job id survives requeues.
+    dir: str = "runs/${oc.env:SLURM_JOB_ID,local}"
+    name: str = "pretrain"
+    seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    # Data prefixes written by tools/preprocess_data.py (path without .bin/.idx).
+    prefixes: list[str] = field(default_factory=lambda: [".cache/data/stdlib_text_document"])
+    # Blend weights, one per prefix; null = equal weights.
+    weights: Optional[list[float]] = None
+    # train, valid, test proportions.
+    split: str = "98,2,0"
+    seq_length: int = 256
+    # Where Megatron writes its dataset index caches; null = <run.dir>/data_cache.
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    lr: float = 3.0e-4
+    min_lr: float = 3.0e-5
+    warmup_steps: int = 10
+    lr_decay_style: str = "cosine"
+    # null = decay over max_steps.
+    lr_decay_steps: Optional[int] = None
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1.0e-8
+    clip_grad: float = 1.0
+    # auto: bf16 on GPU, fp32 on CPU.
+    precision: str = "auto"
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_iters: int = 4
+    save_interval: int = 100
+    # Peak dense FLOP/s of one accelerator for MFU (H100 bf16: 989e12).
+    peak_flops: float = 989.0e12
+    # Artificial delay after each step: lets tests signal a running job. Keep 0.
+    step_sleep_s: float = 0.0
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    sequence_parallel: bool = False
+    # Megatron's distributed optimizer when DP > 1 (GPU runs).
+    distributed_optimizer: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    type: str = "none"
+    project: str = "elastic_megatron"
+    entity: Optional[str] = None
+    mode: str = "offline"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ClusterConfig:
+    # local: a workstation or a test machine; slurm: launched by slurm/*.sh.
+    name: str = "local"
+    gpus_per_node: int = 0
+
+
+@dataclass
+class ElasticConfig:
+    # Placeholder until elastification: budgets, router and distillation settings.
+    enabled: bool = False
+
+
+@dataclass
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="job_schema", node=JobConfig)
+
+
+def data_parallel_size(job: JobConfig, world_size: int) -> int:
+    p = job.parallel
+    model_parallel = p.tp * p.pp
+    if world_size % model_parallel:
+        raise ConfigError("parallel.tp", p.tp, f"tp * pp = {model_parallel} must divide the world size {world_size}")
+    return world_size // model_parallel
+
+
+def validate_job(job: JobConfig, world_size: int = 1) -> None:
+    """Every check that does not need data on disk; raises ConfigError."""
+    validate_model_config(job.model)
+    p, t, d = job.parallel, job.trainer, job.data
+    for key in ("tp", "pp", "ep"):
+        require_positive_int(f"parallel.{key}", getattr(p, key))
+    validate_parallel_layout(job.model, p.tp, p.ep)
+    if p.pp > 1:
+        raise ConfigError("parallel.pp", p.pp, "pipeline parallelism is not supported yet; allowed: 1")
+    dp = data_parallel_size(job, world_size)
+    for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_interval", "eval_iters", "save_interval"):
+        require_positive_int(f"trainer.{key}", getattr(t, key))
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            "trainer.global_batch_size", t.global_batch_size,
+            f"must be divisible by trainer.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp}) = {t.micro_batch_size * dp}",
+        )
+    if not t.lr > 0:
+        raise ConfigError("trainer.lr", t.lr, "must be a positive number")
+    if not 0 <= t.min_lr <= t.lr:
+        raise ConfigError("trainer.min_lr", t.min_lr, f"must be between 0 and trainer.lr={t.lr}")
+    if isinstance(t.warmup_steps, bool) or t.warmup_steps < 0:
+        raise ConfigError("trainer.warmup_steps", t.warmup_steps, "must be an integer >= 0")
+    if t.lr_decay_steps is not None and not 0 < t.lr_decay_steps:
+        raise ConfigError("trainer.lr_decay_steps", t.lr_decay_steps, "must be a positive integer or null")
+    if t.clip_grad < 0:
+        raise ConfigError("trainer.clip_grad", t.clip_grad, "must be >= 0 (0 disables clipping)")
+    if t.step_sleep_s < 0:
+        raise ConfigError("trainer.step_sleep_s", t.step_sleep_s, "must be >= 0")
+    require_choice("trainer.precision", t.precision, PRECISIONS)
+    require_choice("trainer.lr_decay_style", t.lr_decay_style, DECAY_STYLES)
+    require_choice("logger.type", job.logger.type, LOGGERS)
+    require_choice("logger.mode", job.logger.mode, WANDB_MODES)
+    require_positive_int("data.seq_length", d.seq_length)
+    if d.seq_length > job.model.max_sequence_length:
+        raise ConfigError("data.seq_length", d.seq_length, f"must be <= model.max_sequence_length={job.model.max_sequence_length}")
+    if not d.prefixes:
+        raise ConfigError("data.prefixes", list(d.prefixes), "needs at least one data prefix (tools/preprocess_data.py writes them)")
+    if job.elastic.enabled:
+        raise ConfigError("elastic.enabled", True, "elastic training is not available yet; allowed: false")
+
+
+__all__ = [
+    "JobConfig", "RunConfig", "DataConfig", "TrainerConfig", "ParallelConfig", "LoggerConfig",
+    "ClusterConfig", "ElasticConfig", "register_configs", "validate_job", "data_parallel_size", "MISSING",
+]

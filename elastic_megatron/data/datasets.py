@@ -1,0 +1,137 @@
+"""Train/valid datasets through megatron-core (`BlendedMegatronDatasetBuilder`, `GPTDataset`)
+and a resumable data-parallel loader.
+
+A blend is several data prefixes with weights; `split` cuts each into train/valid/test
+document ranges; Megatron shuffles with the seed and caches its sample index under
+`cache_dir`. `make_loader` follows Megatron's pretraining sampler: global batches are
+consecutive runs of the shuffled sample order, each data-parallel rank takes its slice of
+every global micro-batch, and starting from `consumed_samples` resumes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from elastic_megatron.config.errors import ConfigError
+from elastic_megatron.data.indexed import meta_path, output_prefix_of
+from elastic_megatron.data.tokenizer import tokenizer_from_description
+
+
+@dataclass
+class DataSpec:
+    prefixes: list[str]
+    weights: Optional[list[float]]
+    split: str
+    seq_length: int
+    seed: int
+    cache_dir: str
+
+
+def validate_data_spec(spec: DataSpec) -> None:
+    for prefix in spec.prefixes:
+        missing = [ext for ext in (".bin", ".idx") if not Path(prefix + ext).is_file()]
+        if missing:
+            out = output_prefix_of(prefix)
+            raise ConfigError(
+                "data.prefixes", prefix,
+                f"no {prefix}{'/'.join(missing)} found; make it with "
+                f"python tools/preprocess_data.py --input <files> --output-prefix {out}",
+            )
+    if spec.weights is not None:
+        if len(spec.weights) != len(spec.prefixes):
+            raise ConfigError("data.weights", list(spec.weights), f"needs one weight per prefix ({len(spec.prefixes)})")
+        if any(w < 0 for w in spec.weights) or sum(spec.weights) <= 0:
+            raise ConfigError("data.weights", list(spec.weights), "weights must be >= 0 with a positive sum")
+    try:
+        parts = [float(x) for x in spec.split.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or any(p < 0 for p in parts) or parts[0] <= 0 or parts[1] <= 0:
+        raise ConfigError("data.split", spec.split, "three comma-separated proportions train,valid,test with train and valid > 0, e.g. '98,2,0'")
+    # Megatron splits each prefix by whole documents; an empty split would make its
+    # sample index loop forever, so refuse it here.
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    bounds = np.cumsum([0.0] + parts) / sum(parts)
+    for prefix in spec.prefixes:
+        n = len(IndexedDataset(prefix))
+        for name, i in (("train", 0), ("valid", 1)):
+            if round(bounds[i + 1] * n) - round(bounds[i] * n) < 1:
+                raise ConfigError("data.split", spec.split, f"leaves the {name} split of {prefix} ({n} documents) empty; use more data or a larger {name} share")
+
+
+def load_tokenizer_for(prefixes: list[str]):
+    """Rebuild the tokenizer preprocessing used, from `<output prefix>.tokenizer.meta.json`."""
+    descriptions = []
+    for prefix in prefixes:
+        path = meta_path(output_prefix_of(prefix))
+        if not path.is_file():
+            raise ConfigError("data.prefixes", prefix, f"no tokenizer description {path}; re-run tools/preprocess_data.py")
+        descriptions.append(json.loads(path.read_text())["tokenizer"])
+    if any(d != descriptions[0] for d in descriptions):
+        raise ConfigError("data.prefixes", list(prefixes), f"all prefixes of a blend need one tokenizer; found {descriptions}")
+    return tokenizer_from_description(descriptions[0])
+
+
+class _MegatronTokenizerView:
+    """What GPTDataset reads from a tokenizer: vocab size, eod, pad and an identity."""
+
+    def __init__(self, tokenizer):
+        self.vocab_size = tokenizer.vocab_size
+        self.eod = tokenizer.eod
+        # Padding only fills labels past the end of a sequence (masked out): use a distinct id.
+        self.pad = -1
+        self.unique_identifiers = tokenizer.describe()
+
+
+def build_datasets(spec: DataSpec, tokenizer, train_samples: int, valid_samples: int):
+    """(train, valid) GPTDatasets with at least the requested number of samples."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    Path(spec.cache_dir).mkdir(parents=True, exist_ok=True)
+    config = GPTDatasetConfig(
+        random_seed=spec.seed,
+        sequence_length=spec.seq_length,
+        blend=(list(spec.prefixes), list(spec.weights) if spec.weights else None),
+        split=spec.split,
+        path_to_cache=spec.cache_dir,
+        tokenizer=_MegatronTokenizerView(tokenizer),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+    train, valid, _test = BlendedMegatronDatasetBuilder(
+        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
+    ).build()
+    return train, valid
+
+
+def make_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> Iterator[dict]:
+    """Endless micro-batches for this DP rank, starting after `consumed_samples` global samples."""
+    n = len(dataset)
+    index = consumed_samples
+    while True:
+        start = index + dp_rank * micro_batch_size
+        items = [dataset[(start + k) % n] for k in range(micro_batch_size)]
+        yield {
+            key: torch.stack([torch.as_tensor(item[key]) for item in items])
+            for key in ("tokens", "labels", "loss_mask", "position_ids")
+        }
+        index += micro_batch_size * dp_size
+
+
+def read_tokens(prefix: str) -> np.ndarray:
+    """All tokens of an indexed dataset (small datasets: tests and reports)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    return np.concatenate([ds[i] for i in range(len(ds))])

@@ -1,0 +1,138 @@
+"""Optimizer and learning-rate schedule.
+
+GPU runs use Megatron-Core's own stack: the model wrapped in Megatron's
+DistributedDataParallel (contiguous grad buffers, reduce-scatter) and
+`get_megatron_optimizer` (mixed-precision Adam; the distributed optimizer when DP > 1).
+Megatron's DDP and optimizers require CUDA tensors, so CPU runs (tests, demos) use
+`CpuDataParallelAdam`: the same Adam hyper-parameters and no-weight-decay groups,
+gradients averaged over the data-parallel group with gloo, global-norm clipping, and the
+same `step() -> (ok, grad_norm, num_zeros)` interface. Both are driven by Megatron's
+`OptimizerParamScheduler` (warmup, then linear or cosine decay to min_lr).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+
+def _no_decay(name: str, param: torch.Tensor) -> bool:
+    """Megatron's rule: no weight decay on biases and 1-D parameters (norms, A_log, D, dt_bias)."""
+    return name.endswith(".bias") or param.dim() == 1
+
+
+class CpuDataParallelAdam:
+    """AdamW over a model replicated on every data-parallel rank (CPU, gloo)."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, betas, eps: float, clip_grad: float):
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if _no_decay(name, p) else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0, "lr_mult": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0, "lr_mult": 1.0},
+        ]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+        self.params = decay + no_decay
+        self.clip_grad = clip_grad
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def _reduce_gradients(self) -> None:
+        group = parallel_state.get_data_parallel_group()
+        world = dist.get_world_size(group)
+        if world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat /= world
+        offset = 0
+        for p, g in zip(self.params, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
+            offset += g.numel()
+
+    @torch.no_grad()
+    def step(self):
+        """Average gradients over DP, clip, update. Returns (ok, grad_norm, num_zeros)."""
+        self._reduce_gradients()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0
+        if not math.isfinite(norm):
+            self.zero_grad()
+            return False, norm, None
+        if self.clip_grad > 0 and norm > self.clip_grad:
+            for g in grads:
+                g.mul_(self.clip_grad / (norm + 1e-6))
+        self.optimizer.step()
+        return True, norm, None
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+def build_optimizer(model, trainer_cfg, parallel_cfg, params_dtype: torch.dtype):
+    """(model_for_forward, optimizer): Megatron DDP + optimizer on GPU, CpuDataParallelAdam on CPU."""
+    t = trainer_cfg
+    if not torch.cuda.is_available():
+        return model, CpuDataParallelAdam(model, t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps, t.clip_grad)
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    use_dist_opt = parallel_cfg.distributed_optimizer and parallel_state.get_data_parallel_world_size() > 1
+    ddp = DistributedDataParallel(
+        config=model.config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_dist_opt
+        ),
+        module=model,
+    )
+    opt_cfg = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=params_dtype == torch.bfloat16,
+        params_dtype=params_dtype,
+        use_distributed_optimizer=use_dist_opt,
+    )
+    return ddp, get_megatron_optimizer(opt_cfg, [ddp])
+
+
+def build_scheduler(optimizer, trainer_cfg) -> OptimizerParamScheduler:
+    """Megatron's scheduler, counted in optimizer steps (increment 1 per step)."""
+    t = trainer_cfg
+    decay_steps = t.lr_decay_steps or t.max_steps
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.warmup_steps,
+        lr_decay_steps=max(decay_steps, t.warmup_steps + 1),
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=max(decay_steps, 1),
+        wd_incr_style="constant",
+    )
