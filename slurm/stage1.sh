@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Star Elastic stage 1: uniform budget sampling, 8K context (recipe recipes/stage1.yaml).
+#   sbatch slurm/stage1.sh [hydra overrides]          e.g. sbatch slurm/stage1.sh trainer.max_steps=10
+#   sbatch --nodes=4 slurm/stage1.sh model=nemotron_nano_v3_30b
+# GPU clusters: add --gpus-per-node=8 (and keep --ntasks-per-node equal to it).
+#SBATCH --job-name=em-stage1
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --cpus-per-task=16
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+# stdout+stderr of the job; create logs/ before submitting (mkdir -p logs).
+#SBATCH --output=logs/%x-%j.out
+source "${ELASTIC_MEGATRON_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/common.sh"
+launch stage1 "$@"
