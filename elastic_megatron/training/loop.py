@@ -145,7 +145,9 @@ def train(job: JobConfig, step_fn: Optional[StepFunction] = None, model_builder:
         )
         loader = make_loader(train_ds, consumed, t.micro_batch_size,
                              parallel_state.get_data_parallel_rank(), dp_size)
-        resolved = OmegaConf.to_container(OmegaConf.structured(job), resolve=True)
+        structured = OmegaConf.structured(job)
+        resolved = OmegaConf.to_container(structured, resolve=True)
+        config_yaml = OmegaConf.to_yaml(structured)
         logger = MetricsLogger(run_dir, job.logger, job.run.name, resolved)
         size = model_size(job.model)
         fpt = flops_per_token(job.model, job.data.seq_length)
@@ -216,7 +218,7 @@ def train(job: JobConfig, step_fn: Optional[StepFunction] = None, model_builder:
                     if stopping:
                         result.stop_signal = stop.name
                         print0(f"signal {stop.name} received: saving and exiting")
-                    meta = {"config": OmegaConf.to_yaml(OmegaConf.structured(job)), "wandb_run_id": logger.wandb_id}
+                    meta = {"config": config_yaml, "wandb_run_id": logger.wandb_id}
                     path = checkpointing.save_checkpoint(run_dir, model, optimizer, scheduler, step, consumed, meta)
                     print0(f"saved checkpoint at step {step} in {path}")
                 if stopping:
