@@ -127,8 +127,9 @@ def validate_model_config(cfg: ModelConfig) -> None:
         for key in ("num_attention_heads", "num_query_groups"):
             _positive(key, getattr(cfg, key))
         _divides("num_attention_heads", cfg.num_attention_heads, "num_query_groups", cfg.num_query_groups)
-        _divides("hidden_size", cfg.hidden_size, "num_attention_heads", cfg.num_attention_heads)
-        if cfg.kv_channels is not None:
+        if cfg.kv_channels is None:  # the head width is derived from the hidden size
+            _divides("hidden_size", cfg.hidden_size, "num_attention_heads", cfg.num_attention_heads)
+        else:
             _positive("kv_channels", cfg.kv_channels)
 
     if cfg.count(MAMBA):

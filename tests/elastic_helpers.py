@@ -1,0 +1,41 @@
+"""Helpers shared by the elastic tests: models with non-trivial norms and expert biases
+(fresh initialisation sets them to 1 and 0, which would hide indexing mistakes)."""
+
+from __future__ import annotations
+
+import torch
+
+from elastic_megatron.elastic.reindex import prefix_index, reindex_state_dict
+from elastic_megatron.elastic.widths import Widths, sub_model_config
+from elastic_megatron.models.hybrid import build_model
+
+
+def randomised_model(cfg, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and ("norm" in name or name.endswith(("dt_bias", "D"))):
+                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+    model.eval()
+    return model
+
+
+def logits(model, ids, pos) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids, pos, None).float()
+
+
+def sliced_model(parent, cfg, w: Widths):
+    """The nested model with real smaller shapes, weights cut from `parent`."""
+    sub_cfg = sub_model_config(cfg, w)
+    torch.manual_seed(123)
+    sub = build_model(sub_cfg)
+    sd = reindex_state_dict(cfg, prefix_index(cfg, w), parent.state_dict())
+    sub.load_state_dict(sd, strict=True)
+    sub.eval()
+    return sub, sub_cfg
