@@ -15,12 +15,14 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from elastic_megatron.config.elastic import ElasticConfig, validate_elastic
 from elastic_megatron.config.errors import ConfigError, require_choice, require_positive_int
 from elastic_megatron.config.model import ModelConfig, validate_model_config, validate_parallel_layout
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DECAY_STYLES = ("constant", "linear", "cosine")
 LOGGERS = ("none", "wandb")
+TASKS = ("train", "importance")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -30,6 +32,9 @@ class RunConfig:
     dir: str = "runs/${oc.env:SLURM_JOB_ID,local}"
     name: str = "pretrain"
     seed: int = 1234
+    # train: pretraining, or elastic distillation when elastic.enabled;
+    # importance: score and sort elastic.parent_checkpoint into run.dir.
+    task: str = "train"
 
 
 @dataclass
@@ -100,12 +105,6 @@ class ClusterConfig:
 
 
 @dataclass
-class ElasticConfig:
-    # Placeholder until elastification: budgets, router and distillation settings.
-    enabled: bool = False
-
-
-@dataclass
 class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -167,8 +166,13 @@ def validate_job(job: JobConfig, world_size: int = 1) -> None:
         raise ConfigError("data.seq_length", d.seq_length, f"must be <= model.max_sequence_length={job.model.max_sequence_length}")
     if not d.prefixes:
         raise ConfigError("data.prefixes", list(d.prefixes), "needs at least one data prefix (tools/preprocess_data.py writes them)")
-    if job.elastic.enabled:
-        raise ConfigError("elastic.enabled", True, "elastic training is not available yet; allowed: false")
+    require_choice("run.task", job.run.task, TASKS)
+    if job.run.task == "importance" and not job.elastic.parent_checkpoint:
+        raise ConfigError("elastic.parent_checkpoint", None, "the importance task needs the parent to sort (a run dir or checkpoint dir)")
+    if job.run.task == "train" and job.elastic.enabled:
+        validate_elastic(job.elastic, job.model, p.tp)
+        if not job.elastic.teacher_checkpoint:
+            raise ConfigError("elastic.teacher_checkpoint", None, "elastic training needs the sorted parent (the importance run dir)")
 
 
 __all__ = [

@@ -151,3 +151,28 @@ def load_checkpoint(run_dir, model, optimizer, scheduler, step: Optional[int] = 
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return {k: state[k] for k in ("step", "consumed_samples", "meta", "extra")}
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A run dir (its latest complete checkpoint) or an iter_* checkpoint dir."""
+    path = Path(path)
+    if (path / "metadata.json").exists():
+        return path
+    if (checkpoint_root(path) / TRACKER).exists():
+        return iteration_dir(path, latest_step(path))
+    raise FileNotFoundError(f"{path} is neither a checkpoint directory (metadata.json) nor a run dir with {checkpoint_root(path) / TRACKER}")
+
+
+def read_common_state(path: str | Path) -> dict:
+    """step, meta and extra of a checkpoint without loading any tensor shard."""
+    state = dist_checkpointing.load_common_state_dict(str(resolve_checkpoint_dir(path)))
+    return {k: state.get(k) for k in ("step", "consumed_samples", "meta", "extra")}
+
+
+def load_model_weights(path: str | Path, model) -> dict:
+    """Load only the model weights of a checkpoint (run dir or checkpoint dir) into
+    `model`; returns its common state (step, meta, extra). Collective."""
+    directory = resolve_checkpoint_dir(path)
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(directory))
+    model.load_state_dict(state["model"])
+    return {k: state.get(k) for k in ("step", "consumed_samples", "meta", "extra")}

@@ -6,7 +6,12 @@
          -> optimizer + LR schedule -> log -> validate -> save -> stop on SIGTERM/USR1
     -> COMPLETED marker when max_steps is reached
 
-What a micro-batch computes is the pluggable `step_fn` (LM loss for pretraining).
+What a micro-batch computes is the pluggable `step_fn`: `LMStep` for pretraining,
+`ElasticDistillStep` when `elastic.enabled`. A step function may also define
+`setup(model, dtype)` (after the model is built, before resuming), `after_step(step, ok)`
+(after the optimizer step), `state_dict()/load_state_dict()` (checkpointed as `extra`),
+`checkpoint_meta()` (merged into the checkpoint metadata) and `validate(model, batches)`
+(per-budget validation metrics instead of the plain validation loss).
 """
 
 from __future__ import annotations
@@ -87,15 +92,50 @@ def _dp_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-@torch.no_grad()
-def evaluate(model, step_fn: StepFunction, valid_ds, job: JobConfig, step: int) -> float:
-    """Mean loss over the first `eval_iters` micro-batches of the validation split."""
-    model.eval()
+def _validation_batches(valid_ds, job: JobConfig) -> list[dict]:
     loader = make_loader(valid_ds, 0, job.trainer.micro_batch_size,
                          parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
-    losses = [step_fn(model, _to_device(next(loader)), step)[0].float() for _ in range(job.trainer.eval_iters)]
+    return [_to_device(next(loader)) for _ in range(job.trainer.eval_iters)]
+
+
+@torch.no_grad()
+def evaluate(model, step_fn: StepFunction, valid_ds, job: JobConfig, step: int) -> dict[str, float]:
+    """Validation metrics over the first `eval_iters` micro-batches of the validation
+    split, averaged over data-parallel ranks; `valid_loss` is always among them."""
+    batches = _validation_batches(valid_ds, job)
+    if hasattr(step_fn, "validate"):
+        metrics = step_fn.validate(model, batches)
+        keys = sorted(metrics)
+        values = _dp_mean(torch.tensor([metrics[k] for k in keys], dtype=torch.float64))
+        out = dict(zip(keys, values.tolist()))
+        per_budget = [v for k, v in out.items() if k.endswith("/valid_loss")]
+        out["valid_loss"] = sum(per_budget) / len(per_budget) if per_budget else float("nan")
+        return out
+    model.eval()
+    losses = [step_fn(model, batch, step)[0].float() for batch in batches]
     model.train()
-    return _dp_mean(torch.stack(losses).mean().reshape(1))[0].item()
+    return {"valid_loss": _dp_mean(torch.stack(losses).mean().reshape(1))[0].item()}
+
+
+def _mean_metrics(per_micro: list[dict]) -> dict[str, float]:
+    """Mean of each numeric metric over the micro-batches that reported it."""
+    sums: dict[str, list[float]] = {}
+    for m in per_micro:
+        for k, v in m.items():
+            if isinstance(v, (int, float)):
+                sums.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
+def _budget_line(metrics: dict) -> str:
+    """Console summary of elastic metrics: per budget KD loss and cost vs target."""
+    parts = []
+    for key in sorted(k for k in metrics if k.endswith("/kd_loss")):
+        name = key[: -len("/kd_loss")]
+        cost, target = metrics.get(f"{name}/expected_cost"), metrics.get(f"{name}/target")
+        cost_txt = f" cost {cost / target:.3f}x target" if cost is not None and target else ""
+        parts.append(f"{name}: kd {metrics[key]:.4f}{cost_txt}")
+    return "  ".join(parts)
 
 
 def _memory_gib() -> float:
@@ -106,9 +146,17 @@ def _memory_gib() -> float:
 
 def train(job: JobConfig, step_fn: Optional[StepFunction] = None, model_builder: Callable = build_model) -> TrainResult:
     """Run (or resume) the job described by `job`. Collective over all ranks."""
-    step_fn = step_fn or LMStep()
     env = dist_env()
     validate_job(job, env.world_size)
+    if job.run.task != "train":
+        raise ConfigError("run.task", job.run.task, "the training loop runs task=train; use elastic_megatron.train, which dispatches")
+    if step_fn is None:
+        if job.elastic.enabled:
+            from elastic_megatron.elastic.step import ElasticDistillStep
+
+            step_fn = ElasticDistillStep(job)
+        else:
+            step_fn = LMStep()
     run_dir = Path(job.run.dir)
     spec = data_spec(job, run_dir)
     validate_data_spec(spec)
@@ -130,12 +178,16 @@ def train(job: JobConfig, step_fn: Optional[StepFunction] = None, model_builder:
                               expert_parallel=job.parallel.ep, sequence_parallel=job.parallel.sequence_parallel)
         train_model, optimizer = build_optimizer(model, t, job.parallel, dtype)
         scheduler = build_scheduler(optimizer, t)
+        if hasattr(step_fn, "setup"):
+            step_fn.setup(train_model, dtype)
 
         start_step, consumed = 0, 0
         resumed_from = checkpointing.latest_step(run_dir)
         if resumed_from is not None:
             state = checkpointing.load_checkpoint(run_dir, model, optimizer, scheduler, resumed_from)
             start_step, consumed = state["step"], state["consumed_samples"]
+            if hasattr(step_fn, "load_state_dict") and state["extra"]:
+                step_fn.load_state_dict(state["extra"])
             print0(f"resumed from step {start_step} ({consumed} samples consumed) in {checkpointing.iteration_dir(run_dir, start_step)}")
 
         train_ds, valid_ds = build_datasets(
@@ -167,11 +219,12 @@ def train(job: JobConfig, step_fn: Optional[StepFunction] = None, model_builder:
                 if hasattr(train_model, "zero_grad_buffer"):
                     train_model.zero_grad_buffer()
                 optimizer.zero_grad()
-                micro_losses = []
+                micro_losses, micro_metrics = [], []
                 for _ in range(num_micro):
-                    loss, _metrics = step_fn(train_model, _to_device(next(loader)), step)
+                    loss, step_metrics = step_fn(train_model, _to_device(next(loader)), step)
                     (loss / num_micro).backward()
                     micro_losses.append(loss.detach().float())
+                    micro_metrics.append(step_metrics)
                 if hasattr(train_model, "finish_grad_sync"):
                     train_model.finish_grad_sync()
                 step_loss = _dp_mean(torch.stack(micro_losses).mean().reshape(1))[0].item()
@@ -180,6 +233,8 @@ def train(job: JobConfig, step_fn: Optional[StepFunction] = None, model_builder:
                 else:
                     ok, grad_norm = False, float("nan")
                     optimizer.zero_grad()
+                if hasattr(step_fn, "after_step"):
+                    step_fn.after_step(step, ok)
                 if ok:
                     scheduler.step(1)
                 else:
@@ -197,6 +252,7 @@ def train(job: JobConfig, step_fn: Optional[StepFunction] = None, model_builder:
                         "loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                         "tokens_per_s": tok_s, "consumed_samples": consumed, "memory_gib": _memory_gib(),
                         "skipped_steps": len(result.skipped_steps),
+                        **_mean_metrics(micro_metrics),
                     }
                     if torch.cuda.is_available():
                         metrics["mfu"] = tok_s * fpt / (t.peak_flops * env.world_size)
@@ -204,12 +260,19 @@ def train(job: JobConfig, step_fn: Optional[StepFunction] = None, model_builder:
                     mfu = f"  mfu {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else ""
                     print0(f"step {step:>6}/{t.max_steps}  loss {step_loss:.4f}  lr {metrics['lr']:.2e}  "
                            f"grad {grad_norm:.3f}  {tok_s:,.0f} tok/s{mfu}  mem {metrics['memory_gib']:.2f} GiB")
+                    budgets = _budget_line(metrics)
+                    if budgets:
+                        print0(f"{'':>12}{budgets}  temperature {metrics.get('temperature', float('nan')):.3f}")
                     compute_s, steps_since_log = 0.0, 0
 
                 if step % t.eval_interval == 0 or step == t.max_steps:
-                    result.valid_loss = evaluate(train_model, step_fn, valid_ds, job, step)
-                    logger.log(step, {"valid_loss": result.valid_loss, "valid_ppl": math.exp(min(result.valid_loss, 50))})
-                    print0(f"step {step:>6}  validation loss {result.valid_loss:.4f}  perplexity {math.exp(min(result.valid_loss, 50)):.2f}")
+                    valid = evaluate(train_model, step_fn, valid_ds, job, step)
+                    result.valid_loss = valid["valid_loss"]
+                    valid["valid_ppl"] = math.exp(min(result.valid_loss, 50))
+                    logger.log(step, valid)
+                    print0(f"step {step:>6}  validation loss {result.valid_loss:.4f}  perplexity {valid['valid_ppl']:.2f}")
+                    for key in sorted(k for k in valid if k.endswith("/valid_loss")):
+                        print0(f"{'':>12}{key[: -len('/valid_loss')]}: validation loss {valid[key]:.4f}  kd {valid[key[: -len('valid_loss')] + 'valid_kd']:.4f}")
 
                 if t.step_sleep_s:
                     time.sleep(t.step_sleep_s)
@@ -219,7 +282,10 @@ def train(job: JobConfig, step_fn: Optional[StepFunction] = None, model_builder:
                         result.stop_signal = stop.name
                         print0(f"signal {stop.name} received: saving and exiting")
                     meta = {"config": config_yaml, "wandb_run_id": logger.wandb_id}
-                    path = checkpointing.save_checkpoint(run_dir, model, optimizer, scheduler, step, consumed, meta)
+                    if hasattr(step_fn, "checkpoint_meta"):
+                        meta.update(step_fn.checkpoint_meta())
+                    extra = step_fn.state_dict() if hasattr(step_fn, "state_dict") else None
+                    path = checkpointing.save_checkpoint(run_dir, model, optimizer, scheduler, step, consumed, meta, extra)
                     print0(f"saved checkpoint at step {step} in {path}")
                 if stopping:
                     break

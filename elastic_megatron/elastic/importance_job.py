@@ -1,0 +1,123 @@
+"""The `importance` task: score the parent's width axes on calibration data and write
+the sorted parent (same function, every axis in importance order).
+
+    python -m elastic_megatron.train --config-name=importance_tiny elastic.parent_checkpoint=runs/demo-pretrain
+
+Writes into run.dir:
+    checkpoints/iter_0000000/   the sorted parent; its metadata holds `sort_index` (the
+                                permutations applied) and the resolved config
+    importance/scores.json      the scores of every axis and layer
+    importance/importance_<axis>.png   plots of the scores (original and sorted order)
+
+Before saving, the sorted model's logits on the first calibration batch are compared with
+the parent's: a mismatch stops the job (sorting must not change the function).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from megatron.core import parallel_state
+
+from elastic_megatron.config.errors import ConfigError
+from elastic_megatron.config.schema import JobConfig, data_parallel_size, validate_job
+from elastic_megatron.data.datasets import build_datasets, load_tokenizer_for, make_loader, validate_data_spec
+from elastic_megatron.elastic.importance import ImportanceCollector, ImportanceScores, plot_scores, sorting_index
+from elastic_megatron.elastic.reindex import reindex_state_dict
+from elastic_megatron.elastic.step import require_same_architecture
+from elastic_megatron.models.hybrid import build_model
+from elastic_megatron.parallel.setup import dist_env, distributed
+from elastic_megatron.training import checkpointing
+from elastic_megatron.training.logging import is_rank0, print0
+from elastic_megatron.training.loop import _to_device, data_spec, params_dtype
+
+
+def _dp_average(scores: ImportanceScores) -> None:
+    """Average every score tensor over data-parallel ranks (each saw different batches)."""
+    group = parallel_state.get_data_parallel_group()
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    tensors = [scores.hidden] + [t for s in scores.layers for t in vars(s).values() if t is not None]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat /= world
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def run_importance(job: JobConfig) -> Path:
+    """Run the importance task; returns the sorted checkpoint's directory."""
+    env = dist_env()
+    validate_job(job, env.world_size)
+    if job.parallel.tp > 1 or job.parallel.ep > 1:
+        raise ConfigError("parallel.tp", job.parallel.tp, "importance sorting runs with tp=1 and ep=1 (any data-parallel size)")
+    parent = job.elastic.parent_checkpoint
+    require_same_architecture(job.model, parent, "elastic.parent_checkpoint")
+    run_dir = Path(job.run.dir)
+    if checkpointing.latest_step(run_dir) is not None:
+        raise ConfigError("run.dir", str(run_dir), "already holds a checkpoint; choose a new run.dir for the sorted parent")
+    spec = data_spec(job, run_dir)
+    validate_data_spec(spec)
+    tokenizer = load_tokenizer_for(spec.prefixes)
+    dtype = params_dtype(job.trainer.precision)
+    n_batches = job.elastic.importance.calibration_batches
+    mbs = job.trainer.micro_batch_size
+
+    with distributed(job.parallel.tp, job.parallel.pp, job.parallel.ep, seed=job.run.seed):
+        dp = data_parallel_size(job, env.world_size)
+        model = build_model(job.model, params_dtype=dtype)
+        common = checkpointing.load_model_weights(parent, model)
+        if (common.get("meta") or {}).get("sort_index"):
+            print0(f"note: {parent} is already sorted; sorting again composes the permutations")
+        model.eval()
+        train_ds, _ = build_datasets(spec, tokenizer, train_samples=n_batches * mbs * dp, valid_samples=mbs * dp)
+        loader = make_loader(train_ds, 0, mbs, parallel_state.get_data_parallel_rank(), dp)
+        collector = ImportanceCollector(model, job.model)
+        first = None
+        with torch.no_grad():
+            for i in tqdm(range(n_batches), desc="importance: calibration batches", disable=not is_rank0()):
+                batch = _to_device(next(loader))
+                logits = model(batch["tokens"], batch["position_ids"], None)
+                if first is None:
+                    first, reference = batch, logits.float()
+        collector.remove()
+        scores = collector.scores()
+        _dp_average(scores)
+        index = sorting_index(job.model, scores)
+        model.load_state_dict(reindex_state_dict(job.model, index, model.state_dict()))
+        with torch.no_grad():
+            diff = (model(first["tokens"], first["position_ids"], None).float() - reference).abs().max().item()
+        tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+        if diff > tolerance:
+            raise RuntimeError(f"sorting changed the model's function: max |logit diff| {diff:.3e} > {tolerance:.0e}")
+        print0(f"sorted every width axis; max |logit diff| after sorting {diff:.2e} (limit {tolerance:.0e})")
+
+        if is_rank0():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(OmegaConf.structured(job), run_dir / "config.yaml")
+        meta = {
+            "config": OmegaConf.to_yaml(OmegaConf.structured(job)),
+            "sort_index": index.to_lists(),
+            "parent_checkpoint": str(parent),
+            "importance": {"calibration_batches": n_batches, "tokens": n_batches * mbs * dp * job.data.seq_length,
+                           "max_logit_diff_after_sort": diff},
+        }
+        path = checkpointing.save_checkpoint(run_dir, model, None, None, 0, 0, meta)
+        if is_rank0():
+            out = run_dir / "importance"
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "scores.json").write_text(json.dumps(scores.as_dict()))
+            if job.elastic.importance.plots:
+                plots = plot_scores(scores, job.model, out)
+                print0(f"wrote {len(plots)} importance plots to {out}")
+        print0(f"sorted parent saved in {path}")
+        return path

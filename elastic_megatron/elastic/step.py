@@ -1,0 +1,269 @@
+"""Elastic distillation: the step function of stages 1 and 2.
+
+Per micro-batch:
+    sample budget(s) (curriculum; same generator state on every rank, so every DP rank
+    trains the same budget on the same micro-batch)
+    -> teacher forward once (frozen sorted parent, eval, no grad)
+    -> per budget: router logits -> Gumbel-Softmax widths -> masks -> student forward
+       -> KD (+ LM) + lambda * router loss
+The training loop backpropagates the returned loss and steps the model's optimizer;
+`after_step` then steps the router's own Adam (router gradients averaged over DP).
+Router parameters, its optimizer, the sampler/Gumbel generator and the resolved
+architectures go into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron.core import parallel_state
+
+from elastic_megatron.config.elastic import ResolvedBudget, validate_elastic
+from elastic_megatron.config.errors import ConfigError
+from elastic_megatron.config.model import ModelConfig
+from elastic_megatron.distill.losses import kd_loss, router_loss
+from elastic_megatron.elastic.masks import ElasticHooks, hard_masks, mixture_masks
+from elastic_megatron.elastic.router import BudgetRouter, gumbel_softmax, temperature_at
+from elastic_megatron.elastic.widths import Widths, full_widths, model_cost
+from elastic_megatron.models.hybrid import build_model
+from elastic_megatron.training import checkpointing
+
+# Fields that must agree between a checkpoint and the model it is loaded into.
+ARCHITECTURE_FIELDS = (
+    "hybrid_pattern", "hidden_size", "vocab_size", "num_attention_heads", "num_query_groups", "head_dim",
+    "mamba_num_heads", "mamba_head_dim", "mamba_state_dim", "mamba_num_groups", "mamba_conv_kernel",
+    "ffn_hidden_size", "moe_num_experts", "moe_router_topk", "moe_ffn_hidden_size",
+    "moe_shared_expert_ffn_hidden_size", "moe_router_score_function", "activation",
+)
+
+
+def checkpoint_model_config(path) -> tuple[ModelConfig, dict]:
+    """The parent ModelConfig a checkpoint was written with, and its meta."""
+    from elastic_megatron.config.model import model_config_from_dict
+
+    common = checkpointing.read_common_state(path)
+    meta = common.get("meta") or {}
+    if "config" not in meta:
+        raise ConfigError("checkpoint", str(path), "has no resolved config in its metadata (not written by this project)")
+    return model_config_from_dict(yaml.safe_load(meta["config"])["model"]), meta
+
+
+def require_same_architecture(expected: ModelConfig, path, key: str) -> dict:
+    """Raise ConfigError naming every field where checkpoint `path` differs from `expected`."""
+    found, meta = checkpoint_model_config(path)
+    diffs = [f"{f}: checkpoint {getattr(found, f)!r} vs model {getattr(expected, f)!r}"
+             for f in ARCHITECTURE_FIELDS if getattr(found, f) != getattr(expected, f)]
+    if diffs:
+        raise ConfigError(key, str(path), "architecture does not match the model config: " + "; ".join(diffs))
+    return meta
+
+
+def final_hidden(model, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's output (after the final norm), [s, b, h]: MambaModel.forward up to
+    the output layer, so KD can run the output layer chunk by chunk."""
+    m = getattr(model, "module", model)
+    embedded = m.embedding(input_ids=tokens, position_ids=position_ids)
+    return m.decoder(hidden_states=embedded, attention_mask=None)
+
+
+def _output_layer(model):
+    return getattr(model, "module", model).output_layer
+
+
+class BudgetSampler:
+    """Curriculum: which budgets a micro-batch trains (seeded; identical on every rank)."""
+
+    def __init__(self, probs: Optional[list[float]], num_budgets: int, per_batch: int, generator: torch.Generator):
+        self.probs = torch.tensor(probs if probs is not None else [1.0 / num_budgets] * num_budgets, dtype=torch.float64)
+        self.per_batch = per_batch
+        self.generator = generator
+
+    def sample(self) -> list[int]:
+        return torch.multinomial(self.probs, self.per_batch, replacement=False, generator=self.generator).tolist()
+
+
+class ElasticDistillStep:
+    def __init__(self, job):
+        self.job = job
+        self.cfg: ModelConfig = job.model
+        self.spec = job.elastic
+        self.budgets: list[ResolvedBudget] = validate_elastic(job.elastic, job.model, job.parallel.tp)
+        self.generator = torch.Generator().manual_seed(job.run.seed + 7919)
+        self.sampler = BudgetSampler(self.spec.curriculum.budget_probs, len(self.budgets),
+                                     self.spec.curriculum.budgets_per_batch, self.generator)
+        self.router = BudgetRouter(self.budgets, self.cfg, self.spec.router.hidden_size)
+        self.router_optimizer = torch.optim.Adam(self.router.parameters(), lr=job.trainer.lr * self.spec.router.lr_mult)
+        self.teacher = None
+        self.hooks: Optional[ElasticHooks] = None
+        self.teacher_meta: dict = {}
+
+    # ---- set-up ---------------------------------------------------------------------
+
+    def setup(self, model, params_dtype: torch.dtype) -> None:
+        """Build the frozen teacher, attach the masks, initialise the student (before any
+        resume, which then overrides weights and router state)."""
+        job, spec = self.job, self.spec
+        self.teacher_meta = require_same_architecture(self.cfg, spec.teacher_checkpoint, "elastic.teacher_checkpoint")
+        if not self.teacher_meta.get("sort_index"):
+            raise ConfigError("elastic.teacher_checkpoint", spec.teacher_checkpoint,
+                              "is not a sorted parent (no sort_index in its metadata); run the importance recipe first")
+        init = spec.init_checkpoint or spec.teacher_checkpoint
+        if spec.init_checkpoint:
+            require_same_architecture(self.cfg, init, "elastic.init_checkpoint")
+        self.teacher = build_model(self.cfg, params_dtype=params_dtype, tensor_parallel=job.parallel.tp,
+                                   expert_parallel=job.parallel.ep, sequence_parallel=job.parallel.sequence_parallel)
+        checkpointing.load_model_weights(spec.teacher_checkpoint, self.teacher)
+        self.teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        common = checkpointing.load_model_weights(init, getattr(model, "module", model))
+        router_state = (common.get("extra") or {}).get("router")
+        if router_state is not None:  # stage 2 continues stage 1's router
+            self.router.load_state_dict(router_state["params"])
+        self.hooks = ElasticHooks(getattr(model, "module", model), self.cfg)
+        device = next(model.parameters()).device
+        self.router.to(device)
+
+    # ---- one micro-batch --------------------------------------------------------------
+
+    def temperature(self, step: int) -> float:
+        r = self.spec.router
+        return temperature_at(step, self.job.trainer.max_steps, r.temperature_start, r.temperature_end, r.temperature_schedule)
+
+    def budget_masks(self, index: int, step: int):
+        """(masks, router loss or None, metrics) for budget `index` at `step`."""
+        budget = self.budgets[index]
+        if not budget.routed:
+            masks = hard_masks(self.cfg, budget.fixed)
+            cost = model_cost(self.cfg, budget.fixed, budget.target_kind)
+            return masks, None, {"expected_cost": float(cost), "widths": budget.fixed.as_dict()}
+        inp, weights = self.router.budget_input(index)
+        logits = self.router.logits(inp, weights)
+        tau = self.temperature(step)
+        samples = {a: gumbel_softmax(logits[a], tau, self.generator, self.spec.router.hard) for a in self.router.routed_axes(budget)}
+        candidates = {a: self.router.choices[a] for a in samples}
+        masks = mixture_masks(self.cfg, candidates, samples)
+        # Pinned and unrouted axes of this budget keep their fixed hard masks.
+        fixed = hard_masks(self.cfg, budget.fixed)
+        for a, m in vars(fixed).items():
+            if a not in samples and m is not None:
+                setattr(masks, a, m)
+        expected = self.router.expected_cost(budget, logits)
+        loss = router_loss(expected, budget.target)
+        chosen = budget.fixed.as_dict()
+        for a, y in samples.items():
+            chosen[a] = float(y.detach() @ torch.tensor(candidates[a], dtype=y.dtype, device=y.device))
+        return masks, loss, {"expected_cost": expected.item(), "widths": chosen}
+
+    def __call__(self, model, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        d = self.spec.distill
+        with torch.no_grad():
+            teacher_hidden = final_hidden(self.teacher, batch["tokens"], batch["position_ids"])
+        indices = self.sampler.sample()
+        total = 0.0
+        metrics: dict = {"temperature": self.temperature(step)}
+        try:
+            for index in indices:
+                budget = self.budgets[index]
+                masks, r_loss, info = self.budget_masks(index, step)
+                self.hooks.set(masks)
+                hidden = final_hidden(model, batch["tokens"], batch["position_ids"])
+                kd, lm = kd_loss(hidden, teacher_hidden, _output_layer(model), _output_layer(self.teacher),
+                                 batch["loss_mask"], d.temperature, d.chunk_tokens, d.top_k,
+                                 labels=batch["labels"] if d.lm_loss_weight > 0 else None)
+                loss = kd
+                if lm is not None:
+                    loss = loss + d.lm_loss_weight * lm
+                    metrics[f"{budget.name}/lm_loss"] = lm.item()
+                if r_loss is not None:
+                    loss = loss + self.spec.router.loss_weight * r_loss
+                    metrics[f"{budget.name}/router_loss"] = r_loss.item()
+                metrics[f"{budget.name}/kd_loss"] = kd.item()
+                metrics[f"{budget.name}/expected_cost"] = info["expected_cost"]
+                metrics[f"{budget.name}/target"] = budget.target
+                for a, v in info["widths"].items():
+                    if a in budget.candidates:
+                        metrics[f"{budget.name}/width/{a}"] = v
+                total = total + loss
+        finally:
+            self.hooks.set(None)
+        return total / len(indices), metrics
+
+    def after_step(self, step: int, ok: bool) -> None:
+        """Average router gradients over data-parallel ranks and update the router."""
+        params = [p for p in self.router.parameters() if p.grad is not None]
+        if ok and params:
+            group = parallel_state.get_data_parallel_group()
+            world = dist.get_world_size(group)
+            if world > 1:
+                flat = torch.cat([p.grad.reshape(-1) for p in params])
+                dist.all_reduce(flat, group=group)
+                flat /= world
+                offset = 0
+                for p in params:
+                    p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+            self.router_optimizer.step()
+        self.router_optimizer.zero_grad(set_to_none=True)
+
+    # ---- evaluation and checkpoints ----------------------------------------------------
+
+    def resolved_widths(self) -> dict[str, Widths]:
+        return {b.name: (self.router.resolve_budget(i) if b.routed else b.fixed) for i, b in enumerate(self.budgets)}
+
+    @torch.no_grad()
+    def validate(self, model, batches: list[dict]) -> dict[str, float]:
+        """Validation LM and KD loss of every budget's resolved architecture (hard masks)."""
+        out = {}
+        model.eval()
+        try:
+            for name, w in self.resolved_widths().items():
+                self.hooks.set(hard_masks(self.cfg, w))
+                lm_sum, kd_sum = 0.0, 0.0
+                for batch in batches:
+                    teacher_hidden = final_hidden(self.teacher, batch["tokens"], batch["position_ids"])
+                    hidden = final_hidden(model, batch["tokens"], batch["position_ids"])
+                    kd, lm = kd_loss(hidden, teacher_hidden, _output_layer(model), _output_layer(self.teacher),
+                                     batch["loss_mask"], self.spec.distill.temperature, self.spec.distill.chunk_tokens,
+                                     labels=batch["labels"])
+                    lm_sum += lm.item()
+                    kd_sum += kd.item()
+                out[f"{name}/valid_loss"] = lm_sum / len(batches)
+                out[f"{name}/valid_kd"] = kd_sum / len(batches)
+        finally:
+            self.hooks.set(None)
+            model.train()
+        return out
+
+    def checkpoint_meta(self) -> dict:
+        """What slicing and later stages read: the sort applied, the budgets and their
+        resolved architectures and costs."""
+        archs = self.resolved_widths()
+        return {
+            "sort_index": self.teacher_meta.get("sort_index"),
+            "elastic": {
+                "spec": self.spec.name,
+                "teacher_checkpoint": str(self.spec.teacher_checkpoint),
+                "budgets": [
+                    {"name": b.name, "target_kind": b.target_kind, "target": b.target,
+                     "widths": archs[b.name].as_dict(),
+                     "total_params": int(model_cost(self.cfg, archs[b.name], "total_params")),
+                     "active_params": int(model_cost(self.cfg, archs[b.name], "active_params"))}
+                    for b in self.budgets
+                ],
+            },
+        }
+
+    def state_dict(self) -> dict:
+        return {"router": {"params": self.router.state_dict(), "optimizer": self.router_optimizer.state_dict()},
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.router.load_state_dict(state["router"]["params"])
+        self.router_optimizer.load_state_dict(state["router"]["optimizer"])
+        self.generator.set_state(state["generator"])
