@@ -22,11 +22,21 @@ DEMO_DATA := .cache/data/stdlib
 $(DEMO_DATA)_text_document.idx: | $(VENV)/.installed
 	$(PY) tools/preprocess_data.py --input python-stdlib --output-prefix $(DEMO_DATA) --tokenizer byte --overwrite
 
+# The whole method on the embedded corpus: pretrain a tiny parent, score and sort it,
+# elastic distillation stage 1 (uniform budgets) and stage 2 (0.5/0.3/0.2, longer
+# sequences), then the evaluation table against the two no-training baselines.
+TRAIN := $(PY) -m elastic_megatron.train
 demo: install $(DEMO_DATA)_text_document.idx
-	rm -rf runs/demo-pretrain
-	$(PY) -m elastic_megatron.train --config-name=pretrain model=tiny run.dir=runs/demo-pretrain
+	rm -rf runs/demo-pretrain runs/demo-importance runs/demo-stage1 runs/demo-stage2 runs/demo-eval
+	$(TRAIN) --config-name=pretrain model=tiny run.dir=runs/demo-pretrain
 	$(PY) -c "import torch; from elastic_megatron.data.datasets import read_tokens; from elastic_megatron.data.stdlib_corpus import unigram_entropy_nats as h; \
 	print(f'unigram entropy of the demo corpus: {h(torch.from_numpy(read_tokens(\"$(DEMO_DATA)_text_document\").astype(\"int64\")), 257):.4f} nats (validation loss above should be well below it)')"
+	$(TRAIN) --config-name=importance_tiny elastic.parent_checkpoint=runs/demo-pretrain run.dir=runs/demo-importance
+	$(TRAIN) --config-name=stage1_tiny elastic.teacher_checkpoint=runs/demo-importance run.dir=runs/demo-stage1
+	$(TRAIN) --config-name=stage2_tiny elastic.teacher_checkpoint=runs/demo-importance \
+		elastic.init_checkpoint=runs/demo-stage1 run.dir=runs/demo-stage2
+	$(PY) tools/evaluate_elastic.py --elastic runs/demo-stage2 --sorted runs/demo-importance \
+		--unsorted runs/demo-pretrain --out runs/demo-eval
 
 test: install
 	$(PY) -m pytest -q

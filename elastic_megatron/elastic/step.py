@@ -96,7 +96,9 @@ class ElasticDistillStep:
         self.generator = torch.Generator().manual_seed(job.run.seed + 7919)
         self.sampler = BudgetSampler(self.spec.curriculum.budget_probs, len(self.budgets),
                                      self.spec.curriculum.budgets_per_batch, self.generator)
-        self.router = BudgetRouter(self.budgets, self.cfg, self.spec.router.hidden_size)
+        with torch.random.fork_rng(devices=[]):  # the router's init depends on the run seed only
+            torch.manual_seed(job.run.seed)
+            self.router = BudgetRouter(self.budgets, self.cfg, self.spec.router.hidden_size)
         self.router_optimizer = torch.optim.Adam(self.router.parameters(), lr=job.trainer.lr * self.spec.router.lr_mult)
         self.teacher = None
         self.hooks: Optional[ElasticHooks] = None

@@ -1,0 +1,140 @@
+"""Evaluate every nested budget of an elastic checkpoint against two baselines.
+
+For each budget (architecture resolved in the elastic checkpoint's metadata):
+- elastic:  the elastic-trained checkpoint at that size;
+- sorted:   the same size sliced from the sorted parent, no elastic training (baseline a);
+- unsorted: prefix slicing of the parent before sorting (baseline b).
+Every row is the validation loss of the hard-masked full model, which equals the sliced
+model's (the mask = slice invariant), on the validation split of the elastic run's data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from megatron.core import parallel_state
+
+from elastic_megatron.config.errors import ConfigError
+from elastic_megatron.data.datasets import DataSpec, build_datasets, load_tokenizer_for, make_loader, validate_data_spec
+from elastic_megatron.elastic.masks import ElasticHooks, hard_masks
+from elastic_megatron.elastic.step import checkpoint_model_config, require_same_architecture
+from elastic_megatron.elastic.widths import Widths, model_cost
+from elastic_megatron.models.hybrid import build_model
+from elastic_megatron.training import checkpointing
+from elastic_megatron.training.steps import masked_token_mean
+
+BASELINES = ("elastic", "sorted", "unsorted")
+
+
+@dataclass
+class BudgetRow:
+    name: str
+    widths: dict
+    total_params: int
+    active_params: int
+    loss: dict  # baseline -> validation loss
+
+    def as_dict(self) -> dict:
+        return {"budget": self.name, "widths": self.widths, "total_params": self.total_params,
+                "active_params": self.active_params, "valid_loss": self.loss,
+                "valid_ppl": {k: math.exp(min(v, 50)) for k, v in self.loss.items()}}
+
+
+def elastic_budgets(path) -> list[tuple[str, Widths]]:
+    """(name, widths) of every budget recorded in an elastic checkpoint."""
+    meta = checkpointing.read_common_state(path).get("meta") or {}
+    elastic = meta.get("elastic")
+    if not elastic or not meta.get("sort_index"):
+        raise ConfigError("elastic checkpoint", str(path), "is not elastic: no sort_index / elastic budgets in its metadata")
+    return [(b["name"], Widths(**b["widths"])) for b in elastic["budgets"]]
+
+
+def validation_batches(path, num_batches: int, micro_batch_size: int) -> list[dict]:
+    """Validation micro-batches of the data an elastic run was trained on."""
+    job = yaml.safe_load(checkpointing.read_common_state(path)["meta"]["config"])
+    d = job["data"]
+    cache = Path(job["run"]["dir"]) / "data_cache"
+    spec = DataSpec(prefixes=list(d["prefixes"]), weights=d["weights"], split=d["split"], seq_length=d["seq_length"],
+                    seed=job["run"]["seed"], cache_dir=d["cache_dir"] or str(cache))
+    validate_data_spec(spec)
+    _, valid = build_datasets(spec, load_tokenizer_for(spec.prefixes), train_samples=micro_batch_size,
+                              valid_samples=num_batches * micro_batch_size)
+    loader = make_loader(valid, 0, micro_batch_size, parallel_state.get_data_parallel_rank(), 1)
+    return [next(loader) for _ in range(num_batches)]
+
+
+@torch.no_grad()
+def budget_losses(model, cfg, budgets: list[tuple[str, Widths]], batches: list[dict]) -> dict[str, float]:
+    hooks = ElasticHooks(model, cfg)
+    model.eval()
+    out = {}
+    try:
+        for name, w in budgets:
+            hooks.set(hard_masks(cfg, w))
+            losses = [masked_token_mean(model(b["tokens"], b["position_ids"], None, labels=b["labels"]).float(), b["loss_mask"])
+                      for b in batches]
+            out[name] = torch.stack(losses).mean().item()
+    finally:
+        hooks.remove()
+    return out
+
+
+def evaluate_elastic(elastic_ckpt, sorted_ckpt, unsorted_ckpt, num_batches: int = 16, micro_batch_size: int = 8) -> list[BudgetRow]:
+    """Rows of the evaluation table. Needs Megatron's parallel state (world of one)."""
+    cfg, _ = checkpoint_model_config(elastic_ckpt)
+    for path, key in ((sorted_ckpt, "sorted"), (unsorted_ckpt, "unsorted")):
+        require_same_architecture(cfg, path, key)
+    budgets = elastic_budgets(elastic_ckpt)
+    batches = validation_batches(elastic_ckpt, num_batches, micro_batch_size)
+    losses = {}
+    for label, path in zip(BASELINES, (elastic_ckpt, sorted_ckpt, unsorted_ckpt)):
+        model = build_model(cfg)
+        checkpointing.load_model_weights(path, model)
+        losses[label] = budget_losses(model, cfg, budgets, batches)
+        del model
+    return [BudgetRow(name, w.as_dict(), int(model_cost(cfg, w, "total_params")), int(model_cost(cfg, w, "active_params")),
+                      {label: losses[label][name] for label in BASELINES})
+            for name, w in budgets]
+
+
+def render_table(rows: list[BudgetRow]) -> str:
+    head = f"{'budget':<10}{'total params':>14}{'active params':>15}" + "".join(f"{b + ' loss':>16}{'ppl':>8}" for b in BASELINES)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = "".join(f"{r.loss[b]:>16.4f}{math.exp(min(r.loss[b], 50)):>8.2f}" for b in BASELINES)
+        lines.append(f"{r.name:<10}{r.total_params:>14,}{r.active_params:>15,}{cells}")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[BudgetRow], out_dir) -> tuple[Path, Path]:
+    """evaluation.json and evaluation.png (validation loss vs total parameters)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "evaluation.json"
+    json_path.write_text(json.dumps({"rows": [r.as_dict() for r in rows]}, indent=2))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = {"elastic": "elastic (stage 1 + 2)", "sorted": "(a) sliced from sorted parent", "unsorted": "(b) prefix of unsorted parent"}
+    for b in BASELINES:
+        ax.plot([r.total_params for r in rows], [r.loss[b] for r in rows], marker="o", label=labels[b])
+    for r in rows:
+        ax.annotate(r.name, (r.total_params, r.loss["elastic"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.set_xlabel("total parameters")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("nested budgets: validation loss vs size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png_path = out_dir / "evaluation.png"
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return json_path, png_path

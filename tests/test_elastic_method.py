@@ -1,0 +1,293 @@
+"""The Star Elastic method on CPU: sorting keeps the function (invariant 1), REAP equals
+its formula, router gradients and cost targeting (6), self-distillation (7), chunked KD,
+curriculum frequencies, and the importance -> stage 1 -> stage 2 chain with exact resume
+(8, router and Gumbel RNG included)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import preset, small_config, token_batch
+from elastic_helpers import logits, randomised_model
+
+from elastic_megatron.config.elastic import BudgetConfig, ElasticConfig, resolve_budgets
+from elastic_megatron.distill.losses import kd_loss, kl_from_logits
+from elastic_megatron.elastic.importance import ImportanceCollector, sorting_index
+from elastic_megatron.elastic.masks import ElasticHooks, hard_masks, mixture_masks
+from elastic_megatron.elastic.reindex import reindex_state_dict
+from elastic_megatron.elastic.router import BudgetRouter, gumbel_softmax
+from elastic_megatron.elastic.step import BudgetSampler, ElasticDistillStep, final_hidden
+from elastic_megatron.elastic.widths import full_widths, model_cost
+from elastic_megatron.training import checkpointing
+from elastic_megatron.train import compose_job, run
+from elastic_megatron.training.loop import train
+
+
+def _collect(model, cfg, batches):
+    collector = ImportanceCollector(model, cfg)
+    with torch.no_grad():
+        for ids, pos in batches:
+            model(ids, pos, None)
+    collector.remove()
+    return collector.scores()
+
+
+@pytest.mark.parametrize("pattern", ["M*EM-E", "*-M"])
+def test_sorting_keeps_the_function_and_orders_every_axis(dist, pattern):
+    cfg = small_config(pattern)
+    model = randomised_model(cfg, seed=5)
+    batches = [token_batch(cfg.vocab_size, batch=2, seq=48, seed=s) for s in range(3)]
+    before = [logits(model, *b) for b in batches]
+    index = sorting_index(cfg, _collect(model, cfg, batches))
+    assert not torch.equal(index.hidden, torch.arange(cfg.hidden_size))  # a real permutation
+    model.load_state_dict(reindex_state_dict(cfg, index, model.state_dict()))
+    for b, ref in zip(batches, before):
+        assert (logits(model, *b) - ref).abs().max().item() <= 1e-5  # invariant 1
+    # Scoring the sorted model again finds every axis in descending order: the
+    # permutations reached every tensor that carries the axis.
+    again = _collect(model, cfg, batches)
+
+    def descending(t, groups=1):
+        rows = t.reshape(groups, -1)
+        return bool((rows[:, :-1] >= rows[:, 1:] - 1e-9).all())
+
+    assert descending(again.hidden)
+    for s in again.layers:
+        if s.attn_heads is not None:
+            assert descending(s.attn_heads, cfg.num_query_groups)
+        if s.mamba_heads is not None:
+            assert descending(s.mamba_heads, cfg.mamba_num_groups) and descending(s.mamba_head_dim)
+        for t in (s.ffn, s.shared_ffn, s.moe_experts):
+            if t is not None:
+                assert descending(t)
+        if s.moe_ffn is not None:
+            assert descending(s.moe_ffn, s.moe_ffn.shape[0])
+
+
+def test_reap_scores_equal_the_formula(dist):
+    """One MoE layer with a known routing: expert 0's bias keeps it out of every top-k."""
+    cfg = small_config("E", moe_num_experts=4, moe_router_topk=2, moe_shared_expert_ffn_hidden_size=0)
+    model = randomised_model(cfg, seed=11)
+    layer = model.decoder.layers[0]
+    with torch.no_grad():
+        layer.mlp.router.expert_bias.copy_(torch.tensor([-100.0, 0.0, 0.1, -0.1]))
+    captured = {}
+    handle = layer.mlp.register_forward_pre_hook(lambda mod, args: captured.setdefault("x", args[0].detach().clone()))
+    ids, pos = token_batch(cfg.vocab_size, batch=2, seq=32)
+    scores = _collect(model, cfg, [(ids, pos)]).layers[0].moe_experts
+    handle.remove()
+
+    x = captured["x"].reshape(-1, cfg.hidden_size).double()
+    router = layer.mlp.router
+    gate_scores = torch.sigmoid(x @ router.weight.double().T)
+    chosen = (gate_scores + router.expert_bias.double()).topk(cfg.moe_router_topk, dim=-1).indices
+    expected = torch.zeros(cfg.moe_num_experts, dtype=torch.float64)
+    for e in range(cfg.moe_num_experts):
+        rows = (chosen == e).any(-1)
+        if not rows.any():
+            continue
+        picked = gate_scores[rows].gather(-1, chosen[rows])
+        gate = gate_scores[rows, e] / picked.sum(-1) * cfg.moe_router_topk_scaling_factor
+        expert = layer.mlp.experts.local_experts[e]
+        h = x[rows] @ expert.linear_fc1.weight.double().T
+        out = torch.relu(h).pow(2) @ expert.linear_fc2.weight.double().T
+        expected[e] = (gate * out.norm(dim=-1)).mean()
+    assert expected[0] == 0 and scores[0] == 0  # never routed
+    assert (expected[1:] > 0).all()
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-7)
+
+
+def _router_budgets(cfg):
+    spec = ElasticConfig(enabled=True, budgets=[
+        BudgetConfig(name="full"),
+        BudgetConfig(name="mid", target=0.7 * model_cost(cfg, full_widths(cfg)),
+                     candidates={"hidden": [32, 40, 48, 56, 64], "moe_ffn": [16, 32, 48, 64], "mamba_heads": [4, 6, 8]}),
+    ])
+    return resolve_budgets(spec, cfg)
+
+
+def test_router_gradients_flow_through_gumbel_softmax(dist):
+    cfg = preset("tiny")
+    budgets = _router_budgets(cfg)
+    router = BudgetRouter(budgets, cfg, hidden_size=16)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.normal_(0, 0.3)
+    model = randomised_model(cfg)
+    hooks = ElasticHooks(model, cfg)
+    gen = torch.Generator().manual_seed(0)
+    inp, w = router.budget_input(1)
+    lg = router.logits(inp, w)
+    samples = {a: gumbel_softmax(lg[a], 0.5, gen, hard=True) for a in router.routed_axes(budgets[1])}
+    for y in samples.values():
+        assert sorted(y.detach().tolist()).count(1.0) == 1  # forward value is one candidate
+    hooks.set(mixture_masks(cfg, {a: router.choices[a] for a in samples}, samples))
+    ids, pos = token_batch(cfg.vocab_size)
+    model(ids, pos, None).float().pow(2).mean().backward()
+    hooks.remove()
+    grads = [p.grad for p in router.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0  # KD-side gradient reaches the router
+
+
+def test_short_run_at_a_fixed_budget_reaches_the_target():
+    cfg = preset("tiny")
+    budgets = _router_budgets(cfg)
+    router = BudgetRouter(budgets, cfg, hidden_size=16)
+    opt = torch.optim.Adam(router.parameters(), lr=0.05)
+    from elastic_megatron.distill.losses import router_loss
+
+    start = None
+    for _ in range(150):
+        inp, w = router.budget_input(1)
+        cost = router.expected_cost(budgets[1], router.logits(inp, w))
+        start = cost.item() if start is None else start
+        loss = router_loss(cost, budgets[1].target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    final = router.expected_cost(budgets[1], router.logits(*router.budget_input(1))).item()
+    assert abs(start / budgets[1].target - 1) > 0.05  # it had to move
+    assert abs(final / budgets[1].target - 1) < 0.01
+    # The expected cost is the closed-form counter of the expected widths, so at a pure
+    # (one-hot) distribution it is exactly the chosen architecture's parameter count.
+    resolved = router.resolve_budget(1)
+    assert model_cost(cfg, resolved) == int(model_cost(cfg, resolved.as_dict()))
+
+
+def test_self_distillation_gives_zero_loss_and_zero_gradients(dist):
+    cfg = preset("tiny")
+    student = randomised_model(cfg)
+    teacher = randomised_model(cfg, seed=99)
+    teacher.load_state_dict(student.state_dict())
+    student.train()
+    ids, pos = token_batch(cfg.vocab_size, seq=40)
+    with torch.no_grad():
+        th = final_hidden(teacher, ids, pos)
+    kd, _ = kd_loss(final_hidden(student, ids, pos), th, student.output_layer, teacher.output_layer,
+                    torch.ones(ids.shape), temperature=2.0, chunk_tokens=16)
+    kd.backward()
+    assert abs(kd.item()) <= 1e-6
+    assert max(p.grad.abs().max().item() for p in student.parameters() if p.grad is not None) <= 1e-6
+
+
+def test_chunked_kd_equals_the_whole_vocabulary_formula():
+    torch.manual_seed(0)
+    hidden, vocab = 16, 50
+    s_layer, t_layer = torch.nn.Linear(hidden, vocab, bias=False), torch.nn.Linear(hidden, vocab, bias=False)
+    wrap = lambda lin: (lambda x: (lin(x), None))  # noqa: E731  Megatron linears return (out, bias)
+    hs, ht = torch.randn(12, 2, hidden, requires_grad=True), torch.randn(12, 2, hidden)
+    mask = (torch.rand(2, 12) > 0.3).float()
+    kd, _ = kd_loss(hs, ht, wrap(s_layer), wrap(t_layer), mask, temperature=1.5, chunk_tokens=5)
+    ls, lt = s_layer(hs.transpose(0, 1)) / 1.5, t_layer(ht.transpose(0, 1)) / 1.5
+    per_token = F.kl_div(F.log_softmax(ls, -1), F.log_softmax(lt, -1), log_target=True, reduction="none").sum(-1) * 1.5**2
+    expected = (per_token * mask).sum() / mask.sum()
+    torch.testing.assert_close(kd, expected)
+    # Top-k KD over all logits is the full KD; over fewer it differs.
+    full = kl_from_logits(ls.reshape(-1, vocab), lt.reshape(-1, vocab), 1.0, top_k=vocab)
+    torch.testing.assert_close(full, kl_from_logits(ls.reshape(-1, vocab), lt.reshape(-1, vocab), 1.0))
+    assert not torch.allclose(full, kl_from_logits(ls.reshape(-1, vocab), lt.reshape(-1, vocab), 1.0, top_k=5))
+
+
+def test_curriculum_sampling_frequencies_match_the_recipe():
+    probs = compose_job("stage2_tiny").elastic.curriculum.budget_probs
+    assert probs == [0.5, 0.3, 0.2]
+    draws = BudgetSampler(probs, 3, 1, torch.Generator().manual_seed(3))
+    counts = torch.bincount(torch.tensor([draws.sample()[0] for _ in range(20000)]), minlength=3).double() / 20000
+    assert (counts - torch.tensor(probs, dtype=torch.float64)).abs().max() < 0.015
+    a, b = (BudgetSampler(probs, 3, 1, torch.Generator().manual_seed(3)) for _ in range(2))
+    assert [a.sample() for _ in range(50)] == [b.sample() for _ in range(50)]  # same seed, same budgets (every rank)
+    uniform = BudgetSampler(None, 3, 2, torch.Generator().manual_seed(4))
+    pairs = [uniform.sample() for _ in range(3000)]
+    assert all(len(set(p)) == 2 for p in pairs)  # several budgets per batch: distinct
+    freq = torch.bincount(torch.tensor(pairs).reshape(-1), minlength=3).double() / 6000
+    assert (freq - 1 / 3).abs().max() < 0.02
+
+
+# ---- the whole chain on the embedded corpus -------------------------------------------
+
+
+def _common(prefix, run_dir, **extra):
+    values = {
+        "run.dir": str(run_dir), "data.prefixes": f"[{prefix}]", "data.seq_length": 64,
+        "trainer.micro_batch_size": 2, "trainer.global_batch_size": 4, "trainer.warmup_steps": 2,
+        "trainer.log_interval": 1, "trainer.eval_interval": 100, "trainer.eval_iters": 2, "trainer.save_interval": 100,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module")
+def sorted_parent(stdlib_prefix, tmp_path_factory):
+    root = tmp_path_factory.mktemp("elastic")
+    run("pretrain", _common(stdlib_prefix, root / "parent", **{"trainer.max_steps": 12, "trainer.lr": 3e-3}))
+    path = run("importance_tiny", _common(stdlib_prefix, root / "sorted", **{
+        "elastic.parent_checkpoint": str(root / "parent"), "elastic.importance.calibration_batches": 3,
+        "elastic.importance.plots": "false"}))
+    meta = checkpointing.read_common_state(path)["meta"]
+    assert meta["sort_index"] and meta["importance"]["max_logit_diff_after_sort"] <= 1e-4
+    return root, stdlib_prefix
+
+
+class SignalAt(ElasticDistillStep):
+    def __init__(self, job, at: int):
+        super().__init__(job)
+        self.at = at
+
+    def __call__(self, model, batch, step):
+        if step == self.at and model.training:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return super().__call__(model, batch, step)
+
+
+def test_elastic_resume_is_exact_router_and_gumbel_included(sorted_parent):
+    root, prefix = sorted_parent
+
+    def job(name):
+        return compose_job("stage1_tiny", _common(prefix, root / name, **{
+            "elastic": "tiny_router", "elastic.teacher_checkpoint": str(root / "sorted"),
+            "trainer.max_steps": 6, "trainer.eval_interval": 6, "elastic.curriculum.budgets_per_batch": 2}))
+
+    straight_step = ElasticDistillStep(job("straight"))
+    straight = train(job("straight"), step_fn=straight_step)
+    first = train(job("split"), step_fn=SignalAt(job("split"), 3))
+    assert first.last_step == 3 and first.stop_signal == "SIGUSR1"
+    second_step = ElasticDistillStep(job("split"))
+    second = train(job("split"), step_fn=second_step)
+    assert second.start_step == 3 and second.completed
+    assert {**first.losses, **second.losses} == straight.losses
+    for a, b in zip(straight_step.router.state_dict().values(), second_step.router.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(straight_step.generator.get_state(), second_step.generator.get_state())
+    assert second.valid_loss == straight.valid_loss
+    meta = checkpointing.read_common_state(root / "split")["meta"]
+    assert [b["name"] for b in meta["elastic"]["budgets"]] == ["full", "medium", "small"]
+    assert meta["sort_index"] == checkpointing.read_common_state(root / "sorted")["meta"]["sort_index"]
+
+
+def test_stage2_continues_stage1_router_and_weights(sorted_parent):
+    root, prefix = sorted_parent
+    stage1 = _common(prefix, root / "s1", **{"elastic": "tiny_router", "elastic.teacher_checkpoint": str(root / "sorted"),
+                                             "trainer.max_steps": 3})
+    run("stage1_tiny", stage1)
+    s1 = checkpointing.read_common_state(root / "s1")
+    job2 = compose_job("stage2_tiny", _common(prefix, root / "s2", **{
+        "elastic": "tiny_router", "elastic.teacher_checkpoint": str(root / "sorted"),
+        "elastic.init_checkpoint": str(root / "s1"), "trainer.max_steps": 1, "data.seq_length": 64}))
+    step = ElasticDistillStep(job2)
+    from elastic_megatron.models.hybrid import build_model
+
+    model = build_model(job2.model)
+    step.setup(model, torch.float32)
+    for k, v in s1["extra"]["router"]["params"].items():
+        assert torch.equal(step.router.state_dict()[k], v)
+    reference = build_model(job2.model)
+    checkpointing.load_model_weights(root / "s1", reference)
+    for (k, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b), k
