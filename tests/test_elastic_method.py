@@ -291,3 +291,20 @@ def test_stage2_continues_stage1_router_and_weights(sorted_parent):
     for (k, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
         if torch.is_tensor(a):
             assert torch.equal(a, b), k
+
+
+def test_teacher_checkpoint_mismatch_is_refused_before_training(sorted_parent):
+    root, prefix = sorted_parent
+    cases = (
+        ({"elastic.teacher_checkpoint": str(root / "sorted"), "model.hidden_size": 48}, "hidden_size: checkpoint 64 vs model 48"),
+        ({"elastic.teacher_checkpoint": str(root / "parent")}, "not a sorted parent"),
+        ({"elastic.teacher_checkpoint": str(root / "missing")}, "no checkpoint there"),
+        ({"elastic.teacher_checkpoint": str(root / "sorted"), "elastic.init_checkpoint": str(root / "nowhere")}, "no checkpoint there"),
+    )
+    for overrides, message in cases:
+        run_dir = root / "refused"
+        from elastic_megatron.config.errors import ConfigError
+
+        with pytest.raises(ConfigError, match=message):
+            train(compose_job("stage1_tiny", _common(prefix, run_dir, **overrides)))
+        assert not run_dir.exists()  # nothing written

@@ -55,7 +55,10 @@ def checkpoint_model_config(path) -> tuple[ModelConfig, dict]:
 
 def require_same_architecture(expected: ModelConfig, path, key: str) -> dict:
     """Raise ConfigError naming every field where checkpoint `path` differs from `expected`."""
-    found, meta = checkpoint_model_config(path)
+    try:
+        found, meta = checkpoint_model_config(path)
+    except FileNotFoundError as err:
+        raise ConfigError(key, str(path), f"no checkpoint there ({err})") from None
     diffs = [f"{f}: checkpoint {getattr(found, f)!r} vs model {getattr(expected, f)!r}"
              for f in ARCHITECTURE_FIELDS if getattr(found, f) != getattr(expected, f)]
     if diffs:
@@ -102,7 +105,13 @@ class ElasticDistillStep:
         self.router_optimizer = torch.optim.Adam(self.router.parameters(), lr=job.trainer.lr * self.spec.router.lr_mult)
         self.teacher = None
         self.hooks: Optional[ElasticHooks] = None
-        self.teacher_meta: dict = {}
+        # Checkpoint checks read metadata only, before anything is allocated.
+        self.teacher_meta = require_same_architecture(self.cfg, self.spec.teacher_checkpoint, "elastic.teacher_checkpoint")
+        if not self.teacher_meta.get("sort_index"):
+            raise ConfigError("elastic.teacher_checkpoint", self.spec.teacher_checkpoint,
+                              "is not a sorted parent (no sort_index in its metadata); run the importance recipe first")
+        if self.spec.init_checkpoint:
+            require_same_architecture(self.cfg, self.spec.init_checkpoint, "elastic.init_checkpoint")
 
     # ---- set-up ---------------------------------------------------------------------
 
@@ -110,13 +119,7 @@ class ElasticDistillStep:
         """Build the frozen teacher, attach the masks, initialise the student (before any
         resume, which then overrides weights and router state)."""
         job, spec = self.job, self.spec
-        self.teacher_meta = require_same_architecture(self.cfg, spec.teacher_checkpoint, "elastic.teacher_checkpoint")
-        if not self.teacher_meta.get("sort_index"):
-            raise ConfigError("elastic.teacher_checkpoint", spec.teacher_checkpoint,
-                              "is not a sorted parent (no sort_index in its metadata); run the importance recipe first")
         init = spec.init_checkpoint or spec.teacher_checkpoint
-        if spec.init_checkpoint:
-            require_same_architecture(self.cfg, init, "elastic.init_checkpoint")
         self.teacher = build_model(self.cfg, params_dtype=params_dtype, tensor_parallel=job.parallel.tp,
                                    expert_parallel=job.parallel.ep, sequence_parallel=job.parallel.sequence_parallel)
         checkpointing.load_model_weights(spec.teacher_checkpoint, self.teacher)
