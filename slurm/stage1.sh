@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Star Elastic stage 1: uniform budget sampling, 8K context (recipe recipes/stage1.yaml).
-#   sbatch slurm/stage1.sh [hydra overrides]          e.g. sbatch slurm/stage1.sh trainer.max_steps=10
-#   sbatch --nodes=4 slurm/stage1.sh model=nemotron_nano_v3_30b
+#   sbatch slurm/stage1.sh elastic.teacher_checkpoint=<importance run dir> data.prefixes=[...] [hydra overrides]
+#   (defaults: model=nemotron_nano_v3_30b, elastic=star_elastic_nano_v3; see recipes/stage1.yaml)
 # GPU clusters: add --gpus-per-node=8 (and keep --ntasks-per-node equal to it).
 #SBATCH --job-name=em-stage1
 #SBATCH --nodes=1

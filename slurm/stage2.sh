@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Star Elastic stage 2: 0.5/0.3/0.2 budget sampling, 49K context, from stage 1 (recipe recipes/stage2.yaml).
-#   sbatch slurm/stage2.sh [hydra overrides]          e.g. sbatch slurm/stage2.sh trainer.max_steps=10
-#   sbatch --nodes=4 slurm/stage2.sh model=nemotron_nano_v3_30b
+#   sbatch slurm/stage2.sh elastic.teacher_checkpoint=<importance run dir> elastic.init_checkpoint=<stage 1 run dir> [hydra overrides]
+#   (stage1.sh / stage2.sh default to model=nemotron_nano_v3_30b, elastic=star_elastic_nano_v3)
 # GPU clusters: add --gpus-per-node=8 (and keep --ntasks-per-node equal to it).
 #SBATCH --job-name=em-stage2
 #SBATCH --nodes=1
