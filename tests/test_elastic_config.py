@@ -3,7 +3,6 @@ key, the value and what is allowed, before anything is built."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

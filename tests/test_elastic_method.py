@@ -308,3 +308,35 @@ def test_teacher_checkpoint_mismatch_is_refused_before_training(sorted_parent):
         with pytest.raises(ConfigError, match=message):
             train(compose_job("stage1_tiny", _common(prefix, run_dir, **overrides)))
         assert not run_dir.exists()  # nothing written
+
+
+def test_router_input_interpolates_between_trained_budgets():
+    cfg = preset("tiny")
+    budgets = _router_budgets(cfg)
+    router = BudgetRouter(budgets, cfg)
+    mid = (budgets[0].target + budgets[1].target) / 2
+    _, weights = router.budget_input(target=mid)
+    torch.testing.assert_close(weights, torch.tensor([0.5, 0.5]))
+    _, exact = router.budget_input(target=budgets[1].target)
+    torch.testing.assert_close(exact, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="outside the trained budgets"):
+        router.budget_input(target=budgets[1].target / 2)
+
+
+def test_soft_masks_blend_candidate_prefixes(dist):
+    cfg = preset("tiny")
+    weights = {"hidden": torch.tensor([0.25, 0.75]), "moe_experts": torch.tensor([0.5, 0.5])}
+    masks = mixture_masks(cfg, {"hidden": [32, 64], "moe_experts": [4, 8]}, weights)
+    assert masks.hidden[:32].eq(1).all() and masks.hidden[32:].eq(0.75).all()
+    assert masks.moe_experts[:4].eq(1).all() and masks.moe_experts[4:].eq(0.5).all()
+    model = randomised_model(cfg)
+    hooks = ElasticHooks(model, cfg)
+    ids, pos = token_batch(cfg.vocab_size)
+    hooks.set(masks)
+    soft = logits(model, ids, pos)
+    hooks.set(hard_masks(cfg, full_widths(cfg).replace(hidden=32, moe_experts=4)))
+    small = logits(model, ids, pos)
+    hooks.remove()
+    full = logits(model, ids, pos)
+    assert torch.isfinite(soft).all()
+    assert (soft - full).abs().max() > 1e-4 and (soft - small).abs().max() > 1e-4  # a blend, neither end

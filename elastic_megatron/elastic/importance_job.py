@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -32,6 +31,7 @@ from elastic_megatron.elastic.importance import ImportanceCollector, ImportanceS
 from elastic_megatron.elastic.reindex import reindex_state_dict
 from elastic_megatron.elastic.step import require_same_architecture
 from elastic_megatron.models.hybrid import build_model
+from elastic_megatron.parallel.collectives import all_reduce_mean_
 from elastic_megatron.parallel.setup import dist_env, distributed
 from elastic_megatron.training import checkpointing
 from elastic_megatron.training.logging import is_rank0, print0
@@ -40,18 +40,8 @@ from elastic_megatron.training.loop import _to_device, data_spec, params_dtype
 
 def _dp_average(scores: ImportanceScores) -> None:
     """Average every score tensor over data-parallel ranks (each saw different batches)."""
-    group = parallel_state.get_data_parallel_group()
-    world = dist.get_world_size(group)
-    if world == 1:
-        return
     tensors = [scores.hidden] + [t for s in scores.layers for t in vars(s).values() if t is not None]
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, group=group)
-    flat /= world
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
+    all_reduce_mean_(tensors, parallel_state.get_data_parallel_group())
 
 
 def run_importance(job: JobConfig) -> Path:

@@ -14,11 +14,9 @@ architectures go into every checkpoint.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import yaml
 
 from megatron.core import parallel_state
@@ -29,8 +27,9 @@ from elastic_megatron.config.model import ModelConfig
 from elastic_megatron.distill.losses import kd_loss, router_loss
 from elastic_megatron.elastic.masks import ElasticHooks, hard_masks, mixture_masks
 from elastic_megatron.elastic.router import BudgetRouter, gumbel_softmax, temperature_at
-from elastic_megatron.elastic.widths import Widths, full_widths, model_cost
+from elastic_megatron.elastic.widths import Widths, model_cost
 from elastic_megatron.models.hybrid import build_model
+from elastic_megatron.parallel.collectives import all_reduce_mean_
 from elastic_megatron.training import checkpointing
 
 # Fields that must agree between a checkpoint and the model it is loaded into.
@@ -203,16 +202,7 @@ class ElasticDistillStep:
         """Average router gradients over data-parallel ranks and update the router."""
         params = [p for p in self.router.parameters() if p.grad is not None]
         if ok and params:
-            group = parallel_state.get_data_parallel_group()
-            world = dist.get_world_size(group)
-            if world > 1:
-                flat = torch.cat([p.grad.reshape(-1) for p in params])
-                dist.all_reduce(flat, group=group)
-                flat /= world
-                offset = 0
-                for p in params:
-                    p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                    offset += p.numel()
+            all_reduce_mean_([p.grad for p in params], parallel_state.get_data_parallel_group())
             self.router_optimizer.step()
         self.router_optimizer.zero_grad(set_to_none=True)
 

@@ -60,17 +60,21 @@ class Widths:
         return dataclasses.replace(self, **kw)
 
 
+# Axis -> the ModelConfig field that holds the parent's width on that axis.
+AXIS_FIELDS = {
+    "hidden": "hidden_size",
+    "attn_heads": "num_attention_heads",
+    "mamba_heads": "mamba_num_heads",
+    "mamba_head_dim": "mamba_head_dim",
+    "ffn": "ffn_hidden_size",
+    "moe_ffn": "moe_ffn_hidden_size",
+    "moe_experts": "moe_num_experts",
+    "shared_ffn": "moe_shared_expert_ffn_hidden_size",
+}
+
+
 def full_widths(cfg: ModelConfig) -> Widths:
-    return Widths(
-        hidden=cfg.hidden_size,
-        attn_heads=cfg.num_attention_heads,
-        mamba_heads=cfg.mamba_num_heads,
-        mamba_head_dim=cfg.mamba_head_dim,
-        ffn=cfg.ffn_hidden_size,
-        moe_ffn=cfg.moe_ffn_hidden_size,
-        moe_experts=cfg.moe_num_experts,
-        shared_ffn=cfg.moe_shared_expert_ffn_hidden_size,
-    )
+    return Widths(**{axis: getattr(cfg, f) for axis, f in AXIS_FIELDS.items()})
 
 
 def axes_in_use(cfg: ModelConfig) -> tuple[str, ...]:
@@ -114,15 +118,8 @@ def sub_model_config(cfg: ModelConfig, w: Widths, name: str | None = None) -> Mo
     return dataclasses.replace(
         cfg,
         name=name or f"{cfg.name}[{w.hidden}]",
-        hidden_size=w.hidden,
-        num_attention_heads=w.attn_heads,
         kv_channels=cfg.head_dim,  # head width never changes, so pin it before hidden shrinks
-        mamba_num_heads=w.mamba_heads,
-        mamba_head_dim=w.mamba_head_dim,
-        ffn_hidden_size=w.ffn,
-        moe_ffn_hidden_size=w.moe_ffn,
-        moe_num_experts=w.moe_experts,
-        moe_shared_expert_ffn_hidden_size=w.shared_ffn,
+        **{f: getattr(w, axis) for axis, f in AXIS_FIELDS.items()},
     )
 
 

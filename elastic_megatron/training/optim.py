@@ -20,6 +20,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from elastic_megatron.parallel.collectives import all_reduce_mean_
+
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
     """Megatron's rule: no weight decay on biases and 1-D parameters (norms, A_log, D, dt_bias)."""
@@ -52,17 +54,12 @@ class CpuDataParallelAdam:
 
     def _reduce_gradients(self) -> None:
         group = parallel_state.get_data_parallel_group()
-        world = dist.get_world_size(group)
-        if world == 1:
+        if dist.get_world_size(group) == 1:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=group)
-        flat /= world
-        offset = 0
-        for p, g in zip(self.params, grads):
-            p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
-            offset += g.numel()
+        for p in self.params:  # every rank must contribute the same tensor list
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        all_reduce_mean_([p.grad for p in self.params], group)
 
     @torch.no_grad()
     def step(self):
