@@ -1,7 +1,8 @@
 """slurm/*.sh on a real Slurm controller and node on localhost (marker `slurm`).
 
 A tiny CPU pretraining job with 2 tasks (gloo data parallel) runs to completion through
-`sbatch slurm/pretrain.sh`, and a job requeued mid-run resumes from its checkpoint."""
+`sbatch slurm/pretrain.sh`, a job requeued mid-run resumes from its checkpoint, and the
+elastic chain runs through `sbatch slurm/importance.sh` then `sbatch slurm/stage1.sh`."""
 
 from __future__ import annotations
 
@@ -28,12 +29,12 @@ def cluster():
     c.stop()
 
 
-def submit(cluster, tmp_path, prefix, *overrides, name="em-test") -> str:
+def submit(cluster, tmp_path, prefix, *overrides, name="em-test", script="pretrain.sh") -> str:
     out = cluster.run(
         "sbatch", "--parsable", f"--job-name={name}", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2",
         "--cpus-per-task=1", "--time=00:10:00", f"--output={tmp_path}/%x-%j.out",
         f"--export=ALL,ELASTIC_MEGATRON_ROOT={REPO},RUN_ROOT={tmp_path}/runs,OMP_NUM_THREADS=1",
-        str(REPO / "slurm" / "pretrain.sh"),
+        str(REPO / "slurm" / script),
         "model=tiny", "logger=none", f"data.prefixes=[{prefix}]", "data.seq_length=64",
         "trainer.micro_batch_size=2", "trainer.global_batch_size=4", "trainer.eval_interval=1000",
         "trainer.eval_iters=2", "trainer.log_interval=1", *overrides,
@@ -102,3 +103,38 @@ def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path, stdlib_pref
     assert steps.count(1) == 1 and steps[-1] == 30
     assert steps[steps.index(resumed + 1) - 1] >= resumed
     assert tracker_step(run_dir) == 30
+
+
+def test_importance_then_stage1_jobs(cluster, tmp_path, stdlib_prefix):
+    """The elastic chain as a user submits it, data parallel over 2 tasks."""
+    from elastic_megatron.train import run
+    from elastic_megatron.training import checkpointing
+
+    parent = tmp_path / "parent"
+    run("pretrain", ["model=tiny", "logger=none", f"run.dir={parent}", f"data.prefixes=[{stdlib_prefix}]",
+                     "data.seq_length=64", "trainer.max_steps=4", "trainer.micro_batch_size=2", "trainer.global_batch_size=2"])
+    tiny = ("model=tiny", "trainer=elastic_cpu_demo", "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
+            "trainer.eval_iters=2", "trainer.log_interval=1")
+    sort_job = submit(cluster, tmp_path, stdlib_prefix, *tiny, "elastic=tiny", f"elastic.parent_checkpoint={parent}",
+                      "elastic.importance.calibration_batches=2", script="importance.sh")
+    wait_for(lambda: cluster.job_state(sort_job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240, "importance", cluster, tmp_path)
+    log = (REPO / "logs" / f"em-test-{sort_job}.restart0.log").read_text()
+    assert cluster.job_state(sort_job) == "COMPLETED", log[-3000:]
+    sorted_dir = tmp_path / "runs" / sort_job
+    assert checkpointing.read_common_state(sorted_dir)["meta"]["sort_index"]
+    assert (sorted_dir / "importance" / "importance_hidden.png").exists()
+
+    job = submit(cluster, tmp_path, stdlib_prefix, *tiny, "elastic=tiny_router", f"elastic.teacher_checkpoint={sorted_dir}",
+                 "trainer.max_steps=4", "trainer.eval_interval=4", "trainer.save_interval=4", script="stage1.sh")
+    wait_for(lambda: cluster.job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240, "stage 1", cluster, tmp_path)
+    log = (REPO / "logs" / f"em-test-{job}.restart0.log").read_text()
+    assert cluster.job_state(job) == "COMPLETED", log[-3000:]
+    assert "world 2 (tp 1, ep 1, dp 2)" in log
+    run_dir = tmp_path / "runs" / job
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = set().union(*rows)
+    assert "temperature" in logged and any(k.endswith("/kd_loss") for k in logged)
+    assert any(k.endswith("/router_loss") for k in logged) and any("/width/" in k for k in logged)
+    assert {"full/valid_loss", "medium/valid_loss", "small/valid_loss"} <= logged
+    meta = checkpointing.read_common_state(run_dir)["meta"]
+    assert [b["name"] for b in meta["elastic"]["budgets"]] == ["full", "medium", "small"]
