@@ -114,3 +114,37 @@ def test_closed_form_cost_equals_counter(name):
         assert model_cost(cfg, w, "total_params") == size.total_params
         assert model_cost(cfg, w, "active_params") == size.active_params
         assert model_cost(cfg, w, "memory_bytes") == size.total_bytes["bf16"]
+
+
+def test_per_layer_widths_cost_and_masks(tiny_parent):
+    """Heterogeneous widths: the cost is per layer, and each layer's mask is its own."""
+    cfg, model = tiny_parent
+    full = full_widths(cfg)
+    # Two Mamba layers: their costs add up layer by layer.
+    mixed = full.replace(mamba_heads=(8, 4))
+    assert model_cost(cfg, mixed) * 2 == model_cost(cfg, full) + model_cost(cfg, full.replace(mamba_heads=4))
+    assert mixed.heterogeneous and not full.heterogeneous
+    with pytest.raises(Exception, match="per-layer widths"):
+        sub_model_config(cfg, mixed)
+
+    ids, pos = token_batch(cfg.vocab_size)
+    outputs = {}
+    handles = [model.decoder.layers[i].register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o[0].detach().clone()))
+               for i in (0, 3)]
+    hooks = ElasticHooks(model, cfg)
+    try:
+        hooks.set(hard_masks(cfg, full.replace(mamba_heads=4, moe_experts=4)))
+        uniform = logits(model, ids, pos)
+        hooks.set(hard_masks(cfg, full.replace(mamba_heads=(4, 4), moe_experts=(4, 4))))
+        assert logits(model, ids, pos).equal(uniform)  # the same widths on every layer = the uniform model
+        hooks.set(None)
+        logits(model, ids, pos)
+        parent_layer0, parent_layer3 = outputs[0], outputs[3]
+        hooks.set(hard_masks(cfg, full.replace(mamba_heads=(8, 4))))
+        logits(model, ids, pos)
+        assert outputs[0].equal(parent_layer0)  # layer 0 keeps all its heads
+        assert (outputs[3] - parent_layer3).abs().max() > 1e-4  # layer 3 lost half of its heads
+    finally:
+        hooks.remove()
+        for h in handles:
+            h.remove()

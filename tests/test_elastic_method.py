@@ -340,3 +340,27 @@ def test_soft_masks_blend_candidate_prefixes(dist):
     full = logits(model, ids, pos)
     assert torch.isfinite(soft).all()
     assert (soft - full).abs().max() > 1e-4 and (soft - small).abs().max() > 1e-4  # a blend, neither end
+
+
+def test_per_layer_router_trains_and_records_heterogeneous_budgets(dist, sorted_parent):
+    root, prefix = sorted_parent
+    job = compose_job("stage1_tiny", _common(prefix, root / "per_layer", **{
+        "elastic": "tiny_router", "elastic.teacher_checkpoint": str(root / "sorted"), "elastic.router.per_layer": "true",
+        "trainer.max_steps": 2, "trainer.eval_interval": 2}))
+    step = ElasticDistillStep(job)
+    assert step.router.logits(*step.router.budget_input(1))["moe_ffn"].shape == (2, 4)  # 2 MoE layers x the 4 candidates of both budgets
+    result = train(job, step_fn=step)
+    assert result.completed
+    budgets = checkpointing.read_common_state(root / "per_layer")["meta"]["elastic"]["budgets"]
+    medium = budgets[1]["widths"]
+    assert isinstance(medium["moe_ffn"], list) and len(medium["moe_ffn"]) == 2
+    assert isinstance(medium["hidden"], int)  # the residual stream is shared by every layer
+    from elastic_megatron.elastic.evaluate import budget_losses, elastic_budgets
+    from elastic_megatron.models.hybrid import build_model
+
+    model = build_model(job.model)
+    checkpointing.load_model_weights(root / "per_layer", model)
+    ids, pos = token_batch(job.model.vocab_size, seq=32)
+    batch = {"tokens": ids, "position_ids": pos, "labels": torch.roll(ids, -1, 1), "loss_mask": torch.ones(ids.shape)}
+    losses = budget_losses(model, job.model, elastic_budgets(root / "per_layer"), [batch])
+    assert set(losses) == {"full", "medium", "small"} and all(torch.isfinite(torch.tensor(list(losses.values()))))

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from elastic_megatron.config.errors import ConfigError, require_choice, require_positive_int
 from elastic_megatron.config.model import ModelConfig
-from elastic_megatron.elastic.widths import AXES, TARGET_KINDS, Widths, axes_in_use, check_width, full_widths, model_cost
+from elastic_megatron.elastic.widths import AXES, TARGET_KINDS, Widths, axes_in_use, axis_layers, check_width, full_widths, model_cost
 
 TEMPERATURE_SCHEDULES = ("exponential", "linear", "constant")
 
@@ -25,8 +25,8 @@ class BudgetConfig:
     target_kind: str = "total_params"
     # Target value in units of target_kind; null for a pinned budget = its own cost.
     target: Optional[float] = None
-    # Pinned widths, axis -> width (see elastic/widths.py for the axes).
-    widths: dict[str, int] = field(default_factory=dict)
+    # Pinned widths, axis -> width, or a list with one width per layer carrying the axis.
+    widths: dict[str, Any] = field(default_factory=dict)
     # Router candidates, axis -> widths to choose from.
     candidates: dict[str, list[int]] = field(default_factory=dict)
 
@@ -44,6 +44,9 @@ class RouterConfig:
     hard: bool = True
     # lambda of the router loss ((expected cost - target) / target)^2.
     loss_weight: float = 1.0
+    # One choice per layer on every axis but hidden (heterogeneous nested models; these
+    # exist as masks and evaluate like any budget, but have no uniform sliced config).
+    per_layer: bool = False
 
 
 @dataclass
@@ -132,7 +135,14 @@ def resolve_budgets(spec: ElasticConfig, cfg: ModelConfig, tensor_parallel: int 
         if both:
             raise ConfigError(_key(i, f"candidates.{both[0]}"), b.candidates[both[0]], "an axis is either pinned (widths) or routed (candidates), not both")
         for axis, value in b.widths.items():
-            check_width(cfg, axis, value, _key(i, f"widths.{axis}"), tensor_parallel)
+            if isinstance(value, (list, tuple)) and axis != "hidden":
+                layers = axis_layers(cfg, axis)
+                if len(value) != layers:
+                    raise ConfigError(_key(i, f"widths.{axis}"), list(value), f"a per-layer list needs one width per layer with the axis ({layers})")
+                for v in value:
+                    check_width(cfg, axis, v, _key(i, f"widths.{axis}"), tensor_parallel)
+            else:
+                check_width(cfg, axis, value, _key(i, f"widths.{axis}"), tensor_parallel)
         candidates = {}
         for axis, values in b.candidates.items():
             values = list(values)

@@ -23,6 +23,8 @@ One manager per module type attaches the hooks (as Flextron does in Megatron-LM)
   mask so its gradient reaches the router.
 
 With no masks set (`masks=None`) every hook is a pass-through: the model is the parent.
+A mask may also be 2-D, one row per layer that carries the axis (heterogeneous widths);
+each hook knows its layer's position among those layers and takes its row.
 """
 
 from __future__ import annotations
@@ -79,13 +81,23 @@ def hard_masks(cfg: ModelConfig, w: Widths) -> ElasticMasks:
     out = ElasticMasks()
     for f in fields(ElasticMasks):
         value = getattr(w, f.name)
-        if value != getattr(full, f.name):
+        if isinstance(value, tuple):  # per layer: one row per layer carrying the axis
+            setattr(out, f.name, prefix_matrix(cfg, f.name, list(value)))
+        elif value != getattr(full, f.name):
             setattr(out, f.name, prefix_matrix(cfg, f.name, [value])[0])
     return out
 
 
+def _row(mask: Optional[torch.Tensor], k: int) -> Optional[torch.Tensor]:
+    """The mask of the k-th layer carrying the axis (2-D masks are per layer)."""
+    if mask is None or mask.dim() == 1:
+        return mask
+    return mask[k]
+
+
 def mixture_masks(cfg: ModelConfig, candidates: dict[str, Sequence[int]], weights: dict[str, torch.Tensor]) -> ElasticMasks:
-    """Masks sum_i weights[axis][i] * prefix(candidates[axis][i]) (differentiable in the weights)."""
+    """Masks sum_i weights[axis][..., i] * prefix(candidates[axis][i]), differentiable in the
+    weights; weights of shape [layers, candidates] give per-layer masks."""
     out = ElasticMasks()
     for axis, cand in candidates.items():
         y = weights[axis]
@@ -128,9 +140,9 @@ class NormMasker(_Masker):
 
 
 class AttentionHeadMasker(_Masker):
-    def attach(self, core_attention, head_dim: int) -> None:
+    def attach(self, core_attention, head_dim: int, k: int) -> None:
         def hook(mod, args, out):
-            m = self.state.masks.attn_heads if self.state.masks else None
+            m = _row(self.state.masks.attn_heads, k) if self.state.masks else None
             if m is None:
                 return out
             return out * m.to(out.device, out.dtype).repeat_interleave(head_dim)
@@ -139,7 +151,7 @@ class AttentionHeadMasker(_Masker):
 
 
 class MambaMasker(_Masker):
-    def attach(self, mixer: HybridMambaMixer) -> None:
+    def attach(self, mixer: HybridMambaMixer, k: int) -> None:
         norm = mixer.norm
 
         def hook(mod, args, out):
@@ -147,8 +159,8 @@ class MambaMasker(_Masker):
             if masks is None or (masks.mamba_heads is None and masks.mamba_head_dim is None):
                 return out
             y, z = args
-            heads = masks.mamba_heads if masks.mamba_heads is not None else torch.ones(mixer.nheads_local_tp)
-            chans = masks.mamba_head_dim if masks.mamba_head_dim is not None else torch.ones(mixer.headdim)
+            heads = _row(masks.mamba_heads, k) if masks.mamba_heads is not None else torch.ones(mixer.nheads_local_tp)
+            chans = _row(masks.mamba_head_dim, k) if masks.mamba_head_dim is not None else torch.ones(mixer.headdim)
             m = (heads.to(y.device)[:, None] * chans.to(y.device)[None, :]).flatten()
             gated = y.float() * F.silu(z.float())
             return _masked_rms(gated, m, mod.weight, mod.eps, groups=mixer.ngroups_local_tp).to(out.dtype)
@@ -157,9 +169,9 @@ class MambaMasker(_Masker):
 
 
 class FFNMasker(_Masker):
-    def attach(self, linear_fc2, axis: str) -> None:
+    def attach(self, linear_fc2, axis: str, k: int) -> None:
         def pre_hook(mod, args):
-            m = getattr(self.state.masks, axis) if self.state.masks else None
+            m = _row(getattr(self.state.masks, axis), k) if self.state.masks else None
             if m is None:
                 return None
             x = args[0]
@@ -175,11 +187,11 @@ class ExpertMasker(_Masker):
         super().__init__(state)
         self.routers = []
 
-    def attach(self, router) -> None:
+    def attach(self, router, k: int) -> None:
         original = router.routing
 
         def routing(mod, logits, *args, **kwargs):
-            m = self.state.masks.moe_experts if self.state.masks else None
+            m = _row(self.state.masks.moe_experts, k) if self.state.masks else None
             if m is None:
                 return original(logits, *args, **kwargs)
             m = m.to(logits.device)
@@ -224,21 +236,27 @@ class ElasticHooks:
         for module in model.modules():
             if type(module) is RMSNorm:
                 self.norms.attach(module)
+        seen = {"mamba": 0, "moe": 0, "mlp": 0, "attention": 0}  # position among layers of a type
         for layer in model.decoder.layers:
             if isinstance(layer, MambaLayer):
-                self.mamba.attach(layer.mixer)
+                self.mamba.attach(layer.mixer, seen["mamba"])
+                seen["mamba"] += 1
             elif isinstance(layer, TransformerLayer):
                 mlp = layer.mlp
                 if isinstance(mlp, MoELayer):
-                    self.experts.attach(mlp.router)
+                    k = seen["moe"]
+                    self.experts.attach(mlp.router, k)
                     for expert in mlp.experts.local_experts:
-                        self.ffn.attach(expert.linear_fc2, "moe_ffn")
+                        self.ffn.attach(expert.linear_fc2, "moe_ffn", k)
                     if mlp.shared_experts is not None:
-                        self.ffn.attach(mlp.shared_experts.linear_fc2, "shared_ffn")
+                        self.ffn.attach(mlp.shared_experts.linear_fc2, "shared_ffn", k)
+                    seen["moe"] += 1
                 elif hasattr(mlp, "linear_fc2"):
-                    self.ffn.attach(mlp.linear_fc2, "ffn")
+                    self.ffn.attach(mlp.linear_fc2, "ffn", seen["mlp"])
+                    seen["mlp"] += 1
                 if hasattr(layer.self_attention, "core_attention"):
-                    self.attention.attach(layer.self_attention.core_attention, cfg.head_dim)
+                    self.attention.attach(layer.self_attention.core_attention, cfg.head_dim, seen["attention"])
+                    seen["attention"] += 1
 
     def set(self, masks: Optional[ElasticMasks]) -> None:
         self.state.masks = masks

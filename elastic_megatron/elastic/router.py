@@ -23,7 +23,7 @@ from torch import nn
 
 from elastic_megatron.config.elastic import ResolvedBudget
 from elastic_megatron.config.model import ModelConfig
-from elastic_megatron.elastic.widths import AXES, Widths, model_cost
+from elastic_megatron.elastic.widths import AXES, Widths, axis_layers, model_cost
 
 
 def temperature_at(step: int, max_steps: int, start: float, end: float, schedule: str) -> float:
@@ -48,14 +48,19 @@ def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator,
 
 
 class BudgetRouter(nn.Module):
-    def __init__(self, budgets: Sequence[ResolvedBudget], cfg: ModelConfig, hidden_size: int = 64):
+    """With `per_layer`, every axis but hidden gets its own logits for each layer carrying
+    it (logits [layers, candidates]), so budgets resolve to heterogeneous widths."""
+
+    def __init__(self, budgets: Sequence[ResolvedBudget], cfg: ModelConfig, hidden_size: int = 64, per_layer: bool = False):
         super().__init__()
         self.cfg = cfg
         self.budgets = list(budgets)
         self.axes = [a for a in AXES if any(a in b.candidates for b in budgets)]
         self.choices = {a: sorted({c for b in budgets for c in b.candidates.get(a, [])}) for a in self.axes}
-        self.net = nn.Sequential(nn.Linear(len(budgets), hidden_size), nn.Tanh(),
-                                 nn.Linear(hidden_size, max(sum(len(c) for c in self.choices.values()), 1)))
+        # None: one choice for the whole model; n: one per layer carrying the axis.
+        self.rows = {a: (axis_layers(cfg, a) if per_layer and a != "hidden" else None) for a in self.axes}
+        outputs = sum(len(self.choices[a]) * (self.rows[a] or 1) for a in self.axes)
+        self.net = nn.Sequential(nn.Linear(len(budgets), hidden_size), nn.Tanh(), nn.Linear(hidden_size, max(outputs, 1)))
         # Start from a uniform choice: the budget signal comes in through training only.
         nn.init.zeros_(self.net[2].weight)
         nn.init.zeros_(self.net[2].bias)
@@ -89,10 +94,12 @@ class BudgetRouter(nn.Module):
         flat = self.net(inp)
         out, start = {}, 0
         for a in self.axes:
-            n = len(self.choices[a])
+            n, rows = len(self.choices[a]), self.rows[a]
             allowed = (getattr(self, f"allowed_{a}").float().T.to(weights.device) @ (weights > 0).float()) > 0
-            out[a] = flat[start:start + n].masked_fill(~allowed.to(flat.device), float("-inf"))
-            start += n
+            block = flat[start:start + n * (rows or 1)]
+            block = block.view(rows, n) if rows else block
+            out[a] = block.masked_fill(~allowed.to(flat.device), float("-inf"))
+            start += n * (rows or 1)
         return out
 
     def routed_axes(self, budget: ResolvedBudget) -> list[str]:
@@ -111,7 +118,13 @@ class BudgetRouter(nn.Module):
 
     def resolve(self, budget: ResolvedBudget, logits: dict[str, torch.Tensor]) -> Widths:
         """The architecture of a budget after training: the most likely candidate per axis."""
-        return budget.fixed.replace(**{a: self.choices[a][int(logits[a].argmax())] for a in self.routed_axes(budget)})
+        def pick(a):
+            best = logits[a].argmax(-1)
+            if best.dim():
+                return tuple(self.choices[a][int(i)] for i in best)
+            return self.choices[a][int(best)]
+
+        return budget.fixed.replace(**{a: pick(a) for a in self.routed_axes(budget)})
 
     def resolve_budget(self, index: int) -> Widths:
         with torch.no_grad():

@@ -100,7 +100,7 @@ class ElasticDistillStep:
                                      self.spec.curriculum.budgets_per_batch, self.generator)
         with torch.random.fork_rng(devices=[]):  # the router's init depends on the run seed only
             torch.manual_seed(job.run.seed)
-            self.router = BudgetRouter(self.budgets, self.cfg, self.spec.router.hidden_size)
+            self.router = BudgetRouter(self.budgets, self.cfg, self.spec.router.hidden_size, self.spec.router.per_layer)
         self.router_optimizer = torch.optim.Adam(self.router.parameters(), lr=job.trainer.lr * self.spec.router.lr_mult)
         self.teacher = None
         self.hooks: Optional[ElasticHooks] = None
@@ -161,7 +161,8 @@ class ElasticDistillStep:
         loss = router_loss(expected, budget.target)
         chosen = budget.fixed.as_dict()
         for a, y in samples.items():
-            chosen[a] = float(y.detach() @ torch.tensor(candidates[a], dtype=y.dtype, device=y.device))
+            # The sampled width (mean over layers for per-layer choices).
+            chosen[a] = float((y.detach() @ torch.tensor(candidates[a], dtype=y.dtype, device=y.device)).mean())
         return masks, loss, {"expected_cost": expected.item(), "widths": chosen}
 
     def __call__(self, model, batch: dict, step: int) -> tuple[torch.Tensor, dict]:

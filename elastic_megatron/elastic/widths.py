@@ -17,6 +17,11 @@ Heads are kept per group: `attn_heads = 24` with 2 query groups keeps the first 
 of each group, so grouped-query attention and Mamba's B/C groups stay intact. Query
 groups, Mamba groups, the state size and the vocabulary never shrink.
 
+Every axis but `hidden` may also be heterogeneous: a tuple with one width per layer that
+has the axis, in pattern order (attention axes over '*' layers, Mamba axes over 'M'
+layers, ffn over '-' layers, MoE axes over 'E' layers). Such a nested model exists as
+masks of the parent; it has no uniform Megatron config (`sub_model_config` refuses it).
+
 `model_cost` is the analytic counter (models/counter.py) in closed form: a multilinear
 polynomial of the widths. It accepts floats or tensors, so the router differentiates
 the expected cost of its width distribution through it; for integer widths it equals
@@ -40,24 +45,37 @@ TARGET_KINDS = ("total_params", "active_params", "memory_bytes")
 Number = Union[int, float, torch.Tensor]
 
 
+PerLayer = Union[int, tuple]
+
+
 @dataclass(frozen=True)
 class Widths:
-    """Integer widths of one nested model (totals over groups, see the module table)."""
+    """Integer widths of one nested model (totals over groups, see the module table);
+    a tuple on an axis = one width per layer that has the axis."""
 
     hidden: int
-    attn_heads: int
-    mamba_heads: int
-    mamba_head_dim: int
-    ffn: int
-    moe_ffn: int
-    moe_experts: int
-    shared_ffn: int
+    attn_heads: PerLayer
+    mamba_heads: PerLayer
+    mamba_head_dim: PerLayer
+    ffn: PerLayer
+    moe_ffn: PerLayer
+    moe_experts: PerLayer
+    shared_ffn: PerLayer
 
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
+    def __post_init__(self):
+        for f in dataclasses.fields(self):  # lists (from YAML/JSON) become tuples
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+
+    def as_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def replace(self, **kw) -> "Widths":
         return dataclasses.replace(self, **kw)
+
+    @property
+    def heterogeneous(self) -> bool:
+        return any(isinstance(getattr(self, a), tuple) for a in AXES)
 
 
 # Axis -> the ModelConfig field that holds the parent's width on that axis.
@@ -93,6 +111,24 @@ def axes_in_use(cfg: ModelConfig) -> tuple[str, ...]:
     return tuple(used)
 
 
+# Which layers carry each axis (the per-layer axes are indexed over these layers).
+AXIS_LAYER_SYMBOL = {"attn_heads": ATTENTION, "mamba_heads": MAMBA, "mamba_head_dim": MAMBA, "ffn": MLP,
+                     "moe_ffn": MOE, "moe_experts": MOE, "shared_ffn": MOE}
+
+
+def axis_layers(cfg: ModelConfig, axis: str) -> int:
+    """Number of layers that carry a per-layer axis."""
+    return cfg.count(AXIS_LAYER_SYMBOL[axis])
+
+
+def width_at(value, k: int):
+    """The width of the k-th layer carrying the axis: value[k] for per-layer values (tuple,
+    list or a 1-D tensor), value itself otherwise."""
+    if isinstance(value, (tuple, list)) or (torch.is_tensor(value) and value.dim() > 0):
+        return value[k]
+    return value
+
+
 def axis_group_count(cfg: ModelConfig, axis: str) -> int:
     """Candidates of an axis must be multiples of this (heads are kept per group)."""
     return {"attn_heads": cfg.num_query_groups, "mamba_heads": cfg.mamba_num_groups}.get(axis, 1)
@@ -115,6 +151,8 @@ def check_width(cfg: ModelConfig, axis: str, value, key: str, tensor_parallel: i
 
 def sub_model_config(cfg: ModelConfig, w: Widths, name: str | None = None) -> ModelConfig:
     """The ModelConfig of the nested model with widths `w` (real, smaller shapes)."""
+    if w.heterogeneous:
+        raise ConfigError("widths", w.as_dict(), "per-layer widths have no uniform model config; slice a uniform budget")
     return dataclasses.replace(
         cfg,
         name=name or f"{cfg.name}[{w.hidden}]",
@@ -130,11 +168,18 @@ def model_cost(cfg: ModelConfig, w, kind: str = "total_params") -> Number:
     tensor; the result is then a tensor that carries gradients to the widths."""
     if kind not in TARGET_KINDS:
         raise ConfigError("elastic.budgets.target_kind", kind, f"allowed: {list(TARGET_KINDS)}")
-    get = (lambda a: w[a]) if isinstance(w, dict) else (lambda a: getattr(w, a))
-    h = get("hidden")
+    raw = (lambda a: w[a]) if isinstance(w, dict) else (lambda a: getattr(w, a))
+    seen = {symbol: 0 for symbol in (ATTENTION, MAMBA, MLP, MOE)}
+    h = raw("hidden")
     v = cfg.vocab_size
     total = 2 * v * h + h  # embedding, output layer, final norm
     for symbol in cfg.hybrid_pattern:
+        k = seen[symbol]
+        seen[symbol] += 1
+
+        def get(axis):
+            return width_at(raw(axis), k)
+
         total = total + h  # the layer's norm
         if symbol == MAMBA:
             nh, hd = get("mamba_heads"), get("mamba_head_dim")
