@@ -217,12 +217,12 @@ class ElasticDistillStep:
         """Validation LM and KD loss of every budget's resolved architecture (hard masks)."""
         out = {}
         model.eval()
+        teacher_hiddens = [final_hidden(self.teacher, b["tokens"], b["position_ids"]) for b in batches]
         try:
             for name, w in self.resolved_widths().items():
                 self.hooks.set(hard_masks(self.cfg, w))
                 lm_sum, kd_sum = 0.0, 0.0
-                for batch in batches:
-                    teacher_hidden = final_hidden(self.teacher, batch["tokens"], batch["position_ids"])
+                for batch, teacher_hidden in zip(batches, teacher_hiddens):
                     hidden = final_hidden(model, batch["tokens"], batch["position_ids"])
                     kd, lm = kd_loss(hidden, teacher_hidden, _output_layer(model), _output_layer(self.teacher),
                                      batch["loss_mask"], self.spec.distill.temperature, self.spec.distill.chunk_tokens,
