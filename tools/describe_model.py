@@ -2,6 +2,13 @@
 
     python tools/describe_model.py model=nemotron_nano_v3_30b
     python tools/describe_model.py model=small format=json
+
+Storage report (one elastic checkpoint vs separate checkpoints of every size, per
+precision): analytic from a preset and an elastic spec, or measured on the files of a
+real elastic checkpoint (written as bf16 HF safetensors in a temporary directory):
+
+    python tools/describe_model.py model=nemotron_nano_v3_30b elastic=star_elastic_nano_v3 storage=true
+    python tools/describe_model.py storage=true checkpoint=runs/demo-stage2
 """
 
 from __future__ import annotations
@@ -51,10 +58,34 @@ def render_table(cfg, size) -> str:
     return "\n".join(lines)
 
 
+def storage_report(cfg: DictConfig) -> str:
+    from omegaconf import OmegaConf
+
+    from elastic_megatron.config.elastic import ElasticConfig
+    from elastic_megatron.slicing.storage import analytic_storage, measured_storage, render_storage, spec_budgets
+
+    if cfg.checkpoint:
+        report = measured_storage(cfg.checkpoint)
+    else:
+        model_cfg = load_model_config(cfg.model)
+        spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ElasticConfig), cfg.elastic))
+        if not spec.enabled:
+            raise ConfigError("elastic", spec.name, "storage=true compares nested sizes: choose an elastic spec (e.g. elastic=star_elastic_nano_v3) or checkpoint=<elastic run>")
+        fixed, routed = spec_budgets(model_cfg, spec)
+        if not fixed:
+            raise ConfigError("elastic", spec.name, f"every budget is router-chosen ({routed}): pass checkpoint=<elastic run> for resolved widths")
+        report = analytic_storage(model_cfg, fixed)
+        report.skipped = routed
+    return json.dumps(report.as_dict()) if cfg.format == "json" else render_storage(report)
+
+
 @hydra.main(config_path="../recipes", config_name="describe_model", version_base=None)
 def main(cfg: DictConfig) -> None:
     if cfg.format not in FORMATS:
         raise ConfigError("format", cfg.format, f"allowed: {list(FORMATS)}")
+    if cfg.storage:
+        print(storage_report(cfg))
+        return
     model_cfg = load_model_config(cfg.model)
     size = model_size(model_cfg)
     if cfg.format == "json":

@@ -48,6 +48,10 @@ class ModelConfig:
     mamba_num_groups: int = 2
     mamba_conv_kernel: int = 4
     mamba_chunk_size: int = 128
+    # Lower clamp of the Mamba step size dt after softplus; 0 = no clamp (Megatron's and
+    # mamba_ssm's default). transformers' Nemotron-H clamps at its time_step_min, so HF
+    # imports set it to keep the imported model's function.
+    mamba_dt_min: float = 0.0
 
     # Dense MLP ('-' layers).
     ffn_hidden_size: int = 128
@@ -136,6 +140,8 @@ def validate_model_config(cfg: ModelConfig) -> None:
         for key in ("mamba_num_heads", "mamba_head_dim", "mamba_state_dim", "mamba_num_groups", "mamba_chunk_size"):
             _positive(key, getattr(cfg, key))
         _divides("mamba_num_heads", cfg.mamba_num_heads, "mamba_num_groups", cfg.mamba_num_groups)
+        if isinstance(cfg.mamba_dt_min, bool) or not isinstance(cfg.mamba_dt_min, (int, float)) or not 0 <= cfg.mamba_dt_min < 1:
+            raise ConfigError("model.mamba_dt_min", cfg.mamba_dt_min, "must be a number in [0, 1) (0: no clamp)")
         if isinstance(cfg.mamba_conv_kernel, bool) or not isinstance(cfg.mamba_conv_kernel, int) or cfg.mamba_conv_kernel < 2:
             raise ConfigError("model.mamba_conv_kernel", cfg.mamba_conv_kernel, "must be an integer >= 2")
 

@@ -35,6 +35,10 @@ class RunConfig:
     # train: pretraining, or elastic distillation when elastic.enabled;
     # importance: score and sort elastic.parent_checkpoint into run.dir.
     task: str = "train"
+    # Start from these weights (run dir or checkpoint dir; e.g. a zero-shot slice or an
+    # HF import), with a fresh step, optimizer and data position, like Megatron's
+    # --pretrained-checkpoint. Ignored once run.dir has a checkpoint (resume wins).
+    init_checkpoint: Optional[str] = None
 
 
 @dataclass

@@ -23,7 +23,7 @@ from megatron.core import parallel_state
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.data.datasets import DataSpec, build_datasets, load_tokenizer_for, make_loader, validate_data_spec
 from elastic_megatron.elastic.masks import ElasticHooks, hard_masks
-from elastic_megatron.elastic.step import checkpoint_model_config, require_same_architecture
+from elastic_megatron.elastic.step import recorded_budgets, require_same_architecture
 from elastic_megatron.elastic.widths import Widths, model_cost
 from elastic_megatron.models.hybrid import build_model
 from elastic_megatron.training import checkpointing
@@ -48,11 +48,7 @@ class BudgetRow:
 
 def elastic_budgets(path) -> list[tuple[str, Widths]]:
     """(name, widths) of every budget recorded in an elastic checkpoint."""
-    meta = checkpointing.read_common_state(path).get("meta") or {}
-    elastic = meta.get("elastic")
-    if not elastic or not meta.get("sort_index"):
-        raise ConfigError("elastic checkpoint", str(path), "is not elastic: no sort_index / elastic budgets in its metadata")
-    return [(b["name"], Widths(**b["widths"])) for b in elastic["budgets"]]
+    return recorded_budgets(checkpointing.read_common_state(path).get("meta") or {}, path)
 
 
 def validation_batches(path, num_batches: int, micro_batch_size: int) -> list[dict]:
@@ -87,7 +83,7 @@ def budget_losses(model, cfg, budgets: list[tuple[str, Widths]], batches: list[d
 
 def evaluate_elastic(elastic_ckpt, sorted_ckpt, unsorted_ckpt, num_batches: int = 16, micro_batch_size: int = 8) -> list[BudgetRow]:
     """Rows of the evaluation table. Needs Megatron's parallel state (world of one)."""
-    cfg, _ = checkpoint_model_config(elastic_ckpt)
+    cfg, _ = checkpointing.checkpoint_model_config(elastic_ckpt)
     for path, key in ((sorted_ckpt, "sorted"), (unsorted_ckpt, "unsorted")):
         require_same_architecture(cfg, path, key)
     budgets = elastic_budgets(elastic_ckpt)

@@ -199,43 +199,90 @@ def _layer_tensor(cfg: ModelConfig, symbol: str, rest: str, t: torch.Tensor, h: 
             return _take(t, li.shared_ffn, h)
         if rest == "mlp.shared_experts.linear_fc2.weight":
             return _take(t, h, li.shared_ffn)
+    _no_rule(symbol, rest)
+
+
+def _expert_slots(index: ModelIndex) -> dict[int, dict[int, int]]:
+    return {i: {int(src): new for new, src in enumerate(li.moe_experts.tolist())}
+            for i, li in enumerate(index.layers) if li.moe_experts is not None}
+
+
+_RULES = {
+    MAMBA: ("mixer.in_proj.weight", "mixer.conv1d.weight", "mixer.conv1d.bias", "mixer.dt_bias", "mixer.A_log",
+            "mixer.D", "mixer.norm.weight", "mixer.out_proj.weight"),
+    ATTENTION: ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight"),
+    MLP: ("mlp.linear_fc1.weight", "mlp.linear_fc2.weight"),
+    MOE: ("mlp.router.weight", "mlp.router.expert_bias", "mlp.shared_experts.linear_fc1.weight",
+          "mlp.shared_experts.linear_fc2.weight"),
+}
+
+
+def _has_rule(symbol: str, rest: str, expert: Optional[int]) -> bool:
+    if rest in _NORMS:
+        return True
+    if expert is not None:
+        return symbol == MOE and rest in ("linear_fc1.weight", "linear_fc2.weight")
+    return rest in _RULES[symbol]
+
+
+def _no_rule(symbol: str, rest: str):
     raise KeyError(f"reindex: no rule for tensor {rest!r} of a {symbol!r} layer (unknown parameter; update elastic/reindex.py)")
+
+
+def reindex_rule(cfg: ModelConfig, index: ModelIndex, name: str, slots: Optional[dict] = None):
+    """(new name, fn) for source tensor `name`: fn(tensor) gives the re-indexed tensor
+    (it also runs on meta tensors, giving the new shape). None: an expert the index drops."""
+    slots = _expert_slots(index) if slots is None else slots
+    h = index.hidden
+    m = _LAYER.match(name)
+    if m is None:
+        if name.endswith("._extra_state"):
+            return name, lambda t: t
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            return name, lambda t: _take(t, None, h)
+        if name == "decoder.final_norm.weight":
+            return name, lambda t: _take(t, h)
+        raise KeyError(f"reindex: no rule for tensor {name!r}")
+    layer, rest = int(m.group(1)), m.group(2)
+    symbol = cfg.hybrid_pattern[layer]
+    expert = None
+    e = _EXPERT.match(rest)
+    if e is not None:
+        expert, rest = int(e.group(1)), e.group(2)
+        if expert not in slots[layer]:
+            return None
+        name = f"decoder.layers.{layer}.mlp.experts.local_experts.{slots[layer][expert]}.{rest}"
+    if rest.endswith("_extra_state"):
+        return name, lambda t: t
+    li = index.layers[layer]
+    if not _has_rule(symbol, rest, expert):  # fail on unknown names before any tensor is read
+        _no_rule(symbol, rest)
+    return name, lambda t: _layer_tensor(cfg, symbol, rest, t, h, li, expert)
 
 
 def reindex_items(cfg: ModelConfig, index: ModelIndex, items: Iterable[tuple[str, object]]):
     """Yield (new name, new tensor) for each (name, tensor) of a source state dict of
     `cfg`, one tensor at a time (streaming: a whole model never has to be in memory).
     Experts that the index drops are skipped; kept experts are renumbered."""
-    expert_slot: dict[int, dict[int, int]] = {}
-    for i, li in enumerate(index.layers):
-        if li.moe_experts is not None:
-            expert_slot[i] = {int(src): new for new, src in enumerate(li.moe_experts.tolist())}
-    h = index.hidden
+    slots = _expert_slots(index)
     for name, t in items:
-        m = _LAYER.match(name)
-        if m is None:
-            if name.endswith("._extra_state"):
-                yield name, t
-            elif name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-                yield name, _take(t, None, h)
-            elif name == "decoder.final_norm.weight":
-                yield name, _take(t, h)
-            else:
-                raise KeyError(f"reindex: no rule for tensor {name!r}")
-            continue
-        layer, rest = int(m.group(1)), m.group(2)
-        symbol = cfg.hybrid_pattern[layer]
-        expert = None
-        e = _EXPERT.match(rest)
-        if e is not None:
-            expert, rest = int(e.group(1)), e.group(2)
-            if expert not in expert_slot[layer]:
-                continue
-            name = f"decoder.layers.{layer}.mlp.experts.local_experts.{expert_slot[layer][expert]}.{rest}"
-        if rest.endswith("_extra_state"):
-            yield name, t
-            continue
-        yield name, _layer_tensor(cfg, symbol, rest, t, h, index.layers[layer], expert)
+        rule = reindex_rule(cfg, index, name, slots)
+        if rule is not None:
+            yield rule[0], rule[1](t)
+
+
+def reindex_source(cfg: ModelConfig, index: ModelIndex, source):
+    """A lazy view of a TensorSource (flat naming) re-indexed by `index`: tensors are
+    cut only when asked for (slicing a checkpoint one tensor at a time)."""
+    from elastic_megatron.convert.tensors import MappedSource
+
+    slots = _expert_slots(index)
+    rules = {}
+    for name in source.names():
+        rule = reindex_rule(cfg, index, name, slots)
+        if rule is not None:
+            rules[rule[0]] = ((name,), rule[1])
+    return MappedSource(source, rules)
 
 
 def reindex_state_dict(cfg: ModelConfig, index: ModelIndex, state_dict: dict) -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import yaml
 
 from megatron.core import parallel_state
 
@@ -41,21 +40,22 @@ ARCHITECTURE_FIELDS = (
 )
 
 
-def checkpoint_model_config(path) -> tuple[ModelConfig, dict]:
-    """The parent ModelConfig a checkpoint was written with, and its meta."""
-    from elastic_megatron.config.model import model_config_from_dict
-
-    common = checkpointing.read_common_state(path)
-    meta = common.get("meta") or {}
-    if "config" not in meta:
-        raise ConfigError("checkpoint", str(path), "has no resolved config in its metadata (not written by this project)")
-    return model_config_from_dict(yaml.safe_load(meta["config"])["model"]), meta
+def recorded_budgets(meta: dict, where) -> list[tuple[str, Widths]]:
+    """(name, resolved widths) of every budget an elastic checkpoint's meta records
+    (written by `ElasticDistillStep.checkpoint_meta`); ConfigError if it is not elastic."""
+    elastic = meta.get("elastic") or {}
+    if not meta.get("sort_index") or not elastic.get("budgets"):
+        raise ConfigError("elastic checkpoint", str(where),
+                          "is not elastic: its metadata has no sort_index and resolved budget architectures "
+                          "(use the output of an elastic stage1/stage2 run)")
+    return [(b["name"], Widths(**{k: tuple(v) if isinstance(v, list) else v for k, v in b["widths"].items()}))
+            for b in elastic["budgets"]]
 
 
 def require_same_architecture(expected: ModelConfig, path, key: str) -> dict:
     """Raise ConfigError naming every field where checkpoint `path` differs from `expected`."""
     try:
-        found, meta = checkpoint_model_config(path)
+        found, meta = checkpointing.checkpoint_model_config(path)
     except FileNotFoundError as err:
         raise ConfigError(key, str(path), f"no checkpoint there ({err})") from None
     diffs = [f"{f}: checkpoint {getattr(found, f)!r} vs model {getattr(expected, f)!r}"

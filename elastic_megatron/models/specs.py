@@ -55,7 +55,8 @@ class CpuSafeLocalSpecProvider(LocalSpecProvider):
 def _mixer_spec(cfg: ModelConfig, in_proj, out_proj) -> ModuleSpec:
     return ModuleSpec(
         module=HybridMambaMixer,
-        params={"d_conv": cfg.mamba_conv_kernel, "chunk_size": cfg.mamba_chunk_size, "norm_eps": cfg.norm_eps},
+        params={"d_conv": cfg.mamba_conv_kernel, "chunk_size": cfg.mamba_chunk_size, "norm_eps": cfg.norm_eps,
+                "dt_limit": (float(cfg.mamba_dt_min), float("inf"))},
         submodules=MambaMixerSubmodules(in_proj=in_proj, out_proj=out_proj),
     )
 

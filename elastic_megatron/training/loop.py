@@ -174,15 +174,27 @@ def train(job: JobConfig, step_fn: Optional[StepFunction] = None, model_builder:
             OmegaConf.save(OmegaConf.structured(job), run_dir / "config.yaml")
         dist.barrier()
 
+        resumed_from = checkpointing.latest_step(run_dir)
+        init = job.run.init_checkpoint if resumed_from is None else None
+        if init:  # refuse a mismatching checkpoint before anything is built
+            from elastic_megatron.elastic.step import require_same_architecture
+
+            require_same_architecture(job.model, init, "run.init_checkpoint")
         model = model_builder(job.model, params_dtype=dtype, tensor_parallel=job.parallel.tp,
                               expert_parallel=job.parallel.ep, sequence_parallel=job.parallel.sequence_parallel)
+        if init:
+            checkpointing.load_model_weights(init, model)
+            print0(f"initialised the model from {init} (weights only: step, optimizer and data start fresh)")
         train_model, optimizer = build_optimizer(model, t, job.parallel, dtype)
         scheduler = build_scheduler(optimizer, t)
         if hasattr(step_fn, "setup"):
             step_fn.setup(train_model, dtype)
+            if hasattr(optimizer, "reload_model_params"):
+                # setup may load weights (elastic init); Megatron's optimizer keeps fp32
+                # main copies made at construction, which must follow.
+                optimizer.reload_model_params()
 
         start_step, consumed = 0, 0
-        resumed_from = checkpointing.latest_step(run_dir)
         if resumed_from is not None:
             state = checkpointing.load_checkpoint(run_dir, model, optimizer, scheduler, resumed_from)
             start_step, consumed = state["step"], state["consumed_samples"]

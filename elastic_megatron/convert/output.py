@@ -1,0 +1,85 @@
+"""Writing converted or sliced checkpoints: precision, staging, the two output formats.
+
+Every tool writes into a hidden temporary directory next to the target and renames it
+into place only when everything is written, so an error or a kill never leaves a
+half-written checkpoint under the target name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from elastic_megatron.config.errors import ConfigError
+from elastic_megatron.config.model import ModelConfig
+from elastic_megatron.convert import hf_nemotron_h as hf
+from elastic_megatron.convert.megatron_dist import config_yaml, write_dist_checkpoint, write_model_recipe
+from elastic_megatron.convert.tensors import CastSource, TensorSource, write_safetensors
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# Accepted names that need nested quantization (a later stage of the method).
+QUANTIZED = ("fp8", "nvfp4")
+FORMATS = ("megatron", "hf", "both")
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    if precision in QUANTIZED:
+        raise ConfigError("--precision", precision, "needs nested quantization-aware distillation, which has not landed yet; "
+                          f"allowed now: {sorted(PRECISIONS)}")
+    if precision not in PRECISIONS:
+        raise ConfigError("--precision", precision, f"allowed: {sorted(PRECISIONS)} (and {list(QUANTIZED)} once nested quantization lands)")
+    return PRECISIONS[precision]
+
+
+def check_target(target: str | Path, overwrite: bool) -> Path:
+    """Refuse a non-empty target unless overwrite, before any work starts."""
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise ConfigError("--target-checkpoint", str(target), "exists and is not empty; pass --overwrite to replace it")
+    return target
+
+
+@contextmanager
+def staged(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside `target`; on success it replaces `target`,
+    on any error it is removed and `target` is untouched."""
+    check_target(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
+
+
+def write_megatron(directory: Path, cfg: ModelConfig, flat: TensorSource, dtype: torch.dtype, **provenance) -> None:
+    """Our checkpoint (run-dir layout) plus the model recipe the trainer needs for it."""
+    cast = CastSource(flat, dtype, keep=hf.keep_fp32)
+    write_dist_checkpoint(directory, cfg, cast, meta={"config": config_yaml(cfg), **provenance})
+    write_model_recipe(directory, cfg)
+
+
+def write_hf(directory: Path, cfg: ModelConfig, flat: TensorSource, dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30) -> dict:
+    """An HF Nemotron-H directory (config.json + safetensors shards) that transformers'
+    NemotronHForCausalLM loads without custom code."""
+    directory.mkdir(parents=True, exist_ok=True)
+    hf.hf_config_from_model(cfg, dtype)  # refuse what HF cannot express before writing tensors
+    view = CastSource(hf.flat_to_hf(flat, cfg), dtype, keep=hf.keep_fp32)
+    index = write_safetensors(directory, view, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
+    hf.write_hf_config(directory, cfg, dtype)
+    return index

@@ -1,0 +1,214 @@
+"""HF Nemotron-H import/export against transformers' own implementation, streaming
+dist-checkpoint I/O, and the safety of the conversion tools."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from elastic_helpers import logits, randomised_model
+from conftest import preset, token_batch
+from elastic_megatron.config.errors import ConfigError
+from elastic_megatron.convert import hf_nemotron_h as hf
+from elastic_megatron.convert.hf_checkpoint import export_hf, import_hf
+from elastic_megatron.convert.megatron_dist import DistCheckpointSource, config_yaml, write_dist_checkpoint
+from elastic_megatron.convert.tensors import DictSource, SafetensorsSource, write_safetensors
+from elastic_megatron.models.hybrid import build_model
+from elastic_megatron.training import checkpointing
+
+transformers = pytest.importorskip("transformers", reason="transformers is the reference implementation (pip install -e .[test])")
+
+# Every HF layer type, MoE with a shared expert; widths of our tiny preset.
+HF_TINY = dict(
+    vocab_size=384, hidden_size=64,
+    layers_block_type=["linear_attention", "full_attention", "moe", "linear_attention", "mlp", "moe"],
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, conv_kernel=4, chunk_size=8,
+    intermediate_size=96, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+    moe_shared_expert_intermediate_size=40, routed_scaling_factor=2.5, time_step_min=0.001,
+    layer_norm_epsilon=1e-5, max_position_embeddings=1024, use_cache=False,
+)
+
+
+def random_hf_model(seed: int = 0):
+    """A transformers NemotronHForCausalLM with every tensor random (norms, biases and
+    Mamba's A/D/dt too, so a misplaced row cannot hide behind an initial value)."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    torch.manual_seed(seed)
+    model = NemotronHForCausalLM(NemotronHConfig(**HF_TINY)).float().eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            noise = torch.randn(t.shape, generator=gen)
+            if name.endswith(("norm.weight", "norm_f.weight", ".D")):
+                t.copy_(1.0 + 0.3 * noise)
+            elif name.endswith("A_log"):
+                t.copy_(torch.log(torch.arange(1, t.numel() + 1, dtype=torch.float32)) + 0.1 * noise)
+            elif name.endswith(("dt_bias", "e_score_correction_bias", "conv1d.bias")):
+                t.copy_(0.5 * noise)
+            else:
+                t.copy_(0.08 * noise)
+    return model
+
+
+def hf_logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf") / "tiny"
+    model = random_hf_model()
+    model.save_pretrained(d)
+    return d
+
+
+def load_ours(checkpoint):
+    cfg, _ = checkpointing.checkpoint_model_config(checkpoint)
+    torch.manual_seed(5)
+    model = build_model(cfg)
+    checkpointing.load_model_weights(checkpoint, model)
+    return model.eval(), cfg
+
+
+def test_import_matches_transformers_logits(dist, hf_dir, tmp_path):
+    out = import_hf(hf_dir, tmp_path / "imported", precision="fp32", name="hf_tiny")
+    ours, cfg = load_ours(out)
+    assert cfg.hybrid_pattern == "M*EM-E" and cfg.mamba_dt_min == pytest.approx(1e-3)
+    assert cfg.moe_shared_expert_ffn_hidden_size == 40 and cfg.kv_channels == 16
+    ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    ids, pos = token_batch(cfg.vocab_size, batch=2, seq=29)  # ragged against the Mamba chunk size
+    a, b = logits(ours, ids, pos), hf_logits(ref, ids)
+    assert a.shape == b.shape
+    assert (a - b).abs().max().item() <= 2e-5 * max(1.0, b.abs().max().item())
+    # The import writes the model recipe the trainer uses for further training.
+    recipe = out / "recipes" / "model" / "hf_tiny.yaml"
+    assert "hybrid_pattern: M*EM-E" in recipe.read_text()
+
+
+def test_round_trip_hf_ours_hf_is_lossless(dist, hf_dir, tmp_path):
+    ours = import_hf(hf_dir, tmp_path / "imported", precision="fp32")
+    back = export_hf(ours, tmp_path / "exported", precision="fp32")
+    # The export is in the released layout (backbone., one tensor per expert) ...
+    names = set(SafetensorsSource(back).names())
+    assert "backbone.layers.2.mixer.experts.7.down_proj.weight" in names and "lm_head.weight" in names
+    # ... and transformers reads back exactly the tensors it started from.
+    original = random_hf_model().state_dict()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(back, torch_dtype=torch.float32).state_dict()
+    assert sorted(original) == sorted(reloaded)
+    for k, v in original.items():
+        assert torch.equal(v, reloaded[k]), k
+    conf = json.loads((back / "config.json").read_text())
+    assert conf["architectures"] == ["NemotronHForCausalLM"] and conf["time_step_min"] == pytest.approx(1e-3)
+
+
+def test_export_of_our_model_matches_transformers_logits(dist, tmp_path):
+    cfg = preset("tiny")
+    model = randomised_model(cfg, seed=3)
+    checkpointing.save_checkpoint(tmp_path / "run", model, None, None, 0, 0, {"config": config_yaml(cfg)})
+    out = export_hf(tmp_path / "run", tmp_path / "hf", precision="fp32")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    ids, pos = token_batch(cfg.vocab_size, batch=2, seq=40)
+    a, b = logits(model, ids, pos), hf_logits(ref, ids)
+    assert (a - b).abs().max().item() <= 2e-5 * max(1.0, b.abs().max().item())
+
+
+def test_dist_checkpoint_source_and_writer_round_trip(dist, tmp_path):
+    """Reading our checkpoint key by key gives the model's state dict; writing it back
+    with the lazy writer gives a checkpoint Megatron's loader reads identically."""
+    cfg = preset("tiny")
+    model = randomised_model(cfg, seed=4)
+    checkpointing.save_checkpoint(tmp_path / "a", model, None, None, 0, 0, {"config": config_yaml(cfg)})
+    src = DistCheckpointSource(tmp_path / "a")
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    assert sorted(src.names()) == sorted(sd)
+    for name in src.names():
+        assert src.spec(name).shape == sd[name].shape
+        assert torch.equal(src.get(name), sd[name]), name
+    write_dist_checkpoint(tmp_path / "b", cfg, src, {"config": config_yaml(cfg)})
+    again, _ = load_ours(tmp_path / "b")
+    for k, v in again.state_dict().items():
+        if not k.endswith("_extra_state"):
+            assert torch.equal(v, sd[k]), k
+
+
+def test_bf16_export_keeps_router_bias_fp32(dist, tmp_path):
+    cfg = preset("tiny")
+    model = randomised_model(cfg, seed=6)
+    checkpointing.save_checkpoint(tmp_path / "run", model, None, None, 0, 0, {"config": config_yaml(cfg)})
+    out = export_hf(tmp_path / "run", tmp_path / "hf")
+    src = SafetensorsSource(out)
+    dtypes = {n: src.spec(n).dtype for n in src.names()}
+    assert dtypes["backbone.layers.2.mixer.gate.e_score_correction_bias"] == torch.float32
+    assert {d for n, d in dtypes.items() if "e_score" not in n} == {torch.bfloat16}
+
+
+def test_safetensors_writer_shards_and_reads_back(tmp_path):
+    tensors = {f"t{i}": torch.randn(100 + i, 3) for i in range(5)}
+    tensors["b"] = torch.arange(7, dtype=torch.int64)
+    index = write_safetensors(tmp_path, DictSource(tensors), max_shard_bytes=3000, desc=None)
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    assert set(index["weight_map"].values()) == set(files)
+    back = SafetensorsSource(tmp_path)
+    for k, v in tensors.items():
+        assert torch.equal(back.get(k), v)
+    # safetensors' own reader agrees with our writer.
+    from safetensors.torch import load_file
+
+    merged = {}
+    for f in files:
+        merged.update(load_file(tmp_path / f))
+    assert all(torch.equal(merged[k], v) for k, v in tensors.items())
+
+
+def test_import_refusals(dist, hf_dir, tmp_path):
+    # Truncated shard: clear error, nothing written.
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_dir, broken)
+    shard = next(broken.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ConfigError, match="truncated"):
+        import_hf(broken, tmp_path / "out1")
+    # A shard the index lists but that is missing.
+    missing = tmp_path / "missing"
+    shutil.copytree(hf_dir, missing)
+    shard = next(missing.glob("*.safetensors"))
+    (missing / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(ConfigError, match="missing"):
+        import_hf(missing, tmp_path / "out2")
+    # Something our model cannot express, named.
+    biased = tmp_path / "biased"
+    shutil.copytree(hf_dir, biased)
+    conf = json.loads((biased / "config.json").read_text())
+    conf["mlp_bias"] = True
+    (biased / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ConfigError, match="mlp_bias"):
+        import_hf(biased, tmp_path / "out3")
+    # Non-empty target refused unless --overwrite.
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        import_hf(hf_dir, target)
+    assert (target / "keep.txt").exists()
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging left behind
+    assert not any((tmp_path / f"out{i}").exists() for i in (1, 2, 3))
+
+
+def test_hf_config_mapping_is_inverse(dist):
+    cfg = hf.model_config_from_hf(hf.hf_config_from_model(preset("tiny"), torch.bfloat16) | {"model_type": "nemotron_h"}, name="tiny")
+    from dataclasses import asdict
+
+    a, b = asdict(cfg), asdict(preset("tiny"))
+    for key in ("kv_channels", "mamba_dt_min", "moe_token_dispatcher"):
+        a.pop(key), b.pop(key)
+    assert a == b

@@ -1,0 +1,41 @@
+"""Export one of our checkpoints as a Hugging Face Nemotron-H directory that transformers'
+NemotronHForCausalLM loads with no custom code (released Nemotron 3 Nano layout).
+
+    python tools/export_hf.py --source-checkpoint runs/demo-pretrain --target-checkpoint hf/demo
+
+An elastic checkpoint exports its full model; use tools/zero_shot_slicing.py --format hf
+for a nested size. Streams tensor by tensor into 5 GB safetensors shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source-checkpoint", required=True, help="run dir or iter_* checkpoint dir")
+    parser.add_argument("--target-checkpoint", required=True, help="output directory (must not exist or be empty)")
+    parser.add_argument("--precision", default="bf16", help="bf16 or fp32")
+    parser.add_argument("--tokenizer-dir", default=None, help="copy tokenizer files from here (e.g. <import>/tokenizer)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty target")
+    args = parser.parse_args(argv)
+
+    from elastic_megatron.config.errors import ConfigError
+    from elastic_megatron.convert.hf_checkpoint import export_hf
+
+    try:
+        out = export_hf(args.source_checkpoint, args.target_checkpoint, args.precision, args.overwrite, args.tokenizer_dir)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Slice one nested size out of an elastic checkpoint as a standalone checkpoint.
+
+    python tools/zero_shot_slicing.py --source-checkpoint runs/demo-stage2 \
+        --target-checkpoint runs/demo-small --size small --precision bf16 --format both
+
+The output has real reduced shapes and its own config: `--format megatron` writes our
+checkpoint plus recipes/model/<name>.yaml (train it further with
+`hydra.searchpath=[file://<target>/recipes] model=<name> run.init_checkpoint=<target>`),
+`--format hf` a directory transformers' NemotronHForCausalLM loads, `--format both` the
+first with the second under hf/. Tensor by tensor, on CPU, with a progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source-checkpoint", required=True, help="elastic run dir or iter_* checkpoint dir")
+    parser.add_argument("--target-checkpoint", required=True, help="output directory (must not exist or be empty)")
+    parser.add_argument("--size", required=True, help="budget name recorded in the checkpoint (e.g. 23B)")
+    parser.add_argument("--precision", default="bf16", help="bf16 or fp32 (fp8, nvfp4: after nested quantization)")
+    parser.add_argument("--format", default="megatron", help="megatron, hf or both")
+    parser.add_argument("--name", default=None, help="model name of the slice (default <parent>_<size>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty target")
+    args = parser.parse_args(argv)
+
+    from elastic_megatron.config.errors import ConfigError
+    from elastic_megatron.slicing.zero_shot import slice_checkpoint
+
+    try:
+        out = slice_checkpoint(args.source_checkpoint, args.target_checkpoint, args.size, args.precision,
+                               args.format, args.overwrite, name=args.name)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
