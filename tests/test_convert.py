@@ -212,3 +212,17 @@ def test_hf_config_mapping_is_inverse(dist):
     for key in ("kv_channels", "mamba_dt_min", "moe_token_dispatcher"):
         a.pop(key), b.pop(key)
     assert a == b
+
+
+def test_import_reads_transformers_in_memory_layout(dist, tmp_path):
+    """transformers' own names (model., experts fused into [E, ...] tensors) import too."""
+    model = random_hf_model(seed=2)
+    d = tmp_path / "fused"
+    d.mkdir()
+    write_safetensors(d, DictSource({k: v.contiguous() for k, v in model.state_dict().items()}), desc=None)
+    (d / "config.json").write_text(json.dumps({"model_type": "nemotron_h", **HF_TINY}))
+    assert "model.layers.2.mixer.experts.up_proj" in SafetensorsSource(d).names()
+    ours, cfg = load_ours(import_hf(d, tmp_path / "imported", precision="fp32"))
+    ids, pos = token_batch(cfg.vocab_size, batch=1, seq=24)
+    a, b = logits(ours, ids, pos), hf_logits(model, ids)
+    assert (a - b).abs().max().item() <= 2e-5 * max(1.0, b.abs().max().item())

@@ -18,6 +18,7 @@ is produced only when the writer reaches it. The result loads with Megatron's ow
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import asdict
@@ -136,10 +137,33 @@ class DistCheckpointSource(TensorSource):
                     self.sources[name] = [Part(p.key, name, expert=k)]
             else:
                 self.sources.setdefault(p.flat, []).append(p)
+        # (stacked key, expert) -> where that expert's chunk lies, when stored per expert.
+        self.chunks = {}
+        for index, info in (metadata.storage_data or {}).items():
+            if index.fqn in self.stored and ".mlp.experts.experts." in index.fqn and index.offset is not None:
+                md = self.stored[index.fqn]
+                one_expert = [c for c in md.chunks if list(c.offsets) == list(index.offset)]
+                if one_expert and one_expert[0].sizes[0] == 1 and all(o == 0 for o in index.offset[1:]):
+                    self.chunks[(index.fqn, int(index.offset[0]))] = info
         self._cache: tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
 
     def names(self) -> list[str]:
         return list(self.sources)
+
+    def _load_chunk(self, key: str, expert: int) -> Optional[torch.Tensor]:
+        """One expert's chunk of a stacked key, read alone from its shard file (Megatron
+        and our writer store one chunk per expert); None if stored otherwise."""
+        info = self.chunks.get((key, expert))
+        if info is None or info.transform_descriptors:
+            return None
+        with open(self.dir / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            data = f.read(info.length)
+        try:
+            t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ConfigError("checkpoint", str(self.dir), f"expert {expert} of {key!r} cannot be read (corrupt shard?): {err}") from None
+        return t[0]
 
     def _load(self, key: str) -> torch.Tensor:
         import torch.distributed.checkpoint as dcp
@@ -165,6 +189,9 @@ class DistCheckpointSource(TensorSource):
             md = self.stored[p.key]
             if meta:
                 t = torch.empty(md.size, dtype=md.properties.dtype, device="meta")
+            elif p.expert is not None and (chunk := self._load_chunk(p.key, p.expert)) is not None:
+                pieces.append(chunk)
+                continue
             else:
                 t = self._load(p.key)
             # A split key already holds just its rows of the flat tensor.
@@ -198,12 +225,18 @@ def write_dist_checkpoint(run_dir: str | Path, cfg: ModelConfig, flat: TensorSou
     if missing:
         raise ConfigError("source", f"{len(missing)} tensors", f"are missing for model {cfg.name!r}, e.g. {missing[0]!r}")
     producers: dict[str, Callable[[bool], torch.Tensor]] = {}
+    state: dict[str, object] = {}
+    experts: dict[str, list[str]] = {}
     for p in parts:
         if p.experts:
-            producers[p.key] = (lambda names: lambda meta: torch.stack([flat._get(n, meta) for n in names]))(p.experts)
+            # Stacked [experts, ...], written one expert per chunk (as Megatron does), so
+            # neither writing nor reading ever holds a whole stack.
+            experts[p.key] = p.experts
+            first = flat.spec(p.experts[0])
+            state[p.key] = torch.empty((len(p.experts), *first.shape), dtype=first.dtype, device="meta")
         else:
             producers[p.key] = (lambda p: lambda meta: _rows(flat._get(p.flat, meta), p.lo, p.hi).contiguous())(p)
-    state: dict[str, object] = {k: f(True) for k, f in producers.items()}
+            state[p.key] = producers[p.key](True)
     for key in objects:
         # What Megatron stores for a local linear's (empty) extra state: the list of the
         # key's objects on this rank; the planner serialises it.
@@ -211,8 +244,11 @@ def write_dist_checkpoint(run_dir: str | Path, cfg: ModelConfig, flat: TensorSou
 
     final = checkpointing.iteration_dir(run_dir, step)
     final.mkdir(parents=True, exist_ok=False)
-    dcp.save(state, storage_writer=FileSystemWriter(str(final), thread_count=1, single_file_per_rank=True),
-             planner=_LazySavePlanner(producers), no_dist=True)
+    # One file per tensor (or expert chunk): torch's FileSystemWriter keeps every tensor
+    # of a file in memory until that file is closed (torch 2.13), so one file per rank
+    # would hold the whole model.
+    dcp.save(state, storage_writer=FileSystemWriter(str(final), thread_count=1, single_file_per_rank=False),
+             planner=_lazy_planner_class()(producers, experts, flat), no_dist=True)
     torch.save({"step": step, "consumed_samples": 0, "format_version": checkpointing.FORMAT_VERSION,
                 "meta": meta, "extra": {}}, final / "common.pt")
     (final / "metadata.json").write_text(json.dumps(_METADATA_JSON))
@@ -221,26 +257,46 @@ def write_dist_checkpoint(run_dir: str | Path, cfg: ModelConfig, flat: TensorSou
 
 
 def _lazy_planner_class():
+    import dataclasses
+
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
     class LazySavePlanner(DefaultSavePlanner):
-        """Plans from meta tensors; produces each tensor only when the writer asks."""
+        """Plans from meta tensors; produces each tensor (or expert chunk) only when the
+        writer asks for it."""
 
-        def __init__(self, producers):
+        def __init__(self, producers, experts, flat):
             super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-            self.producers = producers
+            self.producers, self.experts, self.flat = producers, experts, flat
+
+        def create_local_plan(self):
+            plan = super().create_local_plan()
+            items = []
+            for item in plan.items:
+                names = self.experts.get(item.index.fqn)
+                if names is None:
+                    items.append(item)
+                    continue
+                size = item.tensor_data.size
+                for e in range(len(names)):
+                    offsets = torch.Size([e] + [0] * (len(size) - 1))
+                    chunk = ChunkStorageMetadata(offsets=offsets, sizes=torch.Size([1, *size[1:]]))
+                    items.append(WriteItem(index=MetadataIndex(item.index.fqn, offsets), type=WriteItemType.SHARD,
+                                           tensor_data=TensorWriteData(chunk=chunk, properties=item.tensor_data.properties, size=size)))
+            self.plan = dataclasses.replace(plan, items=items)
+            return self.plan
 
         def resolve_data(self, write_item):
             fqn = write_item.index.fqn
+            if fqn in self.experts:
+                return self.flat.get(self.experts[fqn][write_item.index.offset[0]]).unsqueeze(0).contiguous()
             if fqn in self.producers:
                 return self.producers[fqn](False)
             return super().resolve_data(write_item)
 
     return LazySavePlanner
-
-
-def _LazySavePlanner(producers):
-    return _lazy_planner_class()(producers)
 
 
 def config_yaml(cfg: ModelConfig, **extra) -> str:
