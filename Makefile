@@ -24,10 +24,11 @@ $(DEMO_DATA)_text_document.idx: | $(VENV)/.installed
 
 # The whole method on the embedded corpus: pretrain a tiny parent, score and sort it,
 # elastic distillation stage 1 (uniform budgets) and stage 2 (0.5/0.3/0.2, longer
-# sequences), then the evaluation table against the two no-training baselines.
+# sequences), the evaluation table against the two no-training baselines, then the
+# smallest budget sliced out as a standalone Megatron + HF checkpoint, and the storage report.
 TRAIN := $(PY) -m elastic_megatron.train
 demo: install $(DEMO_DATA)_text_document.idx
-	rm -rf runs/demo-pretrain runs/demo-importance runs/demo-stage1 runs/demo-stage2 runs/demo-eval
+	rm -rf runs/demo-pretrain runs/demo-importance runs/demo-stage1 runs/demo-stage2 runs/demo-eval runs/demo-small
 	$(TRAIN) --config-name=pretrain model=tiny run.dir=runs/demo-pretrain
 	$(PY) -c "import torch; from elastic_megatron.data.datasets import read_tokens; from elastic_megatron.data.stdlib_corpus import unigram_entropy_nats as h; \
 	print(f'unigram entropy of the demo corpus: {h(torch.from_numpy(read_tokens(\"$(DEMO_DATA)_text_document\").astype(\"int64\")), 257):.4f} nats (validation loss above should be well below it)')"
@@ -37,6 +38,9 @@ demo: install $(DEMO_DATA)_text_document.idx
 		elastic.init_checkpoint=runs/demo-stage1 run.dir=runs/demo-stage2
 	$(PY) tools/evaluate_elastic.py --elastic runs/demo-stage2 --sorted runs/demo-importance \
 		--unsorted runs/demo-pretrain --out runs/demo-eval
+	$(PY) tools/zero_shot_slicing.py --source-checkpoint runs/demo-stage2 --target-checkpoint runs/demo-small \
+		--size small --precision bf16 --format both
+	$(PY) tools/describe_model.py storage=true checkpoint=runs/demo-stage2
 
 test: install
 	$(PY) -m pytest -q
