@@ -30,6 +30,18 @@ def logits(model, ids, pos) -> torch.Tensor:
         return model(ids, pos, None).float()
 
 
+def masked_logits(model, cfg, w: Widths, ids, pos) -> torch.Tensor:
+    """Logits of `model` with hard masks for widths `w` (the hooks removed afterwards)."""
+    from elastic_megatron.elastic.masks import ElasticHooks, hard_masks
+
+    hooks = ElasticHooks(model, cfg)
+    try:
+        hooks.set(hard_masks(cfg, w))
+        return logits(model, ids, pos)
+    finally:
+        hooks.remove()
+
+
 def sliced_model(parent, cfg, w: Widths):
     """The nested model with real smaller shapes, weights cut from `parent`."""
     sub_cfg = sub_model_config(cfg, w)

@@ -26,20 +26,19 @@ def main(argv=None) -> int:
     parser.add_argument("--micro-batch-size", type=int, default=8)
     args = parser.parse_args(argv)
 
-    from elastic_megatron.config.errors import ConfigError
+    from elastic_megatron.cli import run_tool
     from elastic_megatron.elastic.evaluate import evaluate_elastic, render_table, write_outputs
     from elastic_megatron.parallel.setup import distributed
 
-    try:
+    def job():
         with distributed(1, 1, 1, seed=1234):
-            rows = evaluate_elastic(args.elastic, args.sorted, args.unsorted, args.batches, args.micro_batch_size)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(render_table(rows))
-    json_path, png_path = write_outputs(rows, args.out)
-    print(f"wrote {json_path} and {png_path}")
-    return 0
+            return evaluate_elastic(args.elastic, args.sorted, args.unsorted, args.batches, args.micro_batch_size)
+
+    def done(rows):
+        json_path, png_path = write_outputs(rows, args.out)
+        return f"{render_table(rows)}\nwrote {json_path} and {png_path}"
+
+    return run_tool(job, done)
 
 
 if __name__ == "__main__":

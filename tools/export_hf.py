@@ -25,16 +25,12 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty target")
     args = parser.parse_args(argv)
 
-    from elastic_megatron.config.errors import ConfigError
+    from elastic_megatron.cli import run_tool
     from elastic_megatron.convert.hf_checkpoint import export_hf
 
-    try:
-        out = export_hf(args.source_checkpoint, args.target_checkpoint, args.precision, args.overwrite, args.tokenizer_dir)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return run_tool(lambda: export_hf(args.source_checkpoint, args.target_checkpoint, args.precision, args.overwrite,
+                                      args.tokenizer_dir),
+                    lambda out: f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -26,16 +26,11 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty target")
     args = parser.parse_args(argv)
 
-    from elastic_megatron.config.errors import ConfigError
+    from elastic_megatron.cli import run_tool
     from elastic_megatron.convert.hf_checkpoint import import_hf
 
-    try:
-        out = import_hf(args.hf_dir, args.target_checkpoint, args.precision, args.name, args.overwrite)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} (model recipe: {out}/recipes/model/{args.name}.yaml)")
-    return 0
+    return run_tool(lambda: import_hf(args.hf_dir, args.target_checkpoint, args.precision, args.name, args.overwrite),
+                    lambda out: f"wrote {out} (model recipe: {out}/recipes/model/{args.name}.yaml)")
 
 
 if __name__ == "__main__":

@@ -30,17 +30,12 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty target")
     args = parser.parse_args(argv)
 
-    from elastic_megatron.config.errors import ConfigError
+    from elastic_megatron.cli import run_tool
     from elastic_megatron.slicing.zero_shot import slice_checkpoint
 
-    try:
-        out = slice_checkpoint(args.source_checkpoint, args.target_checkpoint, args.size, args.precision,
-                               args.format, args.overwrite, name=args.name)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return run_tool(lambda: slice_checkpoint(args.source_checkpoint, args.target_checkpoint, args.size, args.precision,
+                                             args.format, args.overwrite, name=args.name),
+                    lambda out: f"wrote {out}")
 
 
 if __name__ == "__main__":
