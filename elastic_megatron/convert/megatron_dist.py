@@ -247,8 +247,10 @@ def write_dist_checkpoint(run_dir: str | Path, cfg: ModelConfig, flat: TensorSou
     # One file per tensor (or expert chunk): torch's FileSystemWriter keeps every tensor
     # of a file in memory until that file is closed (torch 2.13), so one file per rank
     # would hold the whole model.
+    planner = _lazy_planner_class()(producers, experts, flat)
     dcp.save(state, storage_writer=FileSystemWriter(str(final), thread_count=1, single_file_per_rank=False),
-             planner=_lazy_planner_class()(producers, experts, flat), no_dist=True)
+             planner=planner, no_dist=True)
+    planner.bar.close()
     torch.save({"step": step, "consumed_samples": 0, "format_version": checkpointing.FORMAT_VERSION,
                 "meta": meta, "extra": {}}, final / "common.pt")
     (final / "metadata.json").write_text(json.dumps(_METADATA_JSON))
@@ -260,6 +262,7 @@ def _lazy_planner_class():
     import dataclasses
 
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from tqdm import tqdm
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
     from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
@@ -286,10 +289,13 @@ def _lazy_planner_class():
                     items.append(WriteItem(index=MetadataIndex(item.index.fqn, offsets), type=WriteItemType.SHARD,
                                            tensor_data=TensorWriteData(chunk=chunk, properties=item.tensor_data.properties, size=size)))
             self.plan = dataclasses.replace(plan, items=items)
+            self.bar = tqdm(total=sum(i.type != WriteItemType.BYTE_IO for i in items), desc="writing dist checkpoint", unit="tensor")
             return self.plan
 
         def resolve_data(self, write_item):
             fqn = write_item.index.fqn
+            if write_item.type != WriteItemType.BYTE_IO:
+                self.bar.update(1)
             if fqn in self.experts:
                 return self.flat.get(self.experts[fqn][write_item.index.offset[0]]).unsqueeze(0).contiguous()
             if fqn in self.producers:
