@@ -39,7 +39,6 @@ def export_hf(source: str | Path, target: str | Path, precision: str = "bf16", o
     dtype = precision_dtype(precision)
     target = Path(target)
     src = DistCheckpointSource(source)
-    hf.hf_config_from_model(src.cfg, dtype)
     with staged(target, overwrite) as tmp:
         write_hf(tmp, src.cfg, src, dtype, max_shard_bytes=max_shard_bytes)
         if tokenizer_dir is not None:

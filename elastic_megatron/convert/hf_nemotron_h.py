@@ -230,7 +230,7 @@ def hf_to_flat(source: TensorSource, cfg: ModelConfig) -> MappedSource:
     prefix = "backbone." if "backbone.embeddings.weight" in names else "model."
     if prefix + "embeddings.weight" not in names:
         raise ConfigError("checkpoint", "safetensors", "has no backbone.embeddings.weight / model.embeddings.weight: not a Nemotron-H checkpoint")
-    split, fuse = _qkv_split(cfg)
+    _, fuse = _qkv_split(cfg)
     rules: dict[str, Any] = {
         "embedding.word_embeddings.weight": ((prefix + "embeddings.weight",), _identity),
     }

@@ -113,8 +113,8 @@ def _rows(t: torch.Tensor, lo, hi) -> torch.Tensor:
 
 class DistCheckpointSource(TensorSource):
     """The model tensors of one of our dist checkpoints (run dir or iter_* dir), in the
-    flat naming, read one dist key at a time. The last stacked expert tensor read is
-    kept, so a layer's experts cost one read."""
+    flat naming, read one dist key (or one expert's chunk) at a time. A stacked expert
+    key stored in one chunk is read whole and kept for that layer's other experts."""
 
     def __init__(self, path: str | Path):
         from torch.distributed.checkpoint import FileSystemReader

@@ -13,7 +13,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -46,11 +46,6 @@ class TensorSource:
     def spec(self, name: str) -> torch.Tensor:
         """A meta tensor with the shape and dtype `get(name)` will have."""
         return self._get(name, meta=True)
-
-    def items(self, desc: Optional[str] = None) -> Iterator[tuple[str, torch.Tensor]]:
-        names = self.names()
-        for name in tqdm(names, desc=desc, unit="tensor", disable=desc is None):
-            yield name, self.get(name)
 
 
 class DictSource(TensorSource):
@@ -232,6 +227,3 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
         return memoryview(b"")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
-
-def tensor_nbytes(specs: Iterable[torch.Tensor]) -> int:
-    return sum(s.numel() * s.element_size() for s in specs)
