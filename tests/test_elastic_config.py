@@ -87,7 +87,6 @@ def test_curriculum_and_distill_checks():
         (["elastic.distill.temperature=0"], "elastic.distill.temperature"),
         (["elastic.distill.top_k=100000"], "elastic.distill.top_k"),
         (["model.backend=te"], "model.backend"),
-        (["parallel.tp=2", "model.num_attention_heads=4"], "parallel.tp"),
     ):
         job = compose_job("stage2_tiny", ["elastic.teacher_checkpoint=t", *overrides])
         with pytest.raises(ConfigError) as err:

@@ -112,7 +112,7 @@ def _key(i: int, rest: str) -> str:
     return f"elastic.budgets[{i}].{rest}"
 
 
-def resolve_budgets(spec: ElasticConfig, cfg: ModelConfig, tensor_parallel: int = 1) -> list[ResolvedBudget]:
+def resolve_budgets(spec: ElasticConfig, cfg: ModelConfig, parallel=None) -> list[ResolvedBudget]:
     """Validate the budgets against the parent `cfg`; raise ConfigError naming the culprit."""
     if not spec.budgets:
         raise ConfigError("elastic.budgets", [], "needs at least one budget (see recipes/elastic/tiny.yaml)")
@@ -140,16 +140,16 @@ def resolve_budgets(spec: ElasticConfig, cfg: ModelConfig, tensor_parallel: int 
                 if len(value) != layers:
                     raise ConfigError(_key(i, f"widths.{axis}"), list(value), f"a per-layer list needs one width per layer with the axis ({layers})")
                 for v in value:
-                    check_width(cfg, axis, v, _key(i, f"widths.{axis}"), tensor_parallel)
+                    check_width(cfg, axis, v, _key(i, f"widths.{axis}"), parallel)
             else:
-                check_width(cfg, axis, value, _key(i, f"widths.{axis}"), tensor_parallel)
+                check_width(cfg, axis, value, _key(i, f"widths.{axis}"), parallel)
         candidates = {}
         for axis, values in b.candidates.items():
             values = list(values)
             if not values:
                 raise ConfigError(_key(i, f"candidates.{axis}"), values, "needs at least one width")
             for v in values:
-                check_width(cfg, axis, v, _key(i, f"candidates.{axis}"), tensor_parallel)
+                check_width(cfg, axis, v, _key(i, f"candidates.{axis}"), parallel)
             if len(set(values)) != len(values):
                 raise ConfigError(_key(i, f"candidates.{axis}"), values, "candidate widths must be distinct")
             candidates[axis] = sorted(values)
@@ -183,11 +183,10 @@ def resolve_budgets(spec: ElasticConfig, cfg: ModelConfig, tensor_parallel: int 
     return out
 
 
-def validate_elastic(spec: ElasticConfig, cfg: ModelConfig, tensor_parallel: int = 1) -> list[ResolvedBudget]:
-    """All elastic checks; returns the resolved budgets."""
-    budgets = resolve_budgets(spec, cfg, tensor_parallel)
-    if tensor_parallel > 1:
-        raise ConfigError("parallel.tp", tensor_parallel, "elastic masks and sorting do not handle tensor-parallel shards yet; allowed: 1")
+def validate_elastic(spec: ElasticConfig, cfg: ModelConfig, parallel=None) -> list[ResolvedBudget]:
+    """All elastic checks (`parallel`: the layout the budgets must fit); returns the
+    resolved budgets."""
+    budgets = resolve_budgets(spec, cfg, parallel)
     if cfg.backend != "local":
         raise ConfigError("model.backend", cfg.backend, "elastic masks hook the local backend's separate norms; allowed: local")
     r, d, c = spec.router, spec.distill, spec.curriculum

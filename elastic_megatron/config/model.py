@@ -166,19 +166,60 @@ def validate_model_config(cfg: ModelConfig) -> None:
             raise ConfigError("model.moe_router_enable_expert_bias", True, "expert bias needs model.moe_router_score_function='sigmoid'")
 
 
-def validate_parallel_layout(cfg: ModelConfig, tensor_parallel: int = 1, expert_parallel: int = 1) -> None:
-    """Checks that depend on the parallel layout (sharded heads, groups and experts)."""
-    require_positive_int("parallel.tp", tensor_parallel)
-    require_positive_int("parallel.ep", expert_parallel)
-    if cfg.count(ATTENTION) and tensor_parallel > 1:
-        if cfg.num_attention_heads % tensor_parallel:
-            raise ConfigError("model.num_attention_heads", cfg.num_attention_heads, f"must be divisible by parallel.tp={tensor_parallel}")
-        if cfg.num_query_groups % tensor_parallel:
-            raise ConfigError("model.num_query_groups", cfg.num_query_groups, f"must be divisible by parallel.tp={tensor_parallel}")
-    if cfg.count(MAMBA) and tensor_parallel > 1:
-        if cfg.mamba_num_heads % tensor_parallel:
-            raise ConfigError("model.mamba_num_heads", cfg.mamba_num_heads, f"must be divisible by parallel.tp={tensor_parallel}")
-        if cfg.mamba_num_groups % tensor_parallel:
-            raise ConfigError("model.mamba_num_groups", cfg.mamba_num_groups, f"must be divisible by parallel.tp={tensor_parallel}")
-    if cfg.count(MOE) and cfg.moe_num_experts % expert_parallel:
-        raise ConfigError("model.moe_num_experts", cfg.moe_num_experts, f"must be divisible by parallel.ep={expert_parallel}")
+def pipeline_stages(cfg: ModelConfig, pipeline_parallel: int = 1, layout: Optional[str] = None) -> list[str]:
+    """The hybrid pattern of each pipeline stage; ConfigError if it cannot be split so."""
+    pattern = cfg.hybrid_pattern
+    if layout is None:
+        if len(pattern) % pipeline_parallel:
+            raise ConfigError("parallel.pp", pipeline_parallel,
+                              f"must divide the {len(pattern)} layers of {pattern!r} for an even split; "
+                              "otherwise give the stages as parallel.pp_layout (the pattern cut by '|')")
+        n = len(pattern) // pipeline_parallel
+        return [pattern[i * n:(i + 1) * n] for i in range(pipeline_parallel)]
+    stages = layout.split("|")
+    if "".join(stages) != pattern:
+        raise ConfigError("parallel.pp_layout", layout, f"must be model.hybrid_pattern {pattern!r} cut by '|'")
+    if len(stages) != pipeline_parallel or not all(stages):
+        raise ConfigError("parallel.pp_layout", layout, f"must have parallel.pp={pipeline_parallel} non-empty stages")
+    if len({len(s) for s in stages[1:-1]}) > 1:
+        raise ConfigError("parallel.pp_layout", layout,
+                          "middle stages must have equal layer counts (Megatron-Core 0.16 splits the first and last stage freely)")
+    return stages
+
+
+def validate_parallel_layout(cfg: ModelConfig, parallel) -> list[str]:
+    """Checks that depend on the parallel layout (`parallel`: tp, pp, ep, etp,
+    sequence_parallel, pp_layout); returns each pipeline stage's pattern."""
+    tp, pp, ep = parallel.tp, parallel.pp, parallel.ep
+    for key in ("tp", "pp", "ep"):
+        require_positive_int(f"parallel.{key}", getattr(parallel, key))
+    etp = parallel.etp if parallel.etp is not None else tp
+    require_positive_int("parallel.etp", etp)
+    has_moe = cfg.count(MOE) > 0
+    if tp > 1:
+        divisible = [("vocab_size", cfg.vocab_size)]
+        if cfg.count(ATTENTION):
+            divisible += [("num_attention_heads", cfg.num_attention_heads), ("num_query_groups", cfg.num_query_groups)]
+        if cfg.count(MAMBA):
+            divisible += [("mamba_num_heads", cfg.mamba_num_heads), ("mamba_num_groups", cfg.mamba_num_groups)]
+        if cfg.count(MLP):
+            divisible += [("ffn_hidden_size", cfg.ffn_hidden_size)]
+        if has_moe and cfg.moe_shared_expert_ffn_hidden_size:
+            divisible += [("moe_shared_expert_ffn_hidden_size", cfg.moe_shared_expert_ffn_hidden_size)]
+        for name, value in divisible:
+            if value % tp:
+                raise ConfigError(f"model.{name}", value, f"must be divisible by parallel.tp={tp}")
+        if has_moe and not parallel.sequence_parallel:
+            raise ConfigError("parallel.sequence_parallel", False, "MoE models with parallel.tp > 1 need sequence parallelism (as in Megatron-LM); set true")
+    elif parallel.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel", True, "needs parallel.tp > 1")
+    if has_moe:
+        if cfg.moe_num_experts % ep:
+            raise ConfigError("model.moe_num_experts", cfg.moe_num_experts, f"must be divisible by parallel.ep={ep}")
+        if etp not in (1, tp):
+            raise ConfigError("parallel.etp", etp, f"allowed: 1 or parallel.tp={tp}")
+        if cfg.moe_ffn_hidden_size % etp:
+            raise ConfigError("model.moe_ffn_hidden_size", cfg.moe_ffn_hidden_size, f"must be divisible by parallel.etp={etp}")
+    elif ep > 1:
+        raise ConfigError("parallel.ep", ep, "the model has no MoE layers; allowed: 1")
+    return pipeline_stages(cfg, pp, parallel.pp_layout)

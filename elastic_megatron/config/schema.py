@@ -87,7 +87,12 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    # Expert tensor parallel size; null = tp (Megatron-LM's default).
+    etp: Optional[int] = None
     sequence_parallel: bool = False
+    # Pipeline stages as the hybrid pattern cut by '|' (e.g. "M*EM|EM-E"); null = an even
+    # split of the layers. Megatron-Core 0.16 needs the middle stages equally long.
+    pp_layout: Optional[str] = None
     # Megatron's distributed optimizer when DP > 1 (GPU runs).
     distributed_optimizer: bool = True
 
@@ -136,12 +141,13 @@ def validate_job(job: JobConfig, world_size: int = 1) -> None:
     """Every check that does not need data on disk; raises ConfigError."""
     validate_model_config(job.model)
     p, t, d = job.parallel, job.trainer, job.data
-    for key in ("tp", "pp", "ep"):
-        require_positive_int(f"parallel.{key}", getattr(p, key))
-    validate_parallel_layout(job.model, p.tp, p.ep)
-    if p.pp > 1:
-        raise ConfigError("parallel.pp", p.pp, "pipeline parallelism is not supported yet; allowed: 1")
+    validate_parallel_layout(job.model, p)
     dp = data_parallel_size(job, world_size)
+    if p.ep > 1 and (dp * p.tp) % (p.ep * (p.etp or p.tp)):
+        raise ConfigError("parallel.ep", p.ep, f"ep x etp = {p.ep * (p.etp or p.tp)} must divide dp x tp = {dp * p.tp} "
+                          "(experts are spread over the data- and tensor-parallel ranks of a stage)")
+    if p.sequence_parallel and d.seq_length % p.tp:
+        raise ConfigError("data.seq_length", d.seq_length, f"must be divisible by parallel.tp={p.tp} under sequence parallelism")
     for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_interval", "eval_iters", "save_interval"):
         require_positive_int(f"trainer.{key}", getattr(t, key))
     if t.global_batch_size % (t.micro_batch_size * dp):
@@ -174,7 +180,7 @@ def validate_job(job: JobConfig, world_size: int = 1) -> None:
     if job.run.task == "importance" and not job.elastic.parent_checkpoint:
         raise ConfigError("elastic.parent_checkpoint", None, "the importance task needs the parent to sort (a run dir or checkpoint dir)")
     if job.run.task == "train" and job.elastic.enabled:
-        validate_elastic(job.elastic, job.model, p.tp)
+        validate_elastic(job.elastic, job.model, p)
         if not job.elastic.teacher_checkpoint:
             raise ConfigError("elastic.teacher_checkpoint", None, "elastic training needs the sorted parent (the importance run dir)")
 

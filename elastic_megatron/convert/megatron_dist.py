@@ -143,7 +143,9 @@ class DistCheckpointSource(TensorSource):
             if index.fqn in self.stored and ".mlp.experts.experts." in index.fqn and index.offset is not None:
                 md = self.stored[index.fqn]
                 one_expert = [c for c in md.chunks if list(c.offsets) == list(index.offset)]
-                if one_expert and one_expert[0].sizes[0] == 1 and all(o == 0 for o in index.offset[1:]):
+                # Whole experts only: under expert tensor parallelism a chunk is part of one.
+                if (one_expert and one_expert[0].sizes[0] == 1 and all(o == 0 for o in index.offset[1:])
+                        and list(one_expert[0].sizes[1:]) == list(md.size[1:])):
                     self.chunks[(index.fqn, int(index.offset[0]))] = info
         self._cache: tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
 

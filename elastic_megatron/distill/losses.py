@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron.core import parallel_state
@@ -38,7 +39,10 @@ def vocab_parallel_log_softmax(logits: torch.Tensor) -> torch.Tensor:
     shifted = logits - peak
     sum_exp = shifted.exp().sum(dim=-1, keepdim=True)
     if dist.get_world_size(group) > 1:
-        sum_exp = reduce_from_tensor_model_parallel_region(sum_exp, group=group)
+        # Every rank's log-probabilities depend on the whole sum, so its gradient is the
+        # sum of every rank's: all-reduce forward and backward (not Megatron's
+        # reduce_from region, whose backward is the identity).
+        sum_exp = dist_nn.all_reduce(sum_exp, group=group)
     return shifted - sum_exp.log()
 
 
@@ -79,34 +83,46 @@ def kd_loss(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Masked-mean KD loss over tokens (and the student's LM loss when `labels` is given).
 
-    hidden: [s, b, h] final hidden states (after the final norm); loss_mask, labels: [b, s].
+    hidden: [s, b, h] final hidden states (after the final norm), or this rank's
+    [s / tp, b, h] sequence shard under sequence parallelism (the output layers then
+    gather the chunk's rows from every TP rank); loss_mask, labels: [b, s] (whole sequence).
     """
-    hs = student_hidden.transpose(0, 1).reshape(-1, student_hidden.shape[-1])
-    ht = teacher_hidden.detach().transpose(0, 1).reshape(-1, teacher_hidden.shape[-1])
-    mask = loss_mask.reshape(-1).to(torch.float32)
-    flat_labels = labels.reshape(-1) if labels is not None else None
+    s_local, b = student_hidden.shape[:2]
+    shards = 1
+    if getattr(student_output_layer, "sequence_parallel", False):
+        shards = dist.get_world_size(_tp_group())
+    rows = max(1, chunk_tokens // (b * shards))  # local sequence rows per chunk
+    teacher_hidden = teacher_hidden.detach()
 
     def chunk(hs_c, ht_c, labels_c):
         logits_s = student_output_layer(hs_c)[0]
+        logits_s = logits_s.reshape(-1, logits_s.shape[-1])
         with torch.no_grad():
             logits_t = teacher_output_layer(ht_c)[0]
+            logits_t = logits_t.reshape(-1, logits_t.shape[-1])
         kl = kl_from_logits(logits_s, logits_t, temperature, top_k)
         if labels_c is None:
             return kl, None
         ce = vocab_parallel_cross_entropy(logits_s.float().unsqueeze(0), labels_c.unsqueeze(0))[0]
         return kl, ce
 
-    kl_parts, ce_parts = [], []
-    for start in range(0, hs.shape[0], chunk_tokens):
-        sl = slice(start, start + chunk_tokens)
-        lab = flat_labels[sl] if flat_labels is not None else None
-        if torch.is_grad_enabled() and hs.requires_grad:
-            kl, ce = checkpoint(chunk, hs[sl], ht[sl], lab, use_reentrant=False)
+    kl_parts, ce_parts, mask_parts = [], [], []
+    for start in range(0, s_local, rows):
+        stop = min(start + rows, s_local)
+        # Whole-sequence positions of the gathered chunk, in the output layer's row order
+        # (TP rank-major); logits rows are (position, batch).
+        positions = torch.cat([r * s_local + torch.arange(start, stop) for r in range(shards)]).to(loss_mask.device)
+        mask_parts.append(loss_mask[:, positions].transpose(0, 1).reshape(-1).to(torch.float32))
+        lab = labels[:, positions].transpose(0, 1).reshape(-1) if labels is not None else None
+        hs_c, ht_c = student_hidden[start:stop], teacher_hidden[start:stop]
+        if torch.is_grad_enabled() and hs_c.requires_grad:
+            kl, ce = checkpoint(chunk, hs_c, ht_c, lab, use_reentrant=False)
         else:
-            kl, ce = chunk(hs[sl], ht[sl], lab)
+            kl, ce = chunk(hs_c, ht_c, lab)
         kl_parts.append(kl)
         if ce is not None:
             ce_parts.append(ce)
+    mask = torch.cat(mask_parts)
     denom = mask.sum().clamp(min=1)
     kd = (torch.cat(kl_parts) * mask).sum() / denom
     lm = (torch.cat(ce_parts) * mask).sum() / denom if ce_parts else None

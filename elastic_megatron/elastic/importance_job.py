@@ -48,8 +48,10 @@ def run_importance(job: JobConfig) -> Path:
     """Run the importance task; returns the sorted checkpoint's directory."""
     env = dist_env()
     validate_job(job, env.world_size)
-    if job.parallel.tp > 1 or job.parallel.ep > 1:
-        raise ConfigError("parallel.tp", job.parallel.tp, "importance sorting runs with tp=1 and ep=1 (any data-parallel size)")
+    for key in ("tp", "pp", "ep"):
+        if getattr(job.parallel, key) > 1:
+            raise ConfigError(f"parallel.{key}", getattr(job.parallel, key),
+                              "importance sorting runs with tp=pp=ep=1 (any data-parallel size); the sorted parent then loads under any layout")
     parent = job.elastic.parent_checkpoint
     require_same_architecture(job.model, parent, "elastic.parent_checkpoint")
     run_dir = Path(job.run.dir)

@@ -24,7 +24,20 @@ One manager per module type attaches the hooks (as Flextron does in Megatron-LM)
 
 With no masks set (`masks=None`) every hook is a pass-through: the model is the parent.
 A mask may also be 2-D, one row per layer that carries the axis (heterogeneous widths);
-each hook knows its layer's position among those layers and takes its row.
+each hook knows its layer's position among those layers (counted over the whole
+pattern, so a pipeline stage takes the rows of its own layers) and takes its row.
+
+Parallel layouts (`ShardedMasks`): masks are always built in the flat, layout-free
+index space, so a budget selects the same channels at every TP/EP/PP size. Each rank
+then takes the part its modules hold, through Megatron's TP mappings so that the
+router's gradient is the whole model's on every rank:
+- head axes and dense/shared FFN channels are split like the weights (contiguous TP
+  shards; head prefixes are per group and TP splits whole groups, so every TP rank keeps
+  the same number of active heads); backward all-gathers the shard gradients;
+- expert FFN channels are split over the expert-TP group when ETP > 1;
+- axes every rank uses whole but on part of the work (Mamba head channels under TP;
+  hidden, expert choice and ETP=1 expert channels on sequence-parallel tokens) keep the
+  full mask; backward sums the partial gradients over TP.
 """
 
 from __future__ import annotations
@@ -36,11 +49,16 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from megatron.core import parallel_state
 from megatron.core.ssm.mamba_layer import MambaLayer
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from elastic_megatron.config.model import ModelConfig
+from elastic_megatron.config.model import ATTENTION, MAMBA, MLP, MOE, ModelConfig
 from elastic_megatron.elastic.widths import Widths, axis_group_count, full_widths
 from elastic_megatron.models.mamba_mixer import HybridMambaMixer
 from elastic_megatron.models.norms import RMSNorm
@@ -216,6 +234,39 @@ class ExpertMasker(_Masker):
         self.routers.clear()
 
 
+class ShardedMasks:
+    """Turns flat masks into the parts this rank's modules use (see the module doc)."""
+
+    SHARDED_TP = ("attn_heads", "mamba_heads", "ffn", "shared_ffn")
+
+    def __init__(self, sequence_parallel: bool):
+        self.tp = parallel_state.get_tensor_model_parallel_group()
+        self.etp = parallel_state.get_expert_tensor_parallel_group()
+        self.tp_size = torch.distributed.get_world_size(self.tp)
+        self.etp_size = torch.distributed.get_world_size(self.etp)
+        self.sp = sequence_parallel
+
+    def local(self, masks: Optional[ElasticMasks]) -> Optional[ElasticMasks]:
+        if masks is None or (self.tp_size == 1 and self.etp_size == 1):
+            return masks
+        out = ElasticMasks()
+        for f in fields(ElasticMasks):
+            m = getattr(masks, f.name)
+            if m is not None:
+                setattr(out, f.name, self._part(f.name, m))
+        return out
+
+    def _part(self, axis: str, m: torch.Tensor) -> torch.Tensor:
+        if axis in self.SHARDED_TP and self.tp_size > 1:
+            return scatter_to_tensor_model_parallel_region(m, group=self.tp)
+        if axis == "moe_ffn" and self.etp_size > 1:
+            return scatter_to_tensor_model_parallel_region(m, group=self.etp)
+        partial_over_tp = axis == "mamba_head_dim" or (self.sp and axis in ("hidden", "moe_experts", "moe_ffn"))
+        if partial_over_tp and self.tp_size > 1 and m.requires_grad:
+            return copy_to_tensor_model_parallel_region(m, group=self.tp)
+        return m
+
+
 class ElasticState:
     """The masks every hook of one model reads; set before each forward."""
 
@@ -228,6 +279,7 @@ class ElasticHooks:
 
     def __init__(self, model, cfg: ModelConfig):
         self.state = ElasticState()
+        self.sharding = ShardedMasks(bool(getattr(model.config, "sequence_parallel", False)))
         self.norms = NormMasker(self.state)
         self.attention = AttentionHeadMasker(self.state)
         self.mamba = MambaMasker(self.state)
@@ -236,8 +288,14 @@ class ElasticHooks:
         for module in model.modules():
             if type(module) is RMSNorm:
                 self.norms.attach(module)
-        seen = {"mamba": 0, "moe": 0, "mlp": 0, "attention": 0}  # position among layers of a type
-        for layer in model.decoder.layers:
+        # Position among the pattern's layers of a type; a pipeline stage starts counting
+        # after the layers of the stages before it.
+        layers = model.decoder.layers
+        offset = layers[0].layer_number - 1 if len(layers) else 0
+        before = cfg.hybrid_pattern[:offset]
+        seen = {"mamba": before.count(MAMBA), "moe": before.count(MOE), "mlp": before.count(MLP),
+                "attention": before.count(ATTENTION)}
+        for layer in layers:
             if isinstance(layer, MambaLayer):
                 self.mamba.attach(layer.mixer, seen["mamba"])
                 seen["mamba"] += 1
@@ -259,7 +317,7 @@ class ElasticHooks:
                     seen["attention"] += 1
 
     def set(self, masks: Optional[ElasticMasks]) -> None:
-        self.state.masks = masks
+        self.state.masks = self.sharding.local(masks)
 
     def remove(self) -> None:
         for m in (self.norms, self.attention, self.mamba, self.ffn, self.experts):

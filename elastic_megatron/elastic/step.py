@@ -7,7 +7,7 @@ Per micro-batch:
     -> per budget: router logits -> Gumbel-Softmax widths -> masks -> student forward
        -> KD (+ LM) + lambda * router loss
 The training loop backpropagates the returned loss and steps the model's optimizer;
-`after_step` then steps the router's own Adam (router gradients averaged over DP).
+`after_step` then steps the router's own Adam (router gradients reduced over the layout).
 Router parameters, its optimizer, the sampler/Gumbel generator and the resolved
 architectures go into every checkpoint.
 """
@@ -28,7 +28,8 @@ from elastic_megatron.elastic.masks import ElasticHooks, hard_masks, mixture_mas
 from elastic_megatron.elastic.router import BudgetRouter, gumbel_softmax, temperature_at
 from elastic_megatron.elastic.widths import Widths, model_cost
 from elastic_megatron.models.hybrid import build_model
-from elastic_megatron.parallel.collectives import all_reduce_mean_
+from elastic_megatron.parallel.collectives import all_reduce_mean_, all_reduce_sum_
+from elastic_megatron.parallel.pipeline import forward_only, from_last_stage
 from elastic_megatron.training import checkpointing
 
 # Fields that must agree between a checkpoint and the model it is loaded into.
@@ -65,12 +66,21 @@ def require_same_architecture(expected: ModelConfig, path, key: str) -> dict:
     return meta
 
 
-def final_hidden(model, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """The decoder's output (after the final norm), [s, b, h]: MambaModel.forward up to
-    the output layer, so KD can run the output layer chunk by chunk."""
+def stage_hidden(model, tokens: torch.Tensor, position_ids: torch.Tensor, received: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """This pipeline stage's decoder output, [s, b, h] ([s / tp, b, h] under sequence
+    parallelism): MambaModel.forward up to the output layer, so KD can run the output
+    layer chunk by chunk. The first stage embeds `tokens`; later ones start from `received`;
+    the last stage's output is after the final norm."""
     m = getattr(model, "module", model)
-    embedded = m.embedding(input_ids=tokens, position_ids=position_ids)
-    return m.decoder(hidden_states=embedded, attention_mask=None)
+    if m.pre_process:
+        return m.decoder(hidden_states=m.embedding(input_ids=tokens, position_ids=position_ids), attention_mask=None)
+    m.decoder.set_input_tensor(received)
+    return m.decoder(hidden_states=None, attention_mask=None)
+
+
+def final_hidden(model, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """The whole model's final hidden states (one pipeline stage)."""
+    return stage_hidden(model, tokens, position_ids)
 
 
 def _output_layer(model):
@@ -94,7 +104,7 @@ class ElasticDistillStep:
         self.job = job
         self.cfg: ModelConfig = job.model
         self.spec = job.elastic
-        self.budgets: list[ResolvedBudget] = validate_elastic(job.elastic, job.model, job.parallel.tp)
+        self.budgets: list[ResolvedBudget] = validate_elastic(job.elastic, job.model, job.parallel)
         self.generator = torch.Generator().manual_seed(job.run.seed + 7919)
         self.sampler = BudgetSampler(self.spec.curriculum.budget_probs, len(self.budgets),
                                      self.spec.curriculum.budgets_per_batch, self.generator)
@@ -119,8 +129,7 @@ class ElasticDistillStep:
         resume, which then overrides weights and router state)."""
         job, spec = self.job, self.spec
         init = spec.init_checkpoint or spec.teacher_checkpoint
-        self.teacher = build_model(self.cfg, params_dtype=params_dtype, tensor_parallel=job.parallel.tp,
-                                   expert_parallel=job.parallel.ep, sequence_parallel=job.parallel.sequence_parallel)
+        self.teacher = build_model(self.cfg, params_dtype=params_dtype, parallel=job.parallel)
         checkpointing.load_model_weights(spec.teacher_checkpoint, self.teacher)
         self.teacher.eval()
         for p in self.teacher.parameters():
@@ -166,44 +175,69 @@ class ElasticDistillStep:
         return masks, loss, {"expected_cost": expected.item(), "widths": chosen}
 
     def __call__(self, model, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        return self.stage_forward(model, batch, step, None)
+
+    def stage_forward(self, model, batch: dict, step: int, received: Optional[torch.Tensor]):
+        """This pipeline stage's part of one micro-batch (see parallel/pipeline.py).
+
+        Every stage samples the same budgets and Gumbel noise (same generator state) and
+        runs the teacher once and the student once per budget; stages before the last
+        send on [teacher, student per budget] stacked, the last computes the loss."""
         d = self.spec.distill
-        with torch.no_grad():
-            teacher_hidden = final_hidden(self.teacher, batch["tokens"], batch["position_ids"])
         indices = self.sampler.sample()
-        total = 0.0
-        metrics: dict = {"temperature": self.temperature(step)}
+        part = (lambda j: None) if received is None else (lambda j: received[j])
+        with torch.no_grad():
+            teacher_hidden = stage_hidden(self.teacher, batch["tokens"], batch["position_ids"], part(0))
+        hiddens, sampled = [], []
         try:
-            for index in indices:
-                budget = self.budgets[index]
+            for j, index in enumerate(indices):
                 masks, r_loss, info = self.budget_masks(index, step)
                 self.hooks.set(masks)
-                hidden = final_hidden(model, batch["tokens"], batch["position_ids"])
-                kd, lm = kd_loss(hidden, teacher_hidden, _output_layer(model), _output_layer(self.teacher),
-                                 batch["loss_mask"], d.temperature, d.chunk_tokens, d.top_k,
-                                 labels=batch["labels"] if d.lm_loss_weight > 0 else None)
-                loss = kd
-                if lm is not None:
-                    loss = loss + d.lm_loss_weight * lm
-                    metrics[f"{budget.name}/lm_loss"] = lm.item()
-                if r_loss is not None:
-                    loss = loss + self.spec.router.loss_weight * r_loss
-                    metrics[f"{budget.name}/router_loss"] = r_loss.item()
-                metrics[f"{budget.name}/kd_loss"] = kd.item()
-                metrics[f"{budget.name}/expected_cost"] = info["expected_cost"]
-                metrics[f"{budget.name}/target"] = budget.target
-                for a, v in info["widths"].items():
-                    if a in budget.candidates:
-                        metrics[f"{budget.name}/width/{a}"] = v
-                total = total + loss
+                hiddens.append(stage_hidden(model, batch["tokens"], batch["position_ids"], part(1 + j)))
+                sampled.append((self.budgets[index], r_loss, info))
         finally:
             self.hooks.set(None)
+        if not parallel_state.is_pipeline_last_stage():
+            return torch.stack([teacher_hidden, *hiddens])
+        total = 0.0
+        metrics: dict = {"temperature": self.temperature(step)}
+        for hidden, (budget, r_loss, info) in zip(hiddens, sampled):
+            kd, lm = kd_loss(hidden, teacher_hidden, _output_layer(model), _output_layer(self.teacher),
+                             batch["loss_mask"], d.temperature, d.chunk_tokens, d.top_k,
+                             labels=batch["labels"] if d.lm_loss_weight > 0 else None)
+            loss = kd
+            if lm is not None:
+                loss = loss + d.lm_loss_weight * lm
+                metrics[f"{budget.name}/lm_loss"] = lm.item()
+            if r_loss is not None:  # once, on the last stage
+                loss = loss + self.spec.router.loss_weight * r_loss
+                metrics[f"{budget.name}/router_loss"] = r_loss.item()
+            metrics[f"{budget.name}/kd_loss"] = kd.item()
+            metrics[f"{budget.name}/expected_cost"] = info["expected_cost"]
+            metrics[f"{budget.name}/target"] = budget.target
+            for a, v in info["widths"].items():
+                if a in budget.candidates:
+                    metrics[f"{budget.name}/width/{a}"] = v
+            total = total + loss
         return total / len(indices), metrics
 
+    def reduce_router_gradients(self) -> None:
+        """The router's gradient of the global loss on every rank: TP shards are already
+        whole (masks/ShardedMasks), pipeline stages each hold their layers' part (summed),
+        data-parallel ranks their batches' (averaged)."""
+        grads = []
+        for p in self.router.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        all_reduce_sum_(grads, parallel_state.get_pipeline_model_parallel_group())
+        all_reduce_mean_(grads, parallel_state.get_data_parallel_group())
+
     def after_step(self, step: int, ok: bool) -> None:
-        """Average router gradients over data-parallel ranks and update the router."""
-        params = [p for p in self.router.parameters() if p.grad is not None]
-        if ok and params:
-            all_reduce_mean_([p.grad for p in params], parallel_state.get_data_parallel_group())
+        """Reduce the router's gradients over the layout and update it (identically on
+        every rank)."""
+        if ok and any(b.routed for b in self.budgets):
+            self.reduce_router_gradients()
             self.router_optimizer.step()
         self.router_optimizer.zero_grad(set_to_none=True)
 
@@ -214,27 +248,35 @@ class ElasticDistillStep:
 
     @torch.no_grad()
     def validate(self, model, batches: list[dict]) -> dict[str, float]:
-        """Validation LM and KD loss of every budget's resolved architecture (hard masks)."""
+        """Validation LM and KD loss of every budget's resolved architecture (hard masks);
+        computed on the last pipeline stage, returned on every rank."""
         out = {}
         model.eval()
-        teacher_hiddens = [final_hidden(self.teacher, b["tokens"], b["position_ids"]) for b in batches]
+        last = parallel_state.is_pipeline_last_stage()
+
+        def pair(batch, received):  # this stage's [teacher, student] hidden states
+            part = (lambda j: None) if received is None else (lambda j: received[j])
+            teacher = stage_hidden(self.teacher, batch["tokens"], batch["position_ids"], part(0))
+            return torch.stack([teacher, stage_hidden(model, batch["tokens"], batch["position_ids"], part(1))])
+
         try:
             for name, w in self.resolved_widths().items():
                 self.hooks.set(hard_masks(self.cfg, w))
                 lm_sum, kd_sum = 0.0, 0.0
-                for batch, teacher_hidden in zip(batches, teacher_hiddens):
-                    hidden = final_hidden(model, batch["tokens"], batch["position_ids"])
-                    kd, lm = kd_loss(hidden, teacher_hidden, _output_layer(model), _output_layer(self.teacher),
-                                     batch["loss_mask"], self.spec.distill.temperature, self.spec.distill.chunk_tokens,
-                                     labels=batch["labels"])
-                    lm_sum += lm.item()
-                    kd_sum += kd.item()
+                for batch in batches:
+                    hidden = forward_only(lambda received, b=batch: pair(b, received))
+                    if last:
+                        kd, lm = kd_loss(hidden[1], hidden[0], _output_layer(model), _output_layer(self.teacher),
+                                         batch["loss_mask"], self.spec.distill.temperature, self.spec.distill.chunk_tokens,
+                                         labels=batch["labels"])
+                        lm_sum += lm.item()
+                        kd_sum += kd.item()
                 out[f"{name}/valid_loss"] = lm_sum / len(batches)
                 out[f"{name}/valid_kd"] = kd_sum / len(batches)
         finally:
             self.hooks.set(None)
             model.train()
-        return out
+        return from_last_stage(out)
 
     def checkpoint_meta(self) -> dict:
         """What slicing and later stages read: the sort applied, the budgets and their

@@ -134,8 +134,9 @@ def axis_group_count(cfg: ModelConfig, axis: str) -> int:
     return {"attn_heads": cfg.num_query_groups, "mamba_heads": cfg.mamba_num_groups}.get(axis, 1)
 
 
-def check_width(cfg: ModelConfig, axis: str, value, key: str, tensor_parallel: int = 1) -> None:
-    """One candidate width: positive, at most the parent's, divisible as the axis requires."""
+def check_width(cfg: ModelConfig, axis: str, value, key: str, parallel=None) -> None:
+    """One candidate width: positive, at most the parent's, divisible as the axis and the
+    parallel layout `parallel` (tp, ep, etp) require."""
     full = getattr(full_widths(cfg), axis)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= full:
         raise ConfigError(key, value, f"must be an integer between 1 and the parent's {axis}={full}")
@@ -143,8 +144,16 @@ def check_width(cfg: ModelConfig, axis: str, value, key: str, tensor_parallel: i
     if value % groups:
         what = "query groups" if axis == "attn_heads" else "Mamba groups"
         raise ConfigError(key, value, f"{axis} is kept per group: must be a multiple of the {groups} {what}")
-    if axis in ("attn_heads", "mamba_heads") and tensor_parallel > 1 and value % tensor_parallel:
-        raise ConfigError(key, value, f"must be divisible by parallel.tp={tensor_parallel} (each rank keeps the same number of heads)")
+    tp = getattr(parallel, "tp", 1)
+    sharded_by = {"attn_heads": ("tp", tp), "mamba_heads": ("tp", tp), "ffn": ("tp", tp), "shared_ffn": ("tp", tp),
+                  "moe_ffn": ("etp", getattr(parallel, "etp", None) or tp), "moe_experts": ("ep", getattr(parallel, "ep", 1))}
+    if axis in sharded_by:
+        name, n = sharded_by[axis]
+        if n > 1 and value % n:
+            why = (f"each TP rank must keep the same number of active heads ({axis} is sharded over parallel.tp)"
+                   if axis in ("attn_heads", "mamba_heads") else
+                   f"breaks per-shard balance: the nested model must split evenly over parallel.{name} to run under this layout")
+            raise ConfigError(key, value, f"must be divisible by parallel.{name}={n}: {why}")
     if axis == "moe_experts" and value < cfg.moe_router_topk:
         raise ConfigError(key, value, f"must be >= model.moe_router_topk={cfg.moe_router_topk}")
 

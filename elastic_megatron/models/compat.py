@@ -81,6 +81,32 @@ def _patch_router_buffers_device() -> None:
     TopKRouter.__init__ = _on_cpu_device(TopKRouter.__init__)
 
 
+def _patch_tensor_parallel_buffers_device() -> None:
+    """Sequence-parallel gathers/reduce-scatters allocate their outputs and the global
+    gather buffer on `torch.cuda.current_device()` (tensor_parallel/mappings.py,
+    layers.py, utils.GlobalMemoryBuffer, 0.16); TP/SP on CPU (gloo) needs them on CPU."""
+    from megatron.core import utils
+    from megatron.core.tensor_parallel import layers, mappings
+
+    for name in ("_gather_along_last_dim", "_gather_along_first_dim", "_reduce_scatter_along_first_dim"):
+        setattr(mappings, name, _on_cpu_device(getattr(mappings, name)))
+    linear = layers.LinearWithGradAccumulationAndAsyncCommunication
+    linear.forward = staticmethod(_on_cpu_device(linear.forward))
+    linear.backward = staticmethod(_on_cpu_device(linear.backward))
+    utils.GlobalMemoryBuffer.get_tensor = _on_cpu_device(utils.GlobalMemoryBuffer.get_tensor)
+
+
+def _patch_rng_tracker_fork() -> None:
+    """Megatron forks its CUDA RNG tracker around sequence-parallel dropout regions
+    (e.g. the embedding, tensor_parallel/random.py, 0.16); a CPU-only torch has no CUDA
+    RNG to fork, and CPU dropout draws from torch's default generator."""
+    import contextlib
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random.CudaRNGStatesTracker.fork = contextlib.contextmanager(lambda self, name=None: (yield))
+
+
 def _patch_checkpoint_finalize_device() -> None:
     """save_state_dict_async_finalize broadcasts a failure flag allocated on
     `torch.cuda.current_device()` (dist_checkpointing/strategies/state_dict_saver.py, 0.16)."""
@@ -141,7 +167,8 @@ def apply() -> None:
     needed = []
     if not torch.cuda.is_available():
         needed += [_patch_router_gating_device, _patch_router_buffers_device, _disable_jit_fuser_compile,
-                   _patch_checkpoint_preload_sync, _patch_checkpoint_finalize_device]
+                   _patch_checkpoint_preload_sync, _patch_checkpoint_finalize_device, _patch_tensor_parallel_buffers_device,
+                   _patch_rng_tracker_fork]
     if not have_transformer_engine():
         needed += [_patch_te_general_gemm, _patch_mamba_stack_final_norm]
     for patch in needed:

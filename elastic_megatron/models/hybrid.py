@@ -7,6 +7,9 @@ builds Megatron's MambaModel with the spec of the chosen backend.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+from typing import Optional
+
 import torch
 
 from megatron.core.activations import squared_relu
@@ -32,16 +35,33 @@ def resolve_token_dispatcher(cfg: ModelConfig) -> str:
     return "alltoall" if torch.cuda.is_available() else "allgather"
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout (the fields of the `parallel` recipe group that shape a model)."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: Optional[int] = None
+    sequence_parallel: bool = False
+    pp_layout: Optional[str] = None
+
+    @classmethod
+    def of(cls, parallel) -> "Layout":
+        if parallel is None:
+            return cls()
+        return cls(**{f.name: getattr(parallel, f.name) for f in fields(cls)})
+
+
 def to_transformer_config(
     cfg: ModelConfig,
     params_dtype: torch.dtype = torch.float32,
-    tensor_parallel: int = 1,
-    pipeline_parallel: int = 1,
-    expert_parallel: int = 1,
-    sequence_parallel: bool = False,
+    parallel=None,
     **overrides,
 ) -> TransformerConfig:
-    """Megatron TransformerConfig for `cfg` (nothing elastic goes in here)."""
+    """Megatron TransformerConfig for `cfg` under `parallel` (nothing elastic goes in here)."""
+    layout = Layout.of(parallel)
+    stages = validate_parallel_layout(cfg, layout)
     has_moe = cfg.count("E") > 0
     has_attention = cfg.count("*") > 0
     kwargs = dict(
@@ -70,16 +90,20 @@ def to_transformer_config(
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),
-        tensor_model_parallel_size=tensor_parallel,
-        pipeline_model_parallel_size=pipeline_parallel,
-        expert_model_parallel_size=expert_parallel,
-        sequence_parallel=sequence_parallel,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        pipeline_dtype=params_dtype,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp if layout.etp is not None else layout.tp,
+        sequence_parallel=layout.sequence_parallel,
         persist_layer_norm=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         use_mamba_mem_eff_path=False,
     )
+    if layout.pp > 1 and len({len(st) for st in stages}) > 1:
+        kwargs.update(num_layers_in_first_pipeline_stage=len(stages[0]), num_layers_in_last_pipeline_stage=len(stages[-1]))
     if has_moe:
         kwargs.update(
             num_moe_experts=cfg.moe_num_experts,
@@ -104,32 +128,33 @@ def to_transformer_config(
 def build_model(
     cfg: ModelConfig,
     params_dtype: torch.dtype = torch.float32,
-    tensor_parallel: int = 1,
-    pipeline_parallel: int = 1,
-    expert_parallel: int = 1,
-    sequence_parallel: bool = False,
-    pre_process: bool = True,
-    post_process: bool = True,
+    parallel=None,
 ) -> MambaModel:
-    """Validate `cfg` and build Megatron's hybrid MambaModel on this rank.
+    """Validate `cfg` and build this rank's part of Megatron's hybrid MambaModel under the
+    layout `parallel` (the `parallel` recipe group or a `Layout`; default: one rank).
 
-    Megatron's parallel state must be initialised (see `elastic_megatron.parallel`).
+    Megatron's parallel state must be initialised with the same layout (see
+    `elastic_megatron.parallel`); a pipeline stage builds only its layers, the embedding
+    on the first stage and the output layer on the last.
     """
+    from megatron.core import parallel_state
+
     validate_model_config(cfg)
-    validate_parallel_layout(cfg, tensor_parallel, expert_parallel)
+    layout = Layout.of(parallel)
+    validate_parallel_layout(cfg, layout)
     if cfg.backend == "te" and not compat.have_transformer_engine():
         from elastic_megatron.config.errors import ConfigError
 
         raise ConfigError("model.backend", "te", "Transformer Engine is not installed here; use model.backend=local")
     compat.apply()
-    tcfg = to_transformer_config(cfg, params_dtype, tensor_parallel, pipeline_parallel, expert_parallel, sequence_parallel)
+    tcfg = to_transformer_config(cfg, params_dtype, layout)
     model = MambaModel(
         config=tcfg,
         mamba_stack_spec=hybrid_stack_spec(cfg),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_sequence_length,
-        pre_process=pre_process,
-        post_process=post_process,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
         hybrid_override_pattern=cfg.hybrid_pattern,
         share_embeddings_and_output_weights=False,
         position_embedding_type="none",

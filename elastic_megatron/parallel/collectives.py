@@ -7,15 +7,26 @@ import torch.distributed as dist
 
 
 @torch.no_grad()
-def all_reduce_mean_(tensors: list[torch.Tensor], group) -> None:
-    """Average `tensors` over `group` in place, with one all-reduce of their concatenation."""
-    world = dist.get_world_size(group)
-    if world == 1 or not tensors:
+def all_reduce_sum_(tensors: list[torch.Tensor], group, scale: float = 1.0) -> None:
+    """Sum `tensors` over `group` in place (times `scale`), with one all-reduce of their
+    concatenation."""
+    if not tensors:
+        return
+    if dist.get_world_size(group) == 1:
+        if scale != 1.0:
+            for t in tensors:
+                t.mul_(scale)
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat, group=group)
-    flat /= world
+    if scale != 1.0:
+        flat *= scale
     offset = 0
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor], group) -> None:
+    """Average `tensors` over `group` in place."""
+    all_reduce_sum_(tensors, group, 1.0 / dist.get_world_size(group))

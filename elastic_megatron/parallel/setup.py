@@ -44,6 +44,7 @@ def initialize_distributed(
     pipeline_parallel: int = 1,
     expert_parallel: int = 1,
     seed: int = 1234,
+    expert_tensor_parallel: int | None = None,
 ) -> DistEnv:
     """Initialise torch.distributed and Megatron's parallel state once per process."""
     from megatron.core import parallel_state, tensor_parallel as mcore_tp
@@ -53,8 +54,9 @@ def initialize_distributed(
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(env.local_rank)
-        if env.world_size == 1:
-            # A world of one rendezvous on a private port (never an inherited MASTER_PORT).
+        if env.world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+            # A world of one rendezvous on a private port (never an inherited MASTER_PORT);
+            # under torchrun it uses the launcher's store like any world.
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         else:
             dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
@@ -63,6 +65,7 @@ def initialize_distributed(
             tensor_model_parallel_size=tensor_parallel,
             pipeline_model_parallel_size=pipeline_parallel,
             expert_model_parallel_size=expert_parallel,
+            expert_tensor_parallel_size=expert_tensor_parallel,
         )
     torch.manual_seed(seed)
     if torch.cuda.is_available():
@@ -71,11 +74,12 @@ def initialize_distributed(
 
 
 @contextlib.contextmanager
-def distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, expert_parallel: int = 1, seed: int = 1234):
+def distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, expert_parallel: int = 1, seed: int = 1234,
+                expert_tensor_parallel: int | None = None):
     """Initialise for the duration of a job; tear down only what this call set up, so a
     job run inside an already-initialised process (tests, notebooks) leaves it intact."""
     owns = not dist.is_initialized()
-    env = initialize_distributed(tensor_parallel, pipeline_parallel, expert_parallel, seed)
+    env = initialize_distributed(tensor_parallel, pipeline_parallel, expert_parallel, seed, expert_tensor_parallel)
     try:
         yield env
     finally:

@@ -81,11 +81,8 @@ def set_rng_state(state: dict) -> None:
         tensor_parallel.get_cuda_rng_tracker().set_states(state["cuda_tracker"])
 
 
-def _is_megatron_optimizer(optimizer) -> bool:
-    return hasattr(optimizer, "sharded_state_dict")
-
-
-def _sharded_state(model, optimizer, scheduler, step: int, consumed_samples: int, meta: dict, extra: dict, with_optimizer=True) -> dict:
+def _sharded_state(model, optimizer, scheduler, step: int, consumed_samples: int, meta: dict, extra: dict,
+                   is_loading: bool = False) -> dict:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model_sd = model.sharded_state_dict()
     state: dict[str, Any] = {
@@ -100,10 +97,10 @@ def _sharded_state(model, optimizer, scheduler, step: int, consumed_samples: int
     }
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    if optimizer is not None and with_optimizer:
-        # Megatron optimizers shard their state like the model; the CPU optimizer is
-        # replicated on every DP rank and is stored once as common state.
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd) if _is_megatron_optimizer(optimizer) else optimizer.state_dict()
+    if optimizer is not None:
+        # Both optimizers (Megatron's, the CPU one) shard their state like the model, so
+        # a checkpoint loads under another TP/PP/EP/DP layout.
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
     return state
 
 
@@ -146,7 +143,7 @@ def load_checkpoint(run_dir, model, optimizer, scheduler, step: Optional[int] = 
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint under {checkpoint_root(run_dir)}")
     path = iteration_dir(run_dir, step)
-    template = _sharded_state(model, optimizer, scheduler, 0, 0, {}, {})
+    template = _sharded_state(model, optimizer, scheduler, 0, 0, {}, {}, is_loading=True)
     state = dist_checkpointing.load(template, str(path))
     model.load_state_dict(state["model"])
     if optimizer is not None and "optimizer" in state:

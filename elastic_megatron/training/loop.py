@@ -34,6 +34,7 @@ from elastic_megatron.config.schema import JobConfig, data_parallel_size, valida
 from elastic_megatron.data.datasets import DataSpec, build_datasets, load_tokenizer_for, make_loader, validate_data_spec
 from elastic_megatron.models.counter import model_size
 from elastic_megatron.models.hybrid import build_model
+from elastic_megatron.parallel.pipeline import forward_backward, forward_only, from_last_stage
 from elastic_megatron.parallel.setup import dist_env, distributed
 from elastic_megatron.training import checkpointing
 from elastic_megatron.training.flops import flops_per_token
@@ -112,8 +113,9 @@ def evaluate(model, step_fn: StepFunction, valid_ds, job: JobConfig, step: int) 
         out["valid_loss"] = sum(per_budget) / len(per_budget) if per_budget else float("nan")
         return out
     model.eval()
-    losses = [step_fn(model, batch, step)[0].float() for batch in batches]
+    losses = [forward_only(lambda received, b=batch: step_fn.stage_forward(model, b, step, received)) for batch in batches]
     model.train()
+    losses = from_last_stage([loss[0].float() for loss in losses] if losses[0] is not None else None)
     return {"valid_loss": _dp_mean(torch.stack(losses).mean().reshape(1))[0].item()}
 
 
@@ -166,7 +168,8 @@ def train(job: JobConfig, step_fn: Optional[StepFunction] = None, model_builder:
     dtype = params_dtype(job.trainer.precision)
     t = job.trainer
 
-    with distributed(job.parallel.tp, job.parallel.pp, job.parallel.ep, seed=job.run.seed):
+    with distributed(job.parallel.tp, job.parallel.pp, job.parallel.ep, seed=job.run.seed,
+                     expert_tensor_parallel=job.parallel.etp):
         dp_size = data_parallel_size(job, env.world_size)
         num_micro = t.global_batch_size // (t.micro_batch_size * dp_size)
         if is_rank0():
@@ -180,8 +183,7 @@ def train(job: JobConfig, step_fn: Optional[StepFunction] = None, model_builder:
             from elastic_megatron.elastic.step import require_same_architecture
 
             require_same_architecture(job.model, init, "run.init_checkpoint")
-        model = model_builder(job.model, params_dtype=dtype, tensor_parallel=job.parallel.tp,
-                              expert_parallel=job.parallel.ep, sequence_parallel=job.parallel.sequence_parallel)
+        model = model_builder(job.model, params_dtype=dtype, parallel=job.parallel)
         if init:
             checkpointing.load_model_weights(init, model)
             print0(f"initialised the model from {init} (weights only: step, optimizer and data start fresh)")
@@ -216,7 +218,7 @@ def train(job: JobConfig, step_fn: Optional[StepFunction] = None, model_builder:
         size = model_size(job.model)
         fpt = flops_per_token(job.model, job.data.seq_length)
         print0(f"model {job.model.name}: {size.total_params:,} params ({size.active_params:,} active), {dtype}, "
-               f"world {env.world_size} (tp {job.parallel.tp}, ep {job.parallel.ep}, dp {dp_size}), "
+               f"world {env.world_size} (tp {job.parallel.tp}, pp {job.parallel.pp}, ep {job.parallel.ep}, dp {dp_size}), "
                f"global batch {t.global_batch_size} = {t.micro_batch_size} x {num_micro} micro x {dp_size} dp, seq {job.data.seq_length}")
 
         result = TrainResult(run_dir=run_dir, start_step=start_step, last_step=start_step, completed=False)
@@ -231,14 +233,12 @@ def train(job: JobConfig, step_fn: Optional[StepFunction] = None, model_builder:
                 if hasattr(train_model, "zero_grad_buffer"):
                     train_model.zero_grad_buffer()
                 optimizer.zero_grad()
-                micro_losses, micro_metrics = [], []
-                for _ in range(num_micro):
-                    loss, step_metrics = step_fn(train_model, _to_device(next(loader)), step)
-                    (loss / num_micro).backward()
-                    micro_losses.append(loss.detach().float())
-                    micro_metrics.append(step_metrics)
+                batches = [_to_device(next(loader)) for _ in range(num_micro)]
+                micro_losses, micro_metrics = forward_backward(step_fn, train_model, batches, step)
                 if hasattr(train_model, "finish_grad_sync"):
                     train_model.finish_grad_sync()
+                # Losses and metrics exist on the last pipeline stage; every rank logs/decides.
+                micro_losses, micro_metrics = from_last_stage((micro_losses, micro_metrics))
                 step_loss = _dp_mean(torch.stack(micro_losses).mean().reshape(1))[0].item()
                 if math.isfinite(step_loss):
                     ok, grad_norm, _ = optimizer.step()

@@ -4,9 +4,12 @@ GPU runs use Megatron-Core's own stack: the model wrapped in Megatron's
 DistributedDataParallel (contiguous grad buffers, reduce-scatter) and
 `get_megatron_optimizer` (mixed-precision Adam; the distributed optimizer when DP > 1).
 Megatron's DDP and optimizers require CUDA tensors, so CPU runs (tests, demos) use
-`CpuDataParallelAdam`: the same Adam hyper-parameters and no-weight-decay groups,
-gradients averaged over the data-parallel group with gloo, global-norm clipping, and the
-same `step() -> (ok, grad_norm, num_zeros)` interface. Both are driven by Megatron's
+`CpuDataParallelAdam`: the same Adam hyper-parameters and no-weight-decay groups, the
+same gradient reductions as Megatron's DDP (sequence-parallel parameters summed over TP;
+dense gradients averaged over DP; expert gradients summed over expert-DP and divided by
+DP), the global gradient norm over every model-parallel shard counted once, clipping,
+a sharded (layout-independent) checkpoint of its state, and the same
+`step() -> (ok, grad_norm, num_zeros)` interface. Both are driven by Megatron's
 `OptimizerParamScheduler` (warmup, then linear or cosine decay to min_lr).
 """
 
@@ -20,7 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from elastic_megatron.parallel.collectives import all_reduce_mean_
+from elastic_megatron.parallel.collectives import all_reduce_mean_, all_reduce_sum_
 
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
@@ -52,21 +55,50 @@ class CpuDataParallelAdam:
         for p in self.params:
             p.grad = None
 
-    def _reduce_gradients(self) -> None:
-        group = parallel_state.get_data_parallel_group()
-        if dist.get_world_size(group) == 1:
-            return
-        for p in self.params:  # every rank must contribute the same tensor list
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Megatron DDP's reductions, in place (collective over the whole world)."""
+        for p in self.params:  # every rank must contribute the same tensor lists
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        all_reduce_mean_([p.grad for p in self.params], group)
+        tp = parallel_state.get_tensor_model_parallel_group()
+        sp = [p.grad for p in self.params if getattr(p, "sequence_parallel", False)]
+        if sp and dist.get_world_size(tp) > 1:  # norms and routers see a TP share of the tokens
+            all_reduce_sum_(sp, tp)
+        dense = [p.grad for p in self.params if not is_expert_param(p)]
+        experts = [p.grad for p in self.params if is_expert_param(p)]
+        dp = parallel_state.get_data_parallel_world_size()
+        all_reduce_mean_(dense, parallel_state.get_data_parallel_group())
+        all_reduce_sum_(experts, parallel_state.get_expert_data_parallel_group(), 1.0 / dp)
+
+    def grad_norm(self) -> float:
+        """L2 norm of the whole model's gradient: each shard counted once (replicas on
+        other TP ranks skipped), summed over the model-parallel groups."""
+        dense = torch.zeros((), dtype=torch.float64)
+        experts = torch.zeros((), dtype=torch.float64)
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+        for p in self.params:
+            if p.grad is None:
+                continue
+            sq = p.grad.double().pow(2).sum().cpu()
+            if is_expert_param(p):
+                if getattr(p, "tensor_model_parallel", False) or etp_rank == 0:
+                    experts += sq
+            elif getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+                dense += sq
+        if dist.get_world_size(parallel_state.get_model_parallel_group()) > 1:
+            dist.all_reduce(dense, group=parallel_state.get_model_parallel_group())
+        if dist.get_world_size(parallel_state.get_expert_tensor_model_pipeline_parallel_group()) > 1:
+            dist.all_reduce(experts, group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
+        return math.sqrt(float(dense + experts))
 
     @torch.no_grad()
     def step(self):
-        """Average gradients over DP, clip, update. Returns (ok, grad_norm, num_zeros)."""
-        self._reduce_gradients()
+        """Reduce gradients, clip, update. Returns (ok, grad_norm, num_zeros)."""
+        self.reduce_gradients()
         grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0
+        norm = self.grad_norm()
         if not math.isfinite(norm):
             self.zero_grad()
             return False, norm, None
@@ -80,7 +112,37 @@ class CpuDataParallelAdam:
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        common_step = state["state"].pop("common_step", None)
+        if common_step is not None:
+            for param_state in state["state"].values():
+                param_state["step"] = torch.as_tensor(common_step, dtype=torch.float32).clone()
         self.optimizer.load_state_dict(state)
+
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
+        """Adam moments as sharded tensors keyed like the parameters they belong to, so a
+        checkpoint reshards to another TP/PP/EP layout like the model does."""
+        from megatron.core.dist_checkpointing.optimizer import (
+            get_param_id_to_sharded_param_map,
+            optim_state_to_sharding_state,
+        )
+
+        if is_loading:  # a template with every moment present (Adam creates them lazily)
+            for p in self.params:
+                if p not in self.optimizer.state or not self.optimizer.state[p]:
+                    self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                               "exp_avg_sq": torch.zeros_like(p)}
+        state = self.optimizer.state_dict()
+        steps = {float(s["step"]) for s in state["state"].values() if "step" in s}
+        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, [p for g in self.optimizer.param_groups for p in g["params"]])
+        optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
+        if steps:
+            state["state"]["common_step"] = max(steps)
+        return state
+
+
+def is_expert_param(p: torch.nn.Parameter) -> bool:
+    """Megatron marks routed-expert weights `allreduce=False` (reduced over expert-DP)."""
+    return not getattr(p, "allreduce", True)
 
 
 def build_optimizer(model, trainer_cfg, parallel_cfg, params_dtype: torch.dtype):
