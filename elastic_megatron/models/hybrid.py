@@ -160,6 +160,20 @@ def build_model(
         position_embedding_type="none",
         parallel_output=True,
     )
+    _mark_expert_params(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def _mark_expert_params(model: MambaModel) -> None:
+    """Routed-expert weights are reduced over the expert-data-parallel group. Megatron
+    marks them (`allreduce=False`) only when EP > 1; with EP = 1 but expert TP below TP,
+    the TP ranks hold expert replicas fed different sequence-parallel tokens, and their
+    gradients must still be summed over expert-DP, so mark them in every layout."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            for p in module.experts.parameters():
+                p.allreduce = False

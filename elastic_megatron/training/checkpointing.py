@@ -94,6 +94,7 @@ def _sharded_state(model, optimizer, scheduler, step: int, consumed_samples: int
         "format_version": FORMAT_VERSION,
         "meta": meta,
         "extra": extra,
+        "layout": current_layout(),
     }
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
@@ -102,6 +103,18 @@ def _sharded_state(model, optimizer, scheduler, step: int, consumed_samples: int
         # a checkpoint loads under another TP/PP/EP/DP layout.
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
     return state
+
+
+def current_layout() -> dict:
+    """The parallel layout of this process group (stored with every checkpoint)."""
+    from megatron.core import parallel_state
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if not parallel_state.model_parallel_is_initialized():
+        return {"world": world, "tp": 1, "pp": 1, "ep": 1}
+    return {"world": world, "tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "ep": parallel_state.get_expert_model_parallel_world_size()}
 
 
 def _barrier() -> None:
@@ -144,13 +157,23 @@ def load_checkpoint(run_dir, model, optimizer, scheduler, step: Optional[int] = 
         raise FileNotFoundError(f"no complete checkpoint under {checkpoint_root(run_dir)}")
     path = iteration_dir(run_dir, step)
     template = _sharded_state(model, optimizer, scheduler, 0, 0, {}, {}, is_loading=True)
+    saved_layout = dist_checkpointing.load_common_state_dict(str(path)).get("layout")
+    same_layout = saved_layout in (None, template["layout"])
+    if not same_layout:
+        # Model and optimizer reshard; per-rank RNG streams do not map onto another layout
+        # (Megatron-LM's --no-load-rng), so they restart from the run seed.
+        del template["rng"]
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"checkpoint {path.name} was saved with layout {saved_layout}, resuming with {template['layout']}: "
+                  "model and optimizer resharded, RNG states not restored", flush=True)
     state = dist_checkpointing.load(template, str(path))
     model.load_state_dict(state["model"])
     if optimizer is not None and "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    if same_layout:
+        set_rng_state(state["rng"])
     return {k: state[k] for k in ("step", "consumed_samples", "meta", "extra")}
 
 

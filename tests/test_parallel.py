@@ -1,0 +1,129 @@
+"""Elastic training under parallel layouts (several gloo processes on CPU), against the
+single-process run, and checkpoints across layouts.
+
+Each layout runs tests/parallel_worker.py under torchrun on the same global batch and
+budget (the `small` budget of tiny_router, routed, below the full model); its loss, the
+model's gradients (read back flat from a dist checkpoint, whatever the layout) and the
+router's gradient must equal the single-process run's within fp32 tolerance, and the
+router must agree on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from elastic_megatron.convert.megatron_dist import DistCheckpointSource, config_yaml
+from elastic_megatron.train import compose_job
+from elastic_megatron.training import checkpointing
+
+from conftest import REPO
+from elastic_helpers import randomised_model
+
+LAYOUTS = {
+    "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],  # expert TP = 2 (Megatron's default etp = tp)
+    "tp2_sp_etp1": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.etp=1"],
+    "pp2": ["parallel.pp=2"],
+    "ep2": ["parallel.ep=2", "parallel.etp=1"],
+    "dp2": [],
+}
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--standalone", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, dist) -> Path:
+    """A sorted-parent stand-in: a randomised tiny model with non-trivial norms and biases."""
+    cfg = compose_job("stage1_tiny").model
+    path = tmp_path_factory.mktemp("parallel") / "teacher"
+    model = randomised_model(cfg, seed=3)
+    checkpointing.save_checkpoint(path, model, None, None, 0, 0,
+                                  {"config": config_yaml(cfg), "sort_index": {"note": "test parent, identity order"}})
+    return path
+
+
+def run_worker(teacher: Path, out: Path, nproc: int, layout: list[str]) -> dict:
+    proc = torchrun(nproc, str(REPO / "tests" / "parallel_worker.py"), str(out),
+                    "elastic=tiny_router", f"elastic.teacher_checkpoint={teacher}",
+                    "elastic.curriculum.budget_probs=[0,0,1]", "elastic.curriculum.budgets_per_batch=1",
+                    f"run.dir={out / 'run'}", *layout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    return run_worker(teacher, out, 1, []), DistCheckpointSource(out / "grads")
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_the_single_process_run(name, teacher, reference, tmp_path):
+    ref, ref_grads = reference
+    got = run_worker(teacher, tmp_path, 2, LAYOUTS[name])
+    assert got["world"] == 2
+    assert abs(got["loss"] - ref["loss"]) <= 1e-6 * abs(ref["loss"]) + 1e-7
+    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+    router_ref, router_got = torch.tensor(ref["router_grad"]), torch.tensor(got["router_grad"])
+    assert router_ref.norm() > 1e-3  # the budget is routed: the router does receive a gradient
+    assert (router_got - router_ref).abs().max() <= 1e-5 * router_ref.abs().max()
+    assert got["router_logits_identical"] and got["router_grad_identical"] and got["router_params_identical_after_step"]
+    grads = DistCheckpointSource(tmp_path / "grads")
+    names = ref_grads.names()
+    assert sorted(grads.names()) == sorted(names)
+    for n in names:
+        a, b = ref_grads.get(n), grads.get(n)
+        assert a.shape == b.shape, n
+        assert (a - b).abs().max() <= 2e-5 * a.abs().max() + 1e-9, n
+
+
+INVALID = [
+    # (overrides, world size, key named in the error, words of the message)
+    (["parallel.tp=3"], 3, "model.num_attention_heads", "divisible by parallel.tp=3"),
+    (["parallel.tp=2"], 2, "parallel.sequence_parallel", "need sequence parallelism"),
+    (["parallel.ep=3"], 3, "model.moe_num_experts", "divisible by parallel.ep=3"),
+    (["parallel.pp=4"], 4, "parallel.pp", "must divide the 6 layers"),
+    (["parallel.pp=2", "parallel.pp_layout='M*E|M-|E'"], 2, "parallel.pp_layout", "parallel.pp=2 non-empty stages"),
+    (["parallel.pp=4", "parallel.pp_layout='M|*E|M|-E'"], 4, "parallel.pp_layout", "middle stages"),
+    (["parallel.pp=2", "parallel.pp_layout='M*EM-'"], 2, "parallel.pp_layout", "cut by '|'"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.etp=4"], 2, "parallel.etp", "allowed: 1 or parallel.tp=2"),
+    # The routed candidates of tiny_router's small budget include 2 experts: not splittable over 4 EP ranks.
+    (["parallel.ep=4", "parallel.etp=1"], 4, "elastic.budgets[1].candidates.moe_experts", "breaks per-shard balance"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_length=33"], 2, "data.seq_length", "divisible by parallel.tp=2"),
+]
+
+
+@pytest.mark.parametrize("overrides, world, key, says", INVALID)
+def test_invalid_layouts_are_refused_by_name(overrides, world, key, says):
+    from elastic_megatron.config.errors import ConfigError
+    from elastic_megatron.config.schema import validate_job
+
+    job = compose_job("stage1_tiny", ["elastic=tiny_router", "elastic.teacher_checkpoint=t", *overrides])
+    with pytest.raises(ConfigError) as err:
+        validate_job(job, world)
+    assert err.value.key == key and says in str(err.value)
+
+
+def test_invalid_layout_fails_before_any_process_work(tmp_path, stdlib_prefix, teacher):
+    """Through the real launcher: two ranks, a pattern cut into three stages for pp=2 ->
+    the ranks exit with the error before the run directory exists (nothing was built or
+    written)."""
+    run_dir = tmp_path / "run"
+    proc = torchrun(2, "-m", "elastic_megatron.train", "--config-name=stage1_tiny", f"run.dir={run_dir}",
+                    f"data.prefixes=[{stdlib_prefix}]", f"elastic.teacher_checkpoint={teacher}",
+                    "parallel.pp=2", "parallel.pp_layout='M*E|M-|E'", timeout=120)
+    assert proc.returncode != 0
+    assert "parallel.pp_layout" in proc.stderr + proc.stdout and "non-empty stages" in proc.stderr + proc.stdout
+    assert not run_dir.exists()
