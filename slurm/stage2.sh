@@ -4,7 +4,7 @@
 #   (stage1.sh / stage2.sh default to model=nemotron_nano_v3_30b, elastic=star_elastic_nano_v3)
 # GPU clusters: add --gpus-per-node=8 (and keep --ntasks-per-node equal to it).
 #SBATCH --job-name=em-stage2
-#SBATCH --nodes=1
+#SBATCH --nodes=8
 #SBATCH --ntasks-per-node=8
 #SBATCH --cpus-per-task=16
 #SBATCH --time=24:00:00

@@ -100,7 +100,7 @@ INVALID = [
     (["parallel.pp=2", "parallel.pp_layout='M*EM-'"], 2, "parallel.pp_layout", "cut by '|'"),
     (["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.etp=4"], 2, "parallel.etp", "allowed: 1 or parallel.tp=2"),
     # The routed candidates of tiny_router's small budget include 2 experts: not splittable over 4 EP ranks.
-    (["parallel.ep=4", "parallel.etp=1"], 4, "elastic.budgets[1].candidates.moe_experts", "breaks per-shard balance"),
+    (["parallel.ep=4", "parallel.etp=1", "trainer.micro_batch_size=1", "trainer.global_batch_size=8"], 4, "elastic.budgets[1].candidates.moe_experts", "breaks per-shard balance"),
     (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_length=33"], 2, "data.seq_length", "divisible by parallel.tp=2"),
 ]
 
@@ -127,3 +127,60 @@ def test_invalid_layout_fails_before_any_process_work(tmp_path, stdlib_prefix, t
     assert proc.returncode != 0
     assert "parallel.pp_layout" in proc.stderr + proc.stdout and "non-empty stages" in proc.stderr + proc.stdout
     assert not run_dir.exists()
+
+
+def test_tp2_checkpoint_resumes_at_tp1_and_slices_like_a_tp1_model(tmp_path, stdlib_prefix, teacher, dist):
+    """stage 1 trained 2 steps at TP=2 (+SP, expert TP 2) by the real trainer under torchrun;
+    then, in one process (TP=1): slicing it gives the model that hard masks give on its
+    weights loaded at TP=1, and training resumes from it (model and optimizer resharded)."""
+    from elastic_helpers import logits, masked_logits
+    from elastic_megatron.elastic.step import recorded_budgets
+    from elastic_megatron.models.hybrid import build_model
+    from elastic_megatron.slicing.zero_shot import slice_checkpoint
+    from elastic_megatron.training.loop import train
+
+    run_dir = tmp_path / "tp2"
+    common = [f"run.dir={run_dir}", f"data.prefixes=[{stdlib_prefix}]", f"elastic.teacher_checkpoint={teacher}",
+              "elastic=tiny_router", "data.seq_length=64", "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
+              "trainer.eval_iters=1", "trainer.eval_interval=2", "trainer.save_interval=2", "trainer.log_interval=1"]
+    proc = torchrun(2, "-m", "elastic_megatron.train", "--config-name=stage1_tiny", *common, "trainer.max_steps=2",
+                    "parallel.tp=2", "parallel.sequence_parallel=true")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert checkpointing.read_common_state(run_dir)["step"] == 2
+
+    sliced_dir = slice_checkpoint(run_dir, tmp_path / "small", "small", precision="fp32")
+    cfg, meta = checkpointing.checkpoint_model_config(run_dir)
+    widths = dict(recorded_budgets(meta, run_dir))["small"]
+    elastic = build_model(cfg)
+    checkpointing.load_model_weights(run_dir, elastic)  # saved at TP=2, loaded at TP=1
+    sub_cfg, _ = checkpointing.checkpoint_model_config(sliced_dir)
+    sliced = build_model(sub_cfg)
+    checkpointing.load_model_weights(sliced_dir, sliced)
+    ids, pos = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(5)), torch.arange(40).expand(2, 40)
+    assert (logits(sliced.eval(), ids, pos) - masked_logits(elastic.eval(), cfg, widths, ids, pos)).abs().max().item() <= 1e-5
+
+    resumed = train(compose_job("stage1_tiny", [*common, "trainer.max_steps=3"]))
+    assert resumed.start_step == 2 and resumed.completed and torch.isfinite(torch.tensor(resumed.losses[3]))
+
+
+def test_memory_estimate_follows_the_layout_and_the_recipe_fits_an_h100():
+    def estimate(*args):
+        proc = subprocess.run([sys.executable, "tools/describe_model.py", "model=nemotron_nano_v3_30b", "memory=true",
+                               "format=json", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    scale = estimate("parallel=nano_h100", "nodes=8")
+    assert scale["world"] == 64 and scale["dp"] == 32 and scale["total"] < 0.9 * 80 * 2**30
+    # Experts dominate the weights: twice the expert parallelism nearly halves them.
+    ep4 = estimate("parallel=nano_h100", "nodes=8", "parallel.ep=4")
+    assert 1.6 < ep4["weights"] / scale["weights"] < 2.0
+    # The student's optimizer state is sharded over data parallelism, the teacher has none.
+    more_nodes = estimate("parallel=nano_h100", "nodes=16", "global_batch_size=768")
+    assert more_nodes["optimizer"] < scale["optimizer"] and more_nodes["teacher"] == scale["teacher"]
+    assert scale["teacher"] == scale["weights"] and scale["gradients"] == 2 * scale["weights"]
+    single = estimate("parallel=single")
+    assert single["total"] > 3 * scale["total"]
+    bad = subprocess.run([sys.executable, "tools/describe_model.py", "model=nemotron_nano_v3_30b", "memory=true",
+                          "parallel=nano_h100", "parallel.ep=5"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "model.moe_num_experts" in bad.stderr + bad.stdout

@@ -69,7 +69,7 @@ def test_pretrain_job_runs_to_completion(cluster, tmp_path, stdlib_prefix):
     assert (run_dir / "COMPLETED").exists()
     assert tracker_step(run_dir) == 12
     assert re.search(r"git commit: [0-9a-f]{40}", log)
-    assert "(2 tasks)" in log and "world 2 (tp 1, ep 1, dp 2)" in log
+    assert "(2 tasks)" in log and "world 2 (tp 1, pp 1, ep 1, dp 2)" in log
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
 
@@ -106,7 +106,8 @@ def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path, stdlib_pref
 
 
 def test_importance_then_stage1_jobs(cluster, tmp_path, stdlib_prefix):
-    """The elastic chain as a user submits it, data parallel over 2 tasks."""
+    """The elastic chain as a user submits it: importance data parallel over 2 tasks,
+    stage 1 tensor parallel over them."""
     from elastic_megatron.train import run
     from elastic_megatron.training import checkpointing
 
@@ -124,12 +125,13 @@ def test_importance_then_stage1_jobs(cluster, tmp_path, stdlib_prefix):
     assert checkpointing.read_common_state(sorted_dir)["meta"]["sort_index"]
     assert (sorted_dir / "importance" / "importance_hidden.png").exists()
 
+    # Stage 1 as two tensor-parallel ranks (sequence parallel, expert TP 2) of one model.
     job = submit(cluster, tmp_path, stdlib_prefix, *tiny, "elastic=tiny_router", f"elastic.teacher_checkpoint={sorted_dir}",
-                 "trainer.max_steps=4", "trainer.eval_interval=4", "trainer.save_interval=4", script="stage1.sh")
+                 "parallel=single", "parallel.tp=2", "parallel.sequence_parallel=true", "trainer.max_steps=4", "trainer.eval_interval=4", "trainer.save_interval=4", script="stage1.sh")
     wait_for(lambda: cluster.job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240, "stage 1", cluster, tmp_path)
     log = (REPO / "logs" / f"em-test-{job}.restart0.log").read_text()
     assert cluster.job_state(job) == "COMPLETED", log[-3000:]
-    assert "world 2 (tp 1, ep 1, dp 2)" in log
+    assert "world 2 (tp 2, pp 1, ep 1, dp 1)" in log
     run_dir = tmp_path / "runs" / job
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = set().union(*rows)

@@ -9,6 +9,11 @@ real elastic checkpoint (written as bf16 HF safetensors in a temporary directory
 
     python tools/describe_model.py model=nemotron_nano_v3_30b elastic=star_elastic_nano_v3 storage=true
     python tools/describe_model.py storage=true checkpoint=runs/demo-stage2
+
+Per-GPU memory of elastic distillation (student + teacher + optimizer + activations)
+under a parallel layout, before submitting:
+
+    python tools/describe_model.py model=nemotron_nano_v3_30b memory=true parallel=nano_h100 nodes=8
 """
 
 from __future__ import annotations
@@ -79,10 +84,43 @@ def storage_report(cfg: DictConfig) -> str:
     return json.dumps(report.as_dict()) if cfg.format == "json" else render_storage(report)
 
 
+def memory_report(cfg: DictConfig) -> str:
+    from omegaconf import OmegaConf
+
+    from elastic_megatron.config.errors import require_positive_int
+    from elastic_megatron.config.model import validate_parallel_layout
+    from elastic_megatron.config.schema import ParallelConfig
+    from elastic_megatron.parallel.memory import estimate_memory, render_memory
+
+    model_cfg = load_model_config(cfg.model)
+    parallel = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ParallelConfig), cfg.parallel))
+    for key in ("nodes", "gpus_per_node", "seq_length", "micro_batch_size", "global_batch_size", "budgets_per_batch"):
+        require_positive_int(key, cfg[key])
+    world = cfg.nodes * cfg.gpus_per_node
+    validate_parallel_layout(model_cfg, parallel)
+    if world % (parallel.tp * parallel.pp):
+        raise ConfigError("nodes", cfg.nodes, f"{world} GPUs are not a multiple of tp x pp = {parallel.tp * parallel.pp}")
+    dp = world // (parallel.tp * parallel.pp)
+    etp = parallel.etp if parallel.etp is not None else parallel.tp
+    if (dp * parallel.tp) % (parallel.ep * etp):
+        raise ConfigError("parallel.ep", parallel.ep, f"ep x etp = {parallel.ep * etp} must divide dp x tp = {dp * parallel.tp}")
+    if cfg.global_batch_size % (cfg.micro_batch_size * dp):
+        raise ConfigError("global_batch_size", cfg.global_batch_size, f"must be divisible by micro_batch_size x dp = {cfg.micro_batch_size * dp}")
+    est = estimate_memory(model_cfg, parallel, world, cfg.seq_length, cfg.micro_batch_size, cfg.global_batch_size,
+                          cfg.budgets_per_batch)
+    if cfg.format == "json":
+        return json.dumps({"model": model_cfg.name, "world": world, "dp": dp, **est.as_dict()})
+    return render_memory(model_cfg, parallel, world, cfg.gpus_per_node, est, cfg.seq_length, cfg.micro_batch_size,
+                         cfg.global_batch_size, cfg.gpu_memory_gib)
+
+
 @hydra.main(config_path="../recipes", config_name="describe_model", version_base=None)
 def main(cfg: DictConfig) -> None:
     if cfg.format not in FORMATS:
         raise ConfigError("format", cfg.format, f"allowed: {list(FORMATS)}")
+    if cfg.memory:
+        print(memory_report(cfg))
+        return
     if cfg.storage:
         print(storage_report(cfg))
         return
