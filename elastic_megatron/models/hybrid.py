@@ -7,9 +7,6 @@ builds Megatron's MambaModel with the spec of the chosen backend.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Optional
-
 import torch
 
 from megatron.core.activations import squared_relu
@@ -17,6 +14,7 @@ from megatron.core.models.mamba.mamba_model import MambaModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from elastic_megatron.config.model import ModelConfig, validate_model_config, validate_parallel_layout
+from elastic_megatron.config.schema import ParallelConfig
 from elastic_megatron.models import compat
 from elastic_megatron.models.specs import hybrid_stack_spec
 
@@ -35,24 +33,6 @@ def resolve_token_dispatcher(cfg: ModelConfig) -> str:
     return "alltoall" if torch.cuda.is_available() else "allgather"
 
 
-@dataclass(frozen=True)
-class Layout:
-    """A parallel layout (the fields of the `parallel` recipe group that shape a model)."""
-
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    etp: Optional[int] = None
-    sequence_parallel: bool = False
-    pp_layout: Optional[str] = None
-
-    @classmethod
-    def of(cls, parallel) -> "Layout":
-        if parallel is None:
-            return cls()
-        return cls(**{f.name: getattr(parallel, f.name) for f in fields(cls)})
-
-
 def to_transformer_config(
     cfg: ModelConfig,
     params_dtype: torch.dtype = torch.float32,
@@ -60,7 +40,7 @@ def to_transformer_config(
     **overrides,
 ) -> TransformerConfig:
     """Megatron TransformerConfig for `cfg` under `parallel` (nothing elastic goes in here)."""
-    layout = Layout.of(parallel)
+    layout = parallel if parallel is not None else ParallelConfig()
     stages = validate_parallel_layout(cfg, layout)
     has_moe = cfg.count("E") > 0
     has_attention = cfg.count("*") > 0
@@ -131,7 +111,7 @@ def build_model(
     parallel=None,
 ) -> MambaModel:
     """Validate `cfg` and build this rank's part of Megatron's hybrid MambaModel under the
-    layout `parallel` (the `parallel` recipe group or a `Layout`; default: one rank).
+    layout `parallel` (a ParallelConfig, the `parallel` recipe group; default: one rank).
 
     Megatron's parallel state must be initialised with the same layout (see
     `elastic_megatron.parallel`); a pipeline stage builds only its layers, the embedding
@@ -140,7 +120,7 @@ def build_model(
     from megatron.core import parallel_state
 
     validate_model_config(cfg)
-    layout = Layout.of(parallel)
+    layout = parallel if parallel is not None else ParallelConfig()
     validate_parallel_layout(cfg, layout)
     if cfg.backend == "te" and not compat.have_transformer_engine():
         from elastic_megatron.config.errors import ConfigError
