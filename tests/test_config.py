@@ -67,7 +67,22 @@ def test_build_model_validates_before_creating_any_module(dist, monkeypatch):
     "tp,ep,key",
     [(3, 1, "model.num_attention_heads"), (4, 1, "model.num_query_groups"), (1, 3, "model.moe_num_experts")],
 )
-def test_parallel_layout_checks(tp, ep, key):
+def test_parallel_layout_checks(tp, ep, key, monkeypatch):
+    from elastic_megatron.config.schema import ParallelConfig
+
+    layout = ParallelConfig(tp=tp, ep=ep, sequence_parallel=tp > 1)
     with pytest.raises(ConfigError) as err:
-        validate_parallel_layout(preset("tiny"), tensor_parallel=tp, expert_parallel=ep)
+        validate_parallel_layout(preset("tiny"), layout)
     assert err.value.key == key
+    # build_model refuses the layout before any module exists.
+    created = []
+    original = torch.nn.Module.__init__
+
+    def counting_init(self, *args, **kwargs):
+        created.append(type(self).__name__)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", counting_init)
+    with pytest.raises(ConfigError, match=key):
+        build_model(preset("tiny"), parallel=layout)
+    assert created == []
