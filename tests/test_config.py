@@ -48,7 +48,9 @@ def test_unused_layer_types_are_not_checked():
     assert model_config_from_dict(values).num_layers == 2
 
 
-def test_build_model_validates_before_creating_any_module(dist, monkeypatch):
+@pytest.fixture
+def created_modules(monkeypatch) -> list[str]:
+    """Names of the torch modules constructed while the test runs."""
     created = []
     original = torch.nn.Module.__init__
 
@@ -57,17 +59,21 @@ def test_build_model_validates_before_creating_any_module(dist, monkeypatch):
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "__init__", counting_init)
+    return created
+
+
+def test_build_model_validates_before_creating_any_module(dist, created_modules):
     bad = dataclasses.replace(preset("tiny"), moe_router_topk=20)
     with pytest.raises(ConfigError, match="moe_router_topk"):
         build_model(bad)
-    assert created == []
+    assert created_modules == []
 
 
 @pytest.mark.parametrize(
     "tp,ep,key",
     [(3, 1, "model.num_attention_heads"), (4, 1, "model.num_query_groups"), (1, 3, "model.moe_num_experts")],
 )
-def test_parallel_layout_checks(tp, ep, key, monkeypatch):
+def test_parallel_layout_checks(tp, ep, key, created_modules):
     from elastic_megatron.config.schema import ParallelConfig
 
     layout = ParallelConfig(tp=tp, ep=ep, sequence_parallel=tp > 1)
@@ -75,14 +81,6 @@ def test_parallel_layout_checks(tp, ep, key, monkeypatch):
         validate_parallel_layout(preset("tiny"), layout)
     assert err.value.key == key
     # build_model refuses the layout before any module exists.
-    created = []
-    original = torch.nn.Module.__init__
-
-    def counting_init(self, *args, **kwargs):
-        created.append(type(self).__name__)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "__init__", counting_init)
     with pytest.raises(ConfigError, match=key):
         build_model(preset("tiny"), parallel=layout)
-    assert created == []
+    assert created_modules == []
