@@ -93,7 +93,7 @@ def test_curriculum_and_distill_checks():
     ):
         job = compose_job("stage2_tiny", ["elastic.teacher_checkpoint=t", *overrides])
         with pytest.raises(ConfigError) as err:
-            validate_elastic(job.elastic, job.model, job.parallel.tp)
+            validate_elastic(job.elastic, job.model, job.parallel)
         assert err.value.key == key, overrides
 
 

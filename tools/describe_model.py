@@ -89,7 +89,7 @@ def memory_report(cfg: DictConfig) -> str:
 
     from elastic_megatron.config.errors import require_positive_int
     from elastic_megatron.config.model import validate_parallel_layout
-    from elastic_megatron.config.schema import ParallelConfig
+    from elastic_megatron.config.schema import ParallelConfig, layout_data_parallel, require_batch_split
     from elastic_megatron.parallel.memory import estimate_memory, render_memory
 
     model_cfg = load_model_config(cfg.model)
@@ -98,14 +98,8 @@ def memory_report(cfg: DictConfig) -> str:
         require_positive_int(key, cfg[key])
     world = cfg.nodes * cfg.gpus_per_node
     validate_parallel_layout(model_cfg, parallel)
-    if world % (parallel.tp * parallel.pp):
-        raise ConfigError("nodes", cfg.nodes, f"{world} GPUs are not a multiple of tp x pp = {parallel.tp * parallel.pp}")
-    dp = world // (parallel.tp * parallel.pp)
-    etp = parallel.etp if parallel.etp is not None else parallel.tp
-    if (dp * parallel.tp) % (parallel.ep * etp):
-        raise ConfigError("parallel.ep", parallel.ep, f"ep x etp = {parallel.ep * etp} must divide dp x tp = {dp * parallel.tp}")
-    if cfg.global_batch_size % (cfg.micro_batch_size * dp):
-        raise ConfigError("global_batch_size", cfg.global_batch_size, f"must be divisible by micro_batch_size x dp = {cfg.micro_batch_size * dp}")
+    dp = layout_data_parallel(parallel, world)
+    require_batch_split(cfg.global_batch_size, cfg.micro_batch_size, dp, prefix="")
     est = estimate_memory(model_cfg, parallel, world, cfg.seq_length, cfg.micro_batch_size, cfg.global_batch_size,
                           cfg.budgets_per_batch)
     if cfg.format == "json":

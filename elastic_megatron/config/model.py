@@ -187,13 +187,18 @@ def pipeline_stages(cfg: ModelConfig, pipeline_parallel: int = 1, layout: Option
     return stages
 
 
+def expert_tensor_parallel(parallel) -> int:
+    """The expert tensor parallel size of a layout: `etp`, or tp when unset (Megatron's default)."""
+    return parallel.etp if parallel.etp is not None else parallel.tp
+
+
 def validate_parallel_layout(cfg: ModelConfig, parallel) -> list[str]:
     """Checks that depend on the parallel layout (`parallel`: tp, pp, ep, etp,
     sequence_parallel, pp_layout); returns each pipeline stage's pattern."""
     tp, pp, ep = parallel.tp, parallel.pp, parallel.ep
     for key in ("tp", "pp", "ep"):
         require_positive_int(f"parallel.{key}", getattr(parallel, key))
-    etp = parallel.etp if parallel.etp is not None else tp
+    etp = expert_tensor_parallel(parallel)
     require_positive_int("parallel.etp", etp)
     has_moe = cfg.count(MOE) > 0
     if tp > 1:

@@ -17,7 +17,7 @@ from omegaconf import MISSING
 
 from elastic_megatron.config.elastic import ElasticConfig, validate_elastic
 from elastic_megatron.config.errors import ConfigError, require_choice, require_positive_int
-from elastic_megatron.config.model import ModelConfig, validate_model_config, validate_parallel_layout
+from elastic_megatron.config.model import ModelConfig, expert_tensor_parallel, validate_model_config, validate_parallel_layout
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DECAY_STYLES = ("constant", "linear", "cosine")
@@ -129,12 +129,31 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="job_schema", node=JobConfig)
 
 
-def data_parallel_size(job: JobConfig, world_size: int) -> int:
-    p = job.parallel
+def layout_data_parallel(p: ParallelConfig, world_size: int) -> int:
+    """The data-parallel size of layout `p` on `world_size` ranks; ConfigError when the
+    layout does not tile the world (model parallel ranks, experts over a stage's ranks)."""
     model_parallel = p.tp * p.pp
     if world_size % model_parallel:
         raise ConfigError("parallel.tp", p.tp, f"tp * pp = {model_parallel} must divide the world size {world_size}")
-    return world_size // model_parallel
+    dp = world_size // model_parallel
+    experts = p.ep * expert_tensor_parallel(p)
+    if p.ep > 1 and (dp * p.tp) % experts:
+        raise ConfigError("parallel.ep", p.ep, f"ep x etp = {experts} must divide dp x tp = {dp * p.tp} "
+                          "(experts are spread over the data- and tensor-parallel ranks of a stage)")
+    return dp
+
+
+def data_parallel_size(job: JobConfig, world_size: int) -> int:
+    return layout_data_parallel(job.parallel, world_size)
+
+
+def require_batch_split(global_batch_size: int, micro_batch_size: int, dp: int, prefix: str = "trainer.") -> None:
+    """The global batch must be whole micro-batches on every data-parallel rank."""
+    if global_batch_size % (micro_batch_size * dp):
+        raise ConfigError(
+            f"{prefix}global_batch_size", global_batch_size,
+            f"must be divisible by {prefix}micro_batch_size ({micro_batch_size}) x data-parallel size ({dp}) = {micro_batch_size * dp}",
+        )
 
 
 def validate_job(job: JobConfig, world_size: int = 1) -> None:
@@ -143,18 +162,11 @@ def validate_job(job: JobConfig, world_size: int = 1) -> None:
     p, t, d = job.parallel, job.trainer, job.data
     validate_parallel_layout(job.model, p)
     dp = data_parallel_size(job, world_size)
-    if p.ep > 1 and (dp * p.tp) % (p.ep * (p.etp or p.tp)):
-        raise ConfigError("parallel.ep", p.ep, f"ep x etp = {p.ep * (p.etp or p.tp)} must divide dp x tp = {dp * p.tp} "
-                          "(experts are spread over the data- and tensor-parallel ranks of a stage)")
     if p.sequence_parallel and d.seq_length % p.tp:
         raise ConfigError("data.seq_length", d.seq_length, f"must be divisible by parallel.tp={p.tp} under sequence parallelism")
     for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_interval", "eval_iters", "save_interval"):
         require_positive_int(f"trainer.{key}", getattr(t, key))
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(
-            "trainer.global_batch_size", t.global_batch_size,
-            f"must be divisible by trainer.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp}) = {t.micro_batch_size * dp}",
-        )
+    require_batch_split(t.global_batch_size, t.micro_batch_size, dp)
     if not t.lr > 0:
         raise ConfigError("trainer.lr", t.lr, "must be a positive number")
     if not 0 <= t.min_lr <= t.lr:

@@ -78,6 +78,11 @@ def stage_hidden(model, tokens: torch.Tensor, position_ids: torch.Tensor, receiv
     return m.decoder(hidden_states=None, attention_mask=None)
 
 
+def _slot(received: Optional[torch.Tensor], j: int) -> Optional[torch.Tensor]:
+    """Entry j of the stacked hidden states a pipeline stage received (None on the first stage)."""
+    return None if received is None else received[j]
+
+
 def final_hidden(model, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     """The whole model's final hidden states (one pipeline stage)."""
     return stage_hidden(model, tokens, position_ids)
@@ -185,15 +190,14 @@ class ElasticDistillStep:
         send on [teacher, student per budget] stacked, the last computes the loss."""
         d = self.spec.distill
         indices = self.sampler.sample()
-        part = (lambda j: None) if received is None else (lambda j: received[j])
         with torch.no_grad():
-            teacher_hidden = stage_hidden(self.teacher, batch["tokens"], batch["position_ids"], part(0))
+            teacher_hidden = stage_hidden(self.teacher, batch["tokens"], batch["position_ids"], _slot(received, 0))
         hiddens, sampled = [], []
         try:
             for j, index in enumerate(indices):
                 masks, r_loss, info = self.budget_masks(index, step)
                 self.hooks.set(masks)
-                hiddens.append(stage_hidden(model, batch["tokens"], batch["position_ids"], part(1 + j)))
+                hiddens.append(stage_hidden(model, batch["tokens"], batch["position_ids"], _slot(received, 1 + j)))
                 sampled.append((self.budgets[index], r_loss, info))
         finally:
             self.hooks.set(None)
@@ -255,9 +259,8 @@ class ElasticDistillStep:
         last = parallel_state.is_pipeline_last_stage()
 
         def pair(batch, received):  # this stage's [teacher, student] hidden states
-            part = (lambda j: None) if received is None else (lambda j: received[j])
-            teacher = stage_hidden(self.teacher, batch["tokens"], batch["position_ids"], part(0))
-            return torch.stack([teacher, stage_hidden(model, batch["tokens"], batch["position_ids"], part(1))])
+            teacher = stage_hidden(self.teacher, batch["tokens"], batch["position_ids"], _slot(received, 0))
+            return torch.stack([teacher, stage_hidden(model, batch["tokens"], batch["position_ids"], _slot(received, 1))])
 
         try:
             for name, w in self.resolved_widths().items():

@@ -37,7 +37,7 @@ from typing import Union
 import torch
 
 from elastic_megatron.config.errors import ConfigError
-from elastic_megatron.config.model import ATTENTION, MAMBA, MLP, MOE, ModelConfig
+from elastic_megatron.config.model import ATTENTION, MAMBA, MLP, MOE, ModelConfig, expert_tensor_parallel
 
 AXES = ("hidden", "attn_heads", "mamba_heads", "mamba_head_dim", "ffn", "moe_ffn", "moe_experts", "shared_ffn")
 TARGET_KINDS = ("total_params", "active_params", "memory_bytes")
@@ -144,9 +144,9 @@ def check_width(cfg: ModelConfig, axis: str, value, key: str, parallel=None) -> 
     if value % groups:
         what = "query groups" if axis == "attn_heads" else "Mamba groups"
         raise ConfigError(key, value, f"{axis} is kept per group: must be a multiple of the {groups} {what}")
-    tp = getattr(parallel, "tp", 1)
+    tp, ep, etp = (1, 1, 1) if parallel is None else (parallel.tp, parallel.ep, expert_tensor_parallel(parallel))
     sharded_by = {"attn_heads": ("tp", tp), "mamba_heads": ("tp", tp), "ffn": ("tp", tp), "shared_ffn": ("tp", tp),
-                  "moe_ffn": ("etp", getattr(parallel, "etp", None) or tp), "moe_experts": ("ep", getattr(parallel, "ep", 1))}
+                  "moe_ffn": ("etp", etp), "moe_experts": ("ep", ep)}
     if axis in sharded_by:
         name, n = sharded_by[axis]
         if n > 1 and value % n:

@@ -13,7 +13,7 @@ from megatron.core.activations import squared_relu
 from megatron.core.models.mamba.mamba_model import MambaModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from elastic_megatron.config.model import ModelConfig, validate_model_config, validate_parallel_layout
+from elastic_megatron.config.model import ModelConfig, expert_tensor_parallel, validate_model_config, validate_parallel_layout
 from elastic_megatron.config.schema import ParallelConfig
 from elastic_megatron.models import compat
 from elastic_megatron.models.specs import hybrid_stack_spec
@@ -74,7 +74,7 @@ def to_transformer_config(
         pipeline_model_parallel_size=layout.pp,
         pipeline_dtype=params_dtype,
         expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp if layout.etp is not None else layout.tp,
+        expert_tensor_parallel_size=expert_tensor_parallel(layout),
         sequence_parallel=layout.sequence_parallel,
         persist_layer_norm=False,
         masked_softmax_fusion=False,

@@ -22,9 +22,10 @@ on top (a margin is reported).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from elastic_megatron.config.model import ATTENTION, MAMBA, MLP, MOE, ModelConfig, pipeline_stages
+from elastic_megatron.config.model import ATTENTION, MAMBA, MLP, MOE, ModelConfig, expert_tensor_parallel, pipeline_stages
 from elastic_megatron.models.counter import model_size
 
 GIB = 2**30
@@ -48,33 +49,18 @@ class MemoryEstimate:
                 "total": self.total}
 
 
-def _stage_params(cfg: ModelConfig, stage: str, first: bool, last: bool) -> tuple[float, float]:
-    """(dense, expert) parameters of one pipeline stage's layers (+ embedding / output)."""
+def _layer_params(cfg: ModelConfig) -> tuple[dict[str, tuple[float, float]], float, float]:
+    """(dense, expert) parameters of one layer of each type, and the embedding's and the
+    output layer's parameters."""
     per_type = {}
     for t in (MAMBA, ATTENTION, MLP, MOE):
         n = cfg.count(t)
         if n:
-            sub = model_size(_only(cfg, t))
-            per_type[t] = (sub.params_by_component, n)
-    dense = expert = 0.0
-    for t, (comp, n) in per_type.items():
-        count = stage.count(t)
-        layer_expert = comp.get("expert", 0) / n
-        layer_dense = sum(v for k, v in comp.items() if k not in ("expert", "embedding", "output")) / n
-        dense += count * layer_dense
-        expert += count * layer_expert
+            comp = model_size(dataclasses.replace(cfg, hybrid_pattern=t * n)).params_by_component
+            per_type[t] = (sum(v for k, v in comp.items() if k not in ("expert", "embedding", "output")) / n,
+                           comp.get("expert", 0) / n)
     full = model_size(cfg).params_by_component
-    if first:
-        dense += full.get("embedding", 0)
-    if last:
-        dense += full.get("output", 0)
-    return dense, expert
-
-
-def _only(cfg: ModelConfig, layer_type: str) -> ModelConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, hybrid_pattern=layer_type * cfg.count(layer_type))
+    return per_type, full.get("embedding", 0), full.get("output", 0)
 
 
 def _activation_bytes_per_token(cfg: ModelConfig, layer_type: str, tp: int, sp: bool) -> float:
@@ -103,15 +89,18 @@ def estimate_memory(cfg: ModelConfig, parallel, world_size: int, seq_length: int
                     elastic: bool = True) -> MemoryEstimate:
     """Bytes per GPU on the heaviest stage (see the module doc)."""
     tp, pp, ep = parallel.tp, parallel.pp, parallel.ep
-    etp = parallel.etp if parallel.etp is not None else tp
+    etp = expert_tensor_parallel(parallel)
     dp = world_size // (tp * pp)
     edp = world_size // (etp * ep * pp)
     micro_per_step = global_batch_size // (micro_batch_size * dp)
     in_flight = micro_per_step if pp > 1 else 1
     stages = pipeline_stages(cfg, pp, parallel.pp_layout)
+    per_type, embedding, output = _layer_params(cfg)
     worst = None
     for i, stage in enumerate(stages):
-        dense, expert = _stage_params(cfg, stage, i == 0, i == len(stages) - 1)
+        dense = sum(stage.count(t) * d for t, (d, _) in per_type.items())
+        expert = sum(stage.count(t) * e for t, (_, e) in per_type.items())
+        dense += (embedding if i == 0 else 0) + (output if i == len(stages) - 1 else 0)
         dense_gpu, expert_gpu = dense / tp, expert / (ep * etp)
         tokens = seq_length * micro_batch_size
         act = sum(_activation_bytes_per_token(cfg, t, tp, parallel.sequence_parallel) for t in stage) * tokens
@@ -135,7 +124,7 @@ def estimate_memory(cfg: ModelConfig, parallel, world_size: int, seq_length: int
 def render_memory(cfg: ModelConfig, parallel, world_size: int, gpus_per_node: int, est: MemoryEstimate,
                   seq_length: int, micro_batch_size: int, global_batch_size: int, gpu_gib: float) -> str:
     tp, pp, ep = parallel.tp, parallel.pp, parallel.ep
-    etp = parallel.etp if parallel.etp is not None else tp
+    etp = expert_tensor_parallel(parallel)
     dp = world_size // (tp * pp)
     lines = [
         f"model {cfg.name} on {world_size} GPUs ({world_size // gpus_per_node} nodes x {gpus_per_node}): "
