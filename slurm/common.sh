@@ -21,7 +21,11 @@ RESTART="${SLURM_RESTART_COUNT:-0}"
 mkdir -p "$REPO/logs" "$RUN_DIR"
 LOG="$REPO/logs/${SLURM_JOB_NAME:-job}-${SLURM_JOB_ID}.restart${RESTART}.log"
 
-export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+# Rendezvous on the first node of the allocation, at the address Slurm itself uses to
+# reach it (NodeAddr; the node name when the cluster sets none).
+_first_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+_node_addr="$(scontrol show node "$_first_node" -o 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)"
+export MASTER_ADDR="${_node_addr:-$_first_node}"
 export MASTER_PORT="${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}"
 export PYTHONUNBUFFERED=1
 

@@ -1,9 +1,12 @@
-"""A real Slurm controller and node on localhost, for the launcher tests.
+"""A real Slurm cluster on localhost, for the launcher tests: one controller and two
+compute nodes (n1, n2), each its own slurmd on this machine.
 
 Installs Debian's slurm-wlm and munge if missing (CI is root on Debian), writes a
 slurm.conf for this machine into a temporary directory (no systemd, no cgroups), starts
-munged, slurmctld and slurmd, waits for the node to be idle, and stops everything it
-started afterwards.
+munged, slurmctld and one `slurmd -N <node>` per node entry (both on 127.0.0.1, on their
+own ports, spool dirs and logs), waits for the nodes to be idle, and stops everything it
+started afterwards. A job with --nodes=2 is a real multi-node launch: srun starts its
+tasks through both slurmds, with per-node SLURM_NODEID/SLURM_LOCALID.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import time
 from pathlib import Path
 
 import psutil
+
+
+NODES = ("n1", "n2")
 
 
 class SlurmCluster:
@@ -56,13 +62,12 @@ class SlurmCluster:
         host = socket.gethostname().split(".")[0]
         cpus = os.cpu_count() or 1
         memory_mb = int(psutil.virtual_memory().available / 2**20 * 0.5)
-        for sub in ("state", "spool", "log"):
+        for sub in ("state", "log", *(f"spool-{node}" for node in NODES)):
             (self.dir / sub).mkdir()
         self.conf.write_text(f"""
 ClusterName=emtest
 SlurmctldHost={host}
 SlurmctldPort=17817
-SlurmdPort=17818
 SlurmUser=root
 AuthType=auth/munge
 ProctrackType=proctrack/linuxproc
@@ -76,31 +81,32 @@ MpiDefault=none
 KillWait=30
 MinJobAge=600
 StateSaveLocation={self.dir}/state
-SlurmdSpoolDir={self.dir}/spool
+SlurmdSpoolDir={self.dir}/spool-%n
 SlurmctldPidFile={self.dir}/slurmctld.pid
-SlurmdPidFile={self.dir}/slurmd.pid
+SlurmdPidFile={self.dir}/slurmd-%n.pid
 SlurmctldLogFile={self.dir}/log/slurmctld.log
-SlurmdLogFile={self.dir}/log/slurmd.log
-NodeName={host} CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
-""")
+SlurmdLogFile={self.dir}/log/slurmd-%n.log
+""" + "".join(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={17818 + i} CPUs={cpus} "
+              f"RealMemory={memory_mb // len(NODES)} State=UNKNOWN\n" for i, node in enumerate(NODES))
+            + f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP\n")
 
     def start(self) -> "SlurmCluster":
         self.install()
         self._start_munge()
         self._write_conf()
-        for daemon, pid in (("slurmctld", "slurmctld.pid"), ("slurmd", "slurmd.pid")):
-            subprocess.run([daemon, "-f", str(self.conf)], check=True, env=self.env, timeout=60)
-            self.started.append(self.dir / pid)
-            if daemon == "slurmctld":
-                time.sleep(1)
+        subprocess.run(["slurmctld", "-f", str(self.conf)], check=True, env=self.env, timeout=60)
+        self.started.append(self.dir / "slurmctld.pid")
+        time.sleep(1)
+        for node in NODES:
+            subprocess.run(["slurmd", "-f", str(self.conf), "-N", node], check=True, env=self.env, timeout=60)
+            self.started.append(self.dir / f"slurmd-{node}.pid")
         deadline = time.time() + 90
         while time.time() < deadline:
-            out = self.run("sinfo", "-h", "-o", "%t").stdout.strip()
-            if out in ("idle", "mix"):
+            states = self.run("sinfo", "-h", "-N", "-o", "%t").stdout.split()
+            if len(states) == len(NODES) and all(st in ("idle", "mix") for st in states):
                 return self
             time.sleep(1)
-        raise RuntimeError(f"Slurm node never became idle (sinfo: {out!r})\n{self.daemon_logs()}")
+        raise RuntimeError(f"Slurm nodes never became idle (sinfo: {states!r})\n{self.daemon_logs()}")
 
     # -- use ------------------------------------------------------------------------
     def run(self, *cmd: str, check: bool = False, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
@@ -115,7 +121,7 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 
     def daemon_logs(self) -> str:
         text = []
-        for name in ("slurmctld.log", "slurmd.log"):
+        for name in ("slurmctld.log", *(f"slurmd-{node}.log" for node in NODES)):
             path = self.dir / "log" / name
             if path.exists():
                 text.append(f"--- {name} ---\n" + "\n".join(path.read_text().splitlines()[-40:]))

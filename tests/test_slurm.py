@@ -29,9 +29,10 @@ def cluster():
     c.stop()
 
 
-def submit(cluster, tmp_path, prefix, *overrides, name="em-test", script="pretrain.sh") -> str:
+def submit(cluster, tmp_path, prefix, *overrides, name="em-test", script="pretrain.sh", nodes=1) -> str:
+    """Two tasks, on one node or one per node."""
     out = cluster.run(
-        "sbatch", "--parsable", f"--job-name={name}", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2",
+        "sbatch", "--parsable", f"--job-name={name}", f"--nodes={nodes}", "--ntasks=2", f"--ntasks-per-node={2 // nodes}",
         "--cpus-per-task=1", "--time=00:10:00", f"--output={tmp_path}/%x-%j.out",
         f"--export=ALL,ELASTIC_MEGATRON_ROOT={REPO},RUN_ROOT={tmp_path}/runs,OMP_NUM_THREADS=1",
         str(REPO / "slurm" / script),
@@ -125,13 +126,15 @@ def test_importance_then_stage1_jobs(cluster, tmp_path, stdlib_prefix):
     assert checkpointing.read_common_state(sorted_dir)["meta"]["sort_index"]
     assert (sorted_dir / "importance" / "importance_hidden.png").exists()
 
-    # Stage 1 as two tensor-parallel ranks (sequence parallel, expert TP 2) of one model.
+    # Stage 1 on two nodes (two slurmds), one task each: two tensor-parallel ranks (sequence
+    # parallel, expert TP 2) of one model, rendezvous on the first node.
     job = submit(cluster, tmp_path, stdlib_prefix, *tiny, "elastic=tiny_router", f"elastic.teacher_checkpoint={sorted_dir}",
-                 "parallel=single", "parallel.tp=2", "parallel.sequence_parallel=true", "trainer.max_steps=4", "trainer.eval_interval=4", "trainer.save_interval=4", script="stage1.sh")
+                 "parallel=single", "parallel.tp=2", "parallel.sequence_parallel=true", "trainer.max_steps=4",
+                 "trainer.eval_interval=4", "trainer.save_interval=4", script="stage1.sh", nodes=2)
     wait_for(lambda: cluster.job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240, "stage 1", cluster, tmp_path)
     log = (REPO / "logs" / f"em-test-{job}.restart0.log").read_text()
     assert cluster.job_state(job) == "COMPLETED", log[-3000:]
-    assert "world 2 (tp 2, pp 1, ep 1, dp 1)" in log
+    assert "world 2 (tp 2, pp 1, ep 1, dp 1)" in log and "on n[1-2] (2 tasks)" in log
     run_dir = tmp_path / "runs" / job
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = set().union(*rows)
