@@ -28,8 +28,8 @@ from elastic_megatron.models.hybrid import build_model, resolve_token_dispatcher
 from elastic_megatron.parallel.pipeline import forward_backward  # noqa: E402
 from elastic_megatron.parallel.setup import distributed  # noqa: E402
 from elastic_megatron.train import compose_job  # noqa: E402
-from elastic_megatron.training import checkpointing  # noqa: E402
-from elastic_megatron.training.loop import params_dtype  # noqa: E402
+from elastic_megatron.checkpoint import store  # noqa: E402
+from elastic_megatron.training.run import params_dtype  # noqa: E402
 from elastic_megatron.training.optim import build_optimizer  # noqa: E402
 
 
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> None:
         base = compose_job("stage1_tiny", [f"model={model}", f"elastic={elastic}", "elastic.teacher_checkpoint=unused"])
         teacher = Path(tmp) / "teacher"
         torch.manual_seed(0)
-        checkpointing.save_checkpoint(teacher, build_model(base.model, params_dtype("auto")), None, None, 0, 0,
+        store.save_checkpoint(teacher, build_model(base.model, params_dtype("auto")), None, None, 0, 0,
                                       {"config": config_yaml(base.model), "sort_index": {"note": "benchmark"}})
         common = [f"model={model}", f"elastic={elastic}", f"elastic.teacher_checkpoint={teacher}",
                   "elastic.curriculum.budgets_per_batch=1", f"data.seq_length={seq}", "trainer.precision=auto"]

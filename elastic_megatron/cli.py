@@ -1,20 +1,79 @@
-"""Shared bits of the command-line tools in tools/."""
+"""One way for every entry point (the trainer and tools/*.py) to report bad input.
+
+A `ConfigError` (bad key or value), a missing file or a checkpoint that fails its checks
+is the user's to fix, not a bug: it is printed as one `error: ...` line naming what was
+wrong and what is allowed, on stderr, from one rank, with exit status 2 and no traceback.
+`--debug` (or ELASTIC_MEGATRON_DEBUG=1) re-raises it with the traceback. Anything else is
+a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from typing import Callable
 
+DEBUG_ENV = "ELASTIC_MEGATRON_DEBUG"
+EXIT_BAD_INPUT = 2
 
-def run_tool(job: Callable[[], object], done: Callable[[object], str]) -> int:
-    """Run `job`; print `done(result)`, or the error of bad input (which names what was
-    wrong and what is allowed) on stderr with exit status 2."""
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean bad input (imported lazily: tools start fast)."""
     from elastic_megatron.config.errors import ConfigError
 
+    return (ConfigError, FileNotFoundError)
+
+
+def debug_requested() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def pop_debug_flag(argv: list[str] | None = None) -> bool:
+    """Remove `--debug` from `argv` (default sys.argv) before Hydra or argparse sees it,
+    remembering it in ELASTIC_MEGATRON_DEBUG; True when tracebacks are asked for."""
+    argv = sys.argv if argv is None else argv
+    if "--debug" in argv:
+        argv[:] = [a for a in argv if a != "--debug"]
+        os.environ[DEBUG_ENV] = "1"
+    if debug_requested():
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra entry points: the whole traceback
+    return debug_requested()
+
+
+def tool_parser(doc: str, whole_doc: bool = False) -> argparse.ArgumentParser:
+    """The argument parser of a tool in tools/: its docstring's first paragraph (or all of
+    it, as written) as the description, and --debug."""
+    if whole_doc:
+        parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    else:
+        parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help=f"show the traceback of a bad-input error (or set {DEBUG_ENV}=1)")
+    return parser
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def report_errors(job: Callable[[], object]) -> tuple[int, object]:
+    """Run `job`; (0, result), or (2, None) after printing the bad-input error."""
     try:
-        result = job()
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(done(result))
-    return 0
+        return 0, job()
+    except user_errors() as err:
+        if debug_requested():
+            raise
+        if _is_rank0():
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT, None
+
+
+def run_tool(args: argparse.Namespace, job: Callable[[], object], done: Callable[[object], str]) -> int:
+    """Run `job`; print `done(result)` and return 0, or report bad input (exit status 2).
+    `args` are the tool's parsed arguments (from `tool_parser`)."""
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
+    code, result = report_errors(job)
+    if code == 0:
+        print(done(result))
+    return code

@@ -6,13 +6,16 @@
     torchrun --nproc-per-node=8 -m elastic_megatron.train --config-name=pretrain model=small
     sbatch slurm/pretrain.sh model=small          (see slurm/common.sh)
 
-Hydra composes the recipe (recipes/<name>.yaml) onto the `JobConfig` schema, the job is
-validated, then `run.task` picks the work: `train` (training.loop: pretraining, or
-elastic distillation when elastic.enabled) or `importance` (score and sort a parent).
+Hydra composes the recipe (recipes/<name>.yaml) onto the `JobConfig` schema; `dispatch`
+picks the job: `run.task=importance` (jobs/importance.py: score and sort a parent) or
+`run.task=train`, the training loop with the step function the job asks for (pretraining,
+or elastic distillation when `elastic.enabled`). Bad input ends with one `error:` line
+and exit status 2 (`--debug` shows the traceback; see cli.py).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,8 +23,11 @@ import hydra
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from elastic_megatron.config.schema import JobConfig, register_configs
+from elastic_megatron.cli import pop_debug_flag, report_errors
+from elastic_megatron.config.schema import JobConfig, register_configs, validate_job
+from elastic_megatron.parallel.setup import dist_env
 from elastic_megatron.training.loop import TrainResult, train
+from elastic_megatron.training.steps import StepFunction
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -41,23 +47,37 @@ def to_job(cfg: DictConfig) -> JobConfig:
     return job
 
 
-def run(config_name: str = "pretrain", overrides: Sequence[str] = (), step_fn=None):
+def run(config_name: str = "pretrain", overrides: Sequence[str] = (), step_fn: Optional[StepFunction] = None):
     """Run a recipe: TrainResult for task=train, the sorted checkpoint's path for task=importance."""
     return dispatch(compose_job(config_name, overrides), step_fn=step_fn)
 
 
-def dispatch(job: JobConfig, step_fn=None):
+def dispatch(job: JobConfig, step_fn: Optional[StepFunction] = None):
+    """Run the job `job` asks for. The job is validated first, so the step function is
+    built from a valid config (the elastic step then checks its budgets and checkpoints)."""
     if job.run.task == "importance":
-        from elastic_megatron.elastic.importance_job import run_importance
+        from elastic_megatron.jobs.importance import run_importance
 
         return run_importance(job)
+    if step_fn is None and job.elastic.enabled:
+        from elastic_megatron.elastic.step import ElasticDistillStep
+
+        validate_job(job, dist_env().world_size)
+        step_fn = ElasticDistillStep(job)
     return train(job, step_fn=step_fn)
 
 
 @hydra.main(config_path=str(RECIPES), config_name="pretrain", version_base=None)
-def main(cfg: DictConfig) -> Optional[float]:
-    result = dispatch(to_job(cfg))
+def _hydra_main(cfg: DictConfig) -> Optional[float]:
+    code, result = report_errors(lambda: dispatch(to_job(cfg)))
+    if code:
+        sys.exit(code)  # SystemExit passes through Hydra's handler, which would print a traceback
     return result.valid_loss if isinstance(result, TrainResult) else None
+
+
+def main() -> None:
+    pop_debug_flag()
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from elastic_megatron.models.hybrid import build_model
 from elastic_megatron.parallel.pipeline import forward_backward, from_last_stage
 from elastic_megatron.parallel.setup import distributed
 from elastic_megatron.train import compose_job
-from elastic_megatron.training import checkpointing
+from elastic_megatron.checkpoint import store
 from elastic_megatron.training.optim import build_optimizer
 
 GLOBAL_BATCH, SEQ = 4, 32
@@ -91,7 +91,7 @@ def main(out: Path, overrides: list[str]) -> None:
         saved = [q.data for q in params]
         for q in params:
             q.data = q.grad.clone()
-        checkpointing.save_checkpoint(out / "grads", model, None, None, 0, 0, {"config": config_yaml(job.model)})
+        store.save_checkpoint(out / "grads", model, None, None, 0, 0, {"config": config_yaml(job.model)})
         for q, data in zip(params, saved):
             q.data = data
 

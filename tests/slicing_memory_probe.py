@@ -58,7 +58,7 @@ def peak_bytes() -> int:
 def main() -> None:
     mode, run_dir = sys.argv[1], Path(sys.argv[2])
     from elastic_megatron.convert.megatron_dist import config_yaml, write_dist_checkpoint
-    from elastic_megatron.elastic.reindex import identity_index
+    from checkpoint_helpers import identity_index
 
     if mode == "make":
         budgets = [{"name": "full", "widths": full_widths(CFG).as_dict()}, {"name": "half", "widths": HALF.as_dict()}]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from elastic_megatron.config.errors import ConfigError
-from elastic_megatron.config.model import model_config_from_dict, validate_parallel_layout
+from elastic_megatron.config.model import model_config_from_dict
+from elastic_megatron.config.parallel import validate_parallel_layout
 from elastic_megatron.models.hybrid import build_model
 
 from conftest import preset
@@ -74,7 +75,7 @@ def test_build_model_validates_before_creating_any_module(dist, created_modules)
     [(3, 1, "model.num_attention_heads"), (4, 1, "model.num_query_groups"), (1, 3, "model.moe_num_experts")],
 )
 def test_parallel_layout_checks(tp, ep, key, created_modules):
-    from elastic_megatron.config.schema import ParallelConfig
+    from elastic_megatron.config.parallel import ParallelConfig
 
     layout = ParallelConfig(tp=tp, ep=ep, sequence_parallel=tp > 1)
     with pytest.raises(ConfigError) as err:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +15,10 @@ from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.convert import hf_nemotron_h as hf
 from elastic_megatron.convert.hf_checkpoint import export_hf, import_hf
 from elastic_megatron.convert.megatron_dist import DistCheckpointSource, config_yaml, write_dist_checkpoint
-from elastic_megatron.convert.tensors import DictSource, SafetensorsSource, write_safetensors
+from elastic_megatron.convert.tensors import SafetensorsSource, write_safetensors
+from checkpoint_helpers import DictSource
 from elastic_megatron.models.hybrid import build_model
-from elastic_megatron.training import checkpointing
+from elastic_megatron.checkpoint import metadata, store
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference implementation (pip install -e .[test])")
 
@@ -72,10 +72,10 @@ def hf_dir(tmp_path_factory):
 
 
 def load_ours(checkpoint):
-    cfg, _ = checkpointing.checkpoint_model_config(checkpoint)
+    cfg, _ = metadata.checkpoint_model_config(checkpoint)
     torch.manual_seed(5)
     model = build_model(cfg)
-    checkpointing.load_model_weights(checkpoint, model)
+    store.load_model_weights(checkpoint, model)
     return model.eval(), cfg
 
 
@@ -113,7 +113,7 @@ def test_round_trip_hf_ours_hf_is_lossless(dist, hf_dir, tmp_path):
 def test_export_of_our_model_matches_transformers_logits(dist, tmp_path):
     cfg = preset("tiny")
     model = randomised_model(cfg, seed=3)
-    checkpointing.save_checkpoint(tmp_path / "run", model, None, None, 0, 0, {"config": config_yaml(cfg)})
+    store.save_checkpoint(tmp_path / "run", model, None, None, 0, 0, {"config": config_yaml(cfg)})
     out = export_hf(tmp_path / "run", tmp_path / "hf", precision="fp32")
     ref = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     ids, pos = token_batch(cfg.vocab_size, batch=2, seq=40)
@@ -126,7 +126,7 @@ def test_dist_checkpoint_source_and_writer_round_trip(dist, tmp_path):
     with the lazy writer gives a checkpoint Megatron's loader reads identically."""
     cfg = preset("tiny")
     model = randomised_model(cfg, seed=4)
-    checkpointing.save_checkpoint(tmp_path / "a", model, None, None, 0, 0, {"config": config_yaml(cfg)})
+    store.save_checkpoint(tmp_path / "a", model, None, None, 0, 0, {"config": config_yaml(cfg)})
     src = DistCheckpointSource(tmp_path / "a")
     sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     assert sorted(src.names()) == sorted(sd)
@@ -143,7 +143,7 @@ def test_dist_checkpoint_source_and_writer_round_trip(dist, tmp_path):
 def test_bf16_export_keeps_router_bias_fp32(dist, tmp_path):
     cfg = preset("tiny")
     model = randomised_model(cfg, seed=6)
-    checkpointing.save_checkpoint(tmp_path / "run", model, None, None, 0, 0, {"config": config_yaml(cfg)})
+    store.save_checkpoint(tmp_path / "run", model, None, None, 0, 0, {"config": config_yaml(cfg)})
     out = export_hf(tmp_path / "run", tmp_path / "hf")
     src = SafetensorsSource(out)
     dtypes = {n: src.spec(n).dtype for n in src.names()}

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from elastic_megatron.models.counter import model_size, parameter_inventory, tensor_bytes
 from elastic_megatron.models.hybrid import build_model

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import REPO, preset
 
-from elastic_megatron.config.elastic import BudgetConfig, ElasticConfig, validate_elastic
+from elastic_megatron.config.elastic import BudgetConfig, ElasticConfig
+from elastic_megatron.elastic.budgets import validate_elastic
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.config.schema import validate_job
 from elastic_megatron.elastic.widths import full_widths, model_cost
@@ -24,6 +25,8 @@ def test_every_recipe_composes_and_validates(name):
     p = job.parallel
     # At-scale recipes are validated on the allocation their slurm script asks for (8 x 8 GPUs).
     validate_job(job, 64 if p.tp * p.pp * p.ep > 1 else 1)
+    if job.elastic.enabled and job.run.task == "train":  # what the elastic step checks when it is built
+        validate_elastic(job.elastic, job.model, p)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "recipes" / "elastic").glob("*.yaml") if p.stem != "none"))

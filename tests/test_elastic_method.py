@@ -15,16 +15,18 @@ import torch.nn.functional as F
 from conftest import preset, small_config, token_batch
 from elastic_helpers import logits, randomised_model
 
-from elastic_megatron.config.elastic import BudgetConfig, ElasticConfig, resolve_budgets
+from elastic_megatron.config.elastic import BudgetConfig, ElasticConfig
+from elastic_megatron.elastic.budgets import resolve_budgets
 from elastic_megatron.distill.losses import kd_loss, kl_from_logits
 from elastic_megatron.elastic.importance import ImportanceCollector, sorting_index
 from elastic_megatron.elastic.masks import ElasticHooks, hard_masks, mixture_masks
 from elastic_megatron.elastic.reindex import reindex_state_dict
 from elastic_megatron.elastic.router import BudgetRouter, gumbel_softmax
-from elastic_megatron.elastic.step import BudgetSampler, ElasticDistillStep, final_hidden
+from elastic_megatron.elastic.step import BudgetSampler, ElasticDistillStep
+from elastic_megatron.models.forward import stage_hidden
 from elastic_megatron.elastic.widths import full_widths, model_cost
-from elastic_megatron.training import checkpointing
-from elastic_megatron.train import compose_job, run
+from elastic_megatron.checkpoint import metadata, store
+from elastic_megatron.train import compose_job, dispatch, run
 from elastic_megatron.training.loop import train
 
 
@@ -168,8 +170,8 @@ def test_self_distillation_gives_zero_loss_and_zero_gradients(dist):
     student.train()
     ids, pos = token_batch(cfg.vocab_size, seq=40)
     with torch.no_grad():
-        th = final_hidden(teacher, ids, pos)
-    kd, _ = kd_loss(final_hidden(student, ids, pos), th, student.output_layer, teacher.output_layer,
+        th = stage_hidden(teacher, ids, pos)
+    kd, _ = kd_loss(stage_hidden(student, ids, pos), th, student.output_layer, teacher.output_layer,
                     torch.ones(ids.shape), temperature=2.0, chunk_tokens=16)
     kd.backward()
     assert abs(kd.item()) <= 1e-6
@@ -229,7 +231,7 @@ def sorted_parent(stdlib_prefix, tmp_path_factory):
     path = run("importance_tiny", _common(stdlib_prefix, root / "sorted", **{
         "elastic.parent_checkpoint": str(root / "parent"), "elastic.importance.calibration_batches": 3,
         "elastic.importance.plots": "false"}))
-    meta = checkpointing.read_common_state(path)["meta"]
+    meta = metadata.read_common_state(path)["meta"]
     assert meta["sort_index"] and meta["importance"]["max_logit_diff_after_sort"] <= 1e-4
     return root, stdlib_prefix
 
@@ -265,9 +267,9 @@ def test_elastic_resume_is_exact_router_and_gumbel_included(sorted_parent):
         assert torch.equal(a, b)
     assert torch.equal(straight_step.generator.get_state(), second_step.generator.get_state())
     assert second.valid_loss == straight.valid_loss
-    meta = checkpointing.read_common_state(root / "split")["meta"]
+    meta = metadata.read_common_state(root / "split")["meta"]
     assert [b["name"] for b in meta["elastic"]["budgets"]] == ["full", "medium", "small"]
-    assert meta["sort_index"] == checkpointing.read_common_state(root / "sorted")["meta"]["sort_index"]
+    assert meta["sort_index"] == metadata.read_common_state(root / "sorted")["meta"]["sort_index"]
 
 
 def test_stage2_continues_stage1_router_and_weights(sorted_parent):
@@ -275,7 +277,7 @@ def test_stage2_continues_stage1_router_and_weights(sorted_parent):
     stage1 = _common(prefix, root / "s1", **{"elastic": "tiny_router", "elastic.teacher_checkpoint": str(root / "sorted"),
                                              "trainer.max_steps": 3})
     run("stage1_tiny", stage1)
-    s1 = checkpointing.read_common_state(root / "s1")
+    s1 = metadata.read_common_state(root / "s1")
     job2 = compose_job("stage2_tiny", _common(prefix, root / "s2", **{
         "elastic": "tiny_router", "elastic.teacher_checkpoint": str(root / "sorted"),
         "elastic.init_checkpoint": str(root / "s1"), "trainer.max_steps": 1, "data.seq_length": 64}))
@@ -287,7 +289,7 @@ def test_stage2_continues_stage1_router_and_weights(sorted_parent):
     for k, v in s1["extra"]["router"]["params"].items():
         assert torch.equal(step.router.state_dict()[k], v)
     reference = build_model(job2.model)
-    checkpointing.load_model_weights(root / "s1", reference)
+    store.load_model_weights(root / "s1", reference)
     for (k, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
         if torch.is_tensor(a):
             assert torch.equal(a, b), k
@@ -306,8 +308,12 @@ def test_teacher_checkpoint_mismatch_is_refused_before_training(sorted_parent):
         from elastic_megatron.config.errors import ConfigError
 
         with pytest.raises(ConfigError, match=message):
-            train(compose_job("stage1_tiny", _common(prefix, run_dir, **overrides)))
+            dispatch(compose_job("stage1_tiny", _common(prefix, run_dir, **overrides)))
         assert not run_dir.exists()  # nothing written
+    # The training loop alone does not guess the step function of an elastic job.
+    with pytest.raises(ConfigError, match="elastic step function"):
+        train(compose_job("stage1_tiny", _common(prefix, root / "refused", **{"elastic.teacher_checkpoint": str(root / "sorted")})))
+    assert not (root / "refused").exists()
 
 
 def test_router_input_interpolates_between_trained_budgets():
@@ -351,16 +357,17 @@ def test_per_layer_router_trains_and_records_heterogeneous_budgets(dist, sorted_
     assert step.router.logits(*step.router.budget_input(1))["moe_ffn"].shape == (2, 4)  # 2 MoE layers x the 4 candidates of both budgets
     result = train(job, step_fn=step)
     assert result.completed
-    budgets = checkpointing.read_common_state(root / "per_layer")["meta"]["elastic"]["budgets"]
+    budgets = metadata.read_common_state(root / "per_layer")["meta"]["elastic"]["budgets"]
     medium = budgets[1]["widths"]
     assert isinstance(medium["moe_ffn"], list) and len(medium["moe_ffn"]) == 2
     assert isinstance(medium["hidden"], int)  # the residual stream is shared by every layer
-    from elastic_megatron.elastic.evaluate import budget_losses, elastic_budgets
+    from elastic_megatron.elastic.budgets import checkpoint_budgets
+    from elastic_megatron.jobs.evaluate import budget_losses
     from elastic_megatron.models.hybrid import build_model
 
     model = build_model(job.model)
-    checkpointing.load_model_weights(root / "per_layer", model)
+    store.load_model_weights(root / "per_layer", model)
     ids, pos = token_batch(job.model.vocab_size, seq=32)
     batch = {"tokens": ids, "position_ids": pos, "labels": torch.roll(ids, -1, 1), "loss_mask": torch.ones(ids.shape)}
-    losses = budget_losses(model, job.model, elastic_budgets(root / "per_layer"), [batch])
+    losses = budget_losses(model, job.model, checkpoint_budgets(root / "per_layer"), [batch])
     assert set(losses) == {"full", "medium", "small"} and all(torch.isfinite(torch.tensor(list(losses.values()))))

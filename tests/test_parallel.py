@@ -21,7 +21,7 @@ import torch
 
 from elastic_megatron.convert.megatron_dist import DistCheckpointSource, config_yaml
 from elastic_megatron.train import compose_job
-from elastic_megatron.training import checkpointing
+from elastic_megatron.checkpoint import metadata, store
 
 from conftest import REPO
 from elastic_helpers import randomised_model
@@ -49,7 +49,7 @@ def teacher(tmp_path_factory, dist) -> Path:
     cfg = compose_job("stage1_tiny").model
     path = tmp_path_factory.mktemp("parallel") / "teacher"
     model = randomised_model(cfg, seed=3)
-    checkpointing.save_checkpoint(path, model, None, None, 0, 0,
+    store.save_checkpoint(path, model, None, None, 0, 0,
                                   {"config": config_yaml(cfg), "sort_index": {"note": "test parent, identity order"}})
     return path
 
@@ -109,10 +109,12 @@ INVALID = [
 def test_invalid_layouts_are_refused_by_name(overrides, world, key, says):
     from elastic_megatron.config.errors import ConfigError
     from elastic_megatron.config.schema import validate_job
+    from elastic_megatron.elastic.budgets import validate_elastic
 
     job = compose_job("stage1_tiny", ["elastic=tiny_router", "elastic.teacher_checkpoint=t", *overrides])
     with pytest.raises(ConfigError) as err:
-        validate_job(job, world)
+        validate_job(job, world)  # the job's config, then what the elastic step checks when it is built
+        validate_elastic(job.elastic, job.model, job.parallel)
     assert err.value.key == key and says in str(err.value)
 
 
@@ -134,10 +136,10 @@ def test_tp2_checkpoint_resumes_at_tp1_and_slices_like_a_tp1_model(tmp_path, std
     then, in one process (TP=1): slicing it gives the model that hard masks give on its
     weights loaded at TP=1, and training resumes from it (model and optimizer resharded)."""
     from elastic_helpers import logits, masked_logits
-    from elastic_megatron.elastic.step import recorded_budgets
+    from elastic_megatron.elastic.budgets import recorded_budgets
     from elastic_megatron.models.hybrid import build_model
     from elastic_megatron.slicing.zero_shot import slice_checkpoint
-    from elastic_megatron.training.loop import train
+    from elastic_megatron.train import dispatch
 
     run_dir = tmp_path / "tp2"
     common = [f"run.dir={run_dir}", f"data.prefixes=[{stdlib_prefix}]", f"elastic.teacher_checkpoint={teacher}",
@@ -146,20 +148,20 @@ def test_tp2_checkpoint_resumes_at_tp1_and_slices_like_a_tp1_model(tmp_path, std
     proc = torchrun(2, "-m", "elastic_megatron.train", "--config-name=stage1_tiny", *common, "trainer.max_steps=2",
                     "parallel.tp=2", "parallel.sequence_parallel=true")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert checkpointing.read_common_state(run_dir)["step"] == 2
+    assert metadata.read_common_state(run_dir)["step"] == 2
 
     sliced_dir = slice_checkpoint(run_dir, tmp_path / "small", "small", precision="fp32")
-    cfg, meta = checkpointing.checkpoint_model_config(run_dir)
+    cfg, meta = metadata.checkpoint_model_config(run_dir)
     widths = dict(recorded_budgets(meta, run_dir))["small"]
     elastic = build_model(cfg)
-    checkpointing.load_model_weights(run_dir, elastic)  # saved at TP=2, loaded at TP=1
-    sub_cfg, _ = checkpointing.checkpoint_model_config(sliced_dir)
+    store.load_model_weights(run_dir, elastic)  # saved at TP=2, loaded at TP=1
+    sub_cfg, _ = metadata.checkpoint_model_config(sliced_dir)
     sliced = build_model(sub_cfg)
-    checkpointing.load_model_weights(sliced_dir, sliced)
+    store.load_model_weights(sliced_dir, sliced)
     ids, pos = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(5)), torch.arange(40).expand(2, 40)
     assert (logits(sliced.eval(), ids, pos) - masked_logits(elastic.eval(), cfg, widths, ids, pos)).abs().max().item() <= 1e-5
 
-    resumed = train(compose_job("stage1_tiny", [*common, "trainer.max_steps=3"]))
+    resumed = dispatch(compose_job("stage1_tiny", [*common, "trainer.max_steps=3"]))
     assert resumed.start_step == 2 and resumed.completed and torch.isfinite(torch.tensor(resumed.losses[3]))
 
 

@@ -8,23 +8,21 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import REPO, preset, token_batch
+from checkpoint_helpers import identity_index
 from elastic_helpers import logits, masked_logits, randomised_model
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.convert.megatron_dist import config_yaml
-from elastic_megatron.convert.tensors import SafetensorsSource
-from elastic_megatron.elastic.reindex import identity_index
 from elastic_megatron.elastic.widths import Widths, full_widths, model_cost, sub_model_config
 from elastic_megatron.models.counter import model_size
 from elastic_megatron.models.hybrid import build_model
 from elastic_megatron.slicing.storage import measured_storage
 from elastic_megatron.slicing.zero_shot import slice_checkpoint
-from elastic_megatron.training import checkpointing
+from elastic_megatron.checkpoint import metadata, store
 
 SMALL = Widths(hidden=48, attn_heads=2, mamba_heads=4, mamba_head_dim=8, ffn=64, moe_ffn=32, moe_experts=4, shared_ffn=32)
 MEDIUM = Widths(hidden=56, attn_heads=4, mamba_heads=6, mamba_head_dim=16, ffn=96, moe_ffn=48, moe_experts=6, shared_ffn=48)
@@ -46,15 +44,15 @@ def elastic_ckpt(dist, tmp_path_factory):
     model = randomised_model(cfg, seed=11)
     run_dir = tmp_path_factory.mktemp("elastic") / "run"
     budgets = {"full": full_widths(cfg), "medium": MEDIUM, "small": SMALL}
-    checkpointing.save_checkpoint(run_dir, model, None, None, 10, 0, elastic_meta(cfg, budgets))
+    store.save_checkpoint(run_dir, model, None, None, 10, 0, elastic_meta(cfg, budgets))
     return run_dir, cfg, model, budgets
 
 
 def load(checkpoint):
-    cfg, meta = checkpointing.checkpoint_model_config(checkpoint)
+    cfg, meta = metadata.checkpoint_model_config(checkpoint)
     torch.manual_seed(9)
     model = build_model(cfg)
-    checkpointing.load_model_weights(checkpoint, model)
+    store.load_model_weights(checkpoint, model)
     return model.eval(), cfg, meta
 
 
@@ -99,7 +97,7 @@ def test_slicing_refusals_write_nothing(elastic_ckpt, tmp_path, dist):
             slice_checkpoint(run_dir, tmp_path / "out", **kwargs)
     # A checkpoint without sort and architecture metadata is not elastic.
     plain = tmp_path / "plain"
-    checkpointing.save_checkpoint(plain, model, None, None, 0, 0, {"config": config_yaml(cfg)})
+    store.save_checkpoint(plain, model, None, None, 0, 0, {"config": config_yaml(cfg)})
     with pytest.raises(ConfigError, match="not elastic"):
         slice_checkpoint(plain, tmp_path / "out", "small")
     # A non-empty target is refused unless overwrite, and survives the refusal.
@@ -110,7 +108,7 @@ def test_slicing_refusals_write_nothing(elastic_ckpt, tmp_path, dist):
         slice_checkpoint(run_dir, taken, "small")
     assert (taken / "notes.txt").read_text() == "mine"
     slice_checkpoint(run_dir, taken, "small", overwrite=True)
-    assert not (taken / "notes.txt").exists() and checkpointing.latest_step(taken) == 0
+    assert not (taken / "notes.txt").exists() and store.latest_step(taken) == 0
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -190,7 +188,7 @@ def test_slicing_memory_is_bounded_by_the_largest_tensor(tmp_path):
     limit = 4 * r["largest_tensor"] + 32 * 2**20
     assert r["checkpoint_bytes"] > 4 * limit  # the measurement can tell streaming from loading
     assert r["growth"] <= limit, r
-    assert (tmp_path / "out" / "hf" / "config.json").exists() and checkpointing.latest_step(tmp_path / "out") == 0
+    assert (tmp_path / "out" / "hf" / "config.json").exists() and store.latest_step(tmp_path / "out") == 0
 
 
 def test_trainer_fine_tunes_a_slice(elastic_ckpt, stdlib_prefix, tmp_path):

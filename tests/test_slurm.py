@@ -110,7 +110,7 @@ def test_importance_then_stage1_jobs(cluster, tmp_path, stdlib_prefix):
     """The elastic chain as a user submits it: importance data parallel over 2 tasks,
     stage 1 tensor parallel over them."""
     from elastic_megatron.train import run
-    from elastic_megatron.training import checkpointing
+    from elastic_megatron.checkpoint import metadata
 
     parent = tmp_path / "parent"
     run("pretrain", ["model=tiny", "logger=none", f"run.dir={parent}", f"data.prefixes=[{stdlib_prefix}]",
@@ -123,7 +123,7 @@ def test_importance_then_stage1_jobs(cluster, tmp_path, stdlib_prefix):
     log = (REPO / "logs" / f"em-test-{sort_job}.restart0.log").read_text()
     assert cluster.job_state(sort_job) == "COMPLETED", log[-3000:]
     sorted_dir = tmp_path / "runs" / sort_job
-    assert checkpointing.read_common_state(sorted_dir)["meta"]["sort_index"]
+    assert metadata.read_common_state(sorted_dir)["meta"]["sort_index"]
     assert (sorted_dir / "importance" / "importance_hidden.png").exists()
 
     # Stage 1 on two nodes (two slurmds), one task each: two tensor-parallel ranks (sequence
@@ -141,5 +141,5 @@ def test_importance_then_stage1_jobs(cluster, tmp_path, stdlib_prefix):
     assert "temperature" in logged and any(k.endswith("/kd_loss") for k in logged)
     assert any(k.endswith("/router_loss") for k in logged) and any("/width/" in k for k in logged)
     assert {"full/valid_loss", "medium/valid_loss", "small/valid_loss"} <= logged
-    meta = checkpointing.read_common_state(run_dir)["meta"]
+    meta = metadata.read_common_state(run_dir)["meta"]
     assert [b["name"] for b in meta["elastic"]["budgets"]] == ["full", "medium", "small"]

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from elastic_megatron.models.ssd import ssd_chunk_scan, ssd_reference_recurrence
+from elastic_megatron.models.ssd import ssd_chunk_scan
+from ssd_reference import ssd_reference_recurrence
 
 TOL = 1e-8
 

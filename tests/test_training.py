@@ -16,7 +16,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from elastic_megatron.config.errors import ConfigError
-from elastic_megatron.training import checkpointing
+from elastic_megatron.checkpoint import store
 from elastic_megatron.training.steps import LMStep
 from elastic_megatron.train import run
 
@@ -67,7 +67,7 @@ def test_resume_is_exact(stdlib_prefix, tmp_path):
     first_step = RecordingStep(signal_at=4)
     first = run("pretrain", base_overrides(stdlib_prefix, tmp_path / "split"), step_fn=first_step)
     assert first.stop_signal == "SIGUSR1" and first.last_step == 4 and not first.completed
-    assert checkpointing.latest_step(tmp_path / "split") == 4
+    assert store.latest_step(tmp_path / "split") == 4
     assert not (tmp_path / "split" / "COMPLETED").exists()
 
     second_step = RecordingStep()
@@ -82,14 +82,14 @@ def test_resume_is_exact(stdlib_prefix, tmp_path):
 
 KILL_DURING_SAVE = """
 import os, sys
-from elastic_megatron.training import checkpointing
+from elastic_megatron.checkpoint import store
 from elastic_megatron.train import run
-original = checkpointing.dist_checkpointing.save
+original = store.dist_checkpointing.save
 def save_then_die(state, path):
     original(state, path)  # every shard is on disk, the tracker is not yet flipped
     if path.endswith("iter_0000006.partial"):
         os._exit(9)
-checkpointing.dist_checkpointing.save = save_then_die
+store.dist_checkpointing.save = save_then_die
 if __name__ == "__main__":
     run("pretrain", sys.argv[1:])
 """
@@ -106,14 +106,14 @@ def test_killed_save_leaves_previous_checkpoint_loadable(stdlib_prefix, tmp_path
     with open(log, "w") as out:
         proc = subprocess.run([sys.executable, str(script), *overrides], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=300)
     assert proc.returncode == 9, log.read_text()[-3000:]
-    assert checkpointing.latest_step(run_dir) == 3
+    assert store.latest_step(run_dir) == 3
     assert (run_dir / "checkpoints" / "iter_0000006.partial").exists()
     assert not (run_dir / "checkpoints" / "iter_0000006").exists()
 
     resumed = run("pretrain", overrides)
     assert resumed.start_step == 3 and resumed.completed
     assert not list((run_dir / "checkpoints").glob("*.partial"))
-    assert checkpointing.latest_step(run_dir) == 8
+    assert store.latest_step(run_dir) == 8
 
 
 def test_wandb_offline_run_has_metrics_and_config_and_keeps_its_id(stdlib_prefix, tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from elastic_megatron.cli import pop_debug_flag, report_errors  # noqa: E402
 from elastic_megatron.config.errors import ConfigError  # noqa: E402
 from elastic_megatron.config.loading import load_model_config  # noqa: E402
 from elastic_megatron.models.counter import PRECISIONS, model_size  # noqa: E402
@@ -67,7 +68,8 @@ def storage_report(cfg: DictConfig) -> str:
     from omegaconf import OmegaConf
 
     from elastic_megatron.config.elastic import ElasticConfig
-    from elastic_megatron.slicing.storage import analytic_storage, measured_storage, render_storage, spec_budgets
+    from elastic_megatron.elastic.budgets import spec_budgets
+    from elastic_megatron.slicing.storage import analytic_storage, measured_storage, render_storage
 
     if cfg.checkpoint:
         report = measured_storage(cfg.checkpoint)
@@ -88,8 +90,7 @@ def memory_report(cfg: DictConfig) -> str:
     from omegaconf import OmegaConf
 
     from elastic_megatron.config.errors import require_positive_int
-    from elastic_megatron.config.model import validate_parallel_layout
-    from elastic_megatron.config.schema import ParallelConfig, layout_data_parallel, require_batch_split
+    from elastic_megatron.config.parallel import ParallelConfig, layout_data_parallel, require_batch_split, validate_parallel_layout
     from elastic_megatron.parallel.memory import estimate_memory, render_memory
 
     model_cfg = load_model_config(cfg.model)
@@ -108,23 +109,28 @@ def memory_report(cfg: DictConfig) -> str:
                          cfg.global_batch_size, cfg.gpu_memory_gib)
 
 
-@hydra.main(config_path="../recipes", config_name="describe_model", version_base=None)
-def main(cfg: DictConfig) -> None:
+def describe(cfg: DictConfig) -> str:
     if cfg.format not in FORMATS:
         raise ConfigError("format", cfg.format, f"allowed: {list(FORMATS)}")
     if cfg.memory:
-        print(memory_report(cfg))
-        return
+        return memory_report(cfg)
     if cfg.storage:
-        print(storage_report(cfg))
-        return
+        return storage_report(cfg)
     model_cfg = load_model_config(cfg.model)
     size = model_size(model_cfg)
     if cfg.format == "json":
-        print(json.dumps({"model": model_cfg.name, "hybrid_pattern": model_cfg.hybrid_pattern, **size.as_dict()}))
-    else:
-        print(render_table(model_cfg, size))
+        return json.dumps({"model": model_cfg.name, "hybrid_pattern": model_cfg.hybrid_pattern, **size.as_dict()})
+    return render_table(model_cfg, size)
+
+
+@hydra.main(config_path="../recipes", config_name="describe_model", version_base=None)
+def main(cfg: DictConfig) -> None:
+    code, text = report_errors(lambda: describe(cfg))
+    if code:
+        sys.exit(code)  # SystemExit passes through Hydra's handler, which would print a traceback
+    print(text)
 
 
 if __name__ == "__main__":
+    pop_debug_flag()
     main()

@@ -9,7 +9,6 @@ Prints the table and writes <out>/evaluation.json and <out>/evaluation.png.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,7 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from elastic_megatron.cli import run_tool, tool_parser
+
+    parser = tool_parser(__doc__)
     parser.add_argument("--elastic", required=True, help="elastic run dir or checkpoint dir (stage 1 or 2)")
     parser.add_argument("--sorted", required=True, help="sorted parent (importance run dir)")
     parser.add_argument("--unsorted", required=True, help="parent before sorting")
@@ -26,8 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--micro-batch-size", type=int, default=8)
     args = parser.parse_args(argv)
 
-    from elastic_megatron.cli import run_tool
-    from elastic_megatron.elastic.evaluate import evaluate_elastic, render_table, write_outputs
+    from elastic_megatron.jobs.evaluate import evaluate_elastic, render_table, write_outputs
     from elastic_megatron.parallel.setup import distributed
 
     def job():
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         json_path, png_path = write_outputs(rows, args.out)
         return f"{render_table(rows)}\nwrote {json_path} and {png_path}"
 
-    return run_tool(job, done)
+    return run_tool(args, job, done)
 
 
 if __name__ == "__main__":

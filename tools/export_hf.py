@@ -9,7 +9,6 @@ for a nested size. Streams tensor by tensor into 5 GB safetensors shards.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,7 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from elastic_megatron.cli import run_tool, tool_parser
+
+    parser = tool_parser(__doc__)
     parser.add_argument("--source-checkpoint", required=True, help="run dir or iter_* checkpoint dir")
     parser.add_argument("--target-checkpoint", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--precision", default="bf16", help="bf16 or fp32")
@@ -25,10 +26,9 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty target")
     args = parser.parse_args(argv)
 
-    from elastic_megatron.cli import run_tool
     from elastic_megatron.convert.hf_checkpoint import export_hf
 
-    return run_tool(lambda: export_hf(args.source_checkpoint, args.target_checkpoint, args.precision, args.overwrite,
+    return run_tool(args, lambda: export_hf(args.source_checkpoint, args.target_checkpoint, args.precision, args.overwrite,
                                       args.tokenizer_dir),
                     lambda out: f"wrote {out}")
 

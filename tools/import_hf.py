@@ -10,7 +10,6 @@ run.init_checkpoint) and <target>/recipes/model/<name>.yaml. Streams tensor by t
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,7 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from elastic_megatron.cli import run_tool, tool_parser
+
+    parser = tool_parser(__doc__)
     parser.add_argument("--hf-dir", required=True, help="Hugging Face Nemotron-H directory")
     parser.add_argument("--target-checkpoint", required=True, help="output run directory (must not exist or be empty)")
     parser.add_argument("--name", default="nemotron_h_import", help="model name (and recipe file name)")
@@ -26,10 +27,9 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty target")
     args = parser.parse_args(argv)
 
-    from elastic_megatron.cli import run_tool
     from elastic_megatron.convert.hf_checkpoint import import_hf
 
-    return run_tool(lambda: import_hf(args.hf_dir, args.target_checkpoint, args.precision, args.name, args.overwrite),
+    return run_tool(args, lambda: import_hf(args.hf_dir, args.target_checkpoint, args.precision, args.name, args.overwrite),
                     lambda out: f"wrote {out} (model recipe: {out}/recipes/model/{args.name}.yaml)")
 
 

@@ -11,19 +11,19 @@ Writes <output-prefix>_text_document.bin/.idx (pass that prefix as data.prefixes
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from elastic_megatron.cli import run_tool, tool_parser  # noqa: E402
 from elastic_megatron.config.errors import ConfigError  # noqa: E402
 from elastic_megatron.data.indexed import EMBEDDED_CORPUS, check_inputs, data_prefix, iter_documents, preprocess  # noqa: E402
 from elastic_megatron.data.tokenizer import TOKENIZER_TYPES, build_tokenizer, train_bpe  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = tool_parser(__doc__, whole_doc=True)
     ap.add_argument("--input", nargs="+", required=True, help=f".jsonl or .txt files, or {EMBEDDED_CORPUS!r}")
     ap.add_argument("--output-prefix", required=True)
     ap.add_argument("--tokenizer", choices=TOKENIZER_TYPES, default="byte")
@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-bytes", type=int, help="stop after this many bytes of text")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
-    try:
+
+    def job() -> dict:
         check_inputs(args.input)
         if args.train_bpe:
             if args.train_bpe < 260:
@@ -46,13 +47,11 @@ def main(argv=None) -> int:
             tokenizer = train_bpe(iter_documents(args.input, args.json_key, args.split_lines, args.max_bytes), args.train_bpe, out)
         else:
             tokenizer = build_tokenizer(args.tokenizer, args.tokenizer_path, args.eod_token)
-        stats = preprocess(args.input, args.output_prefix, tokenizer, args.json_key, args.split_lines, args.max_bytes, args.overwrite)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {data_prefix(args.output_prefix)}.bin/.idx: {stats['documents']:,} documents, {stats['tokens']:,} tokens, "
-          f"vocabulary {stats['vocab_size']:,}")
-    return 0
+        return preprocess(args.input, args.output_prefix, tokenizer, args.json_key, args.split_lines, args.max_bytes, args.overwrite)
+
+    return run_tool(args, job, lambda stats: (
+        f"wrote {data_prefix(args.output_prefix)}.bin/.idx: {stats['documents']:,} documents, {stats['tokens']:,} tokens, "
+        f"vocabulary {stats['vocab_size']:,}"))
 
 
 if __name__ == "__main__":

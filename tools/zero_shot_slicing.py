@@ -12,7 +12,6 @@ first with the second under hf/. Tensor by tensor, on CPU, with a progress bar.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from elastic_megatron.cli import run_tool, tool_parser
+
+    parser = tool_parser(__doc__)
     parser.add_argument("--source-checkpoint", required=True, help="elastic run dir or iter_* checkpoint dir")
     parser.add_argument("--target-checkpoint", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--size", required=True, help="budget name recorded in the checkpoint (e.g. 23B)")
@@ -30,10 +31,9 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty target")
     args = parser.parse_args(argv)
 
-    from elastic_megatron.cli import run_tool
     from elastic_megatron.slicing.zero_shot import slice_checkpoint
 
-    return run_tool(lambda: slice_checkpoint(args.source_checkpoint, args.target_checkpoint, args.size, args.precision,
+    return run_tool(args, lambda: slice_checkpoint(args.source_checkpoint, args.target_checkpoint, args.size, args.precision,
                                              args.format, args.overwrite, name=args.name),
                     lambda out: f"wrote {out}")
 

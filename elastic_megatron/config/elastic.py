@@ -1,20 +1,22 @@
-"""Elastic spec schema (recipes/elastic/*.yaml) and its validation.
+"""Elastic spec schema (recipes/elastic/*.yaml) and the checks of its settings.
 
 An elastic spec names the nested budgets. Each budget has a target (total parameters,
 active parameters or bf16 weight bytes) and either pinned widths (its architecture is
 fixed) or, per axis, candidate widths the router chooses from; axes a budget does not
 mention stay at the parent's width. Budgets are listed largest first.
+
+The budgets themselves are resolved and checked against the model's width axes in
+`elastic_megatron.elastic.budgets` (that needs the axis arithmetic); this module checks
+everything else (router, distillation, curriculum) as part of `validate_job`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from elastic_megatron.config.errors import ConfigError, require_choice, require_positive_int
 from elastic_megatron.config.model import ModelConfig
-from elastic_megatron.elastic.widths import AXES, TARGET_KINDS, Widths, axes_in_use, axis_layers, check_width, full_widths, model_cost
 
 TEMPERATURE_SCHEDULES = ("exponential", "linear", "constant")
 
@@ -92,101 +94,11 @@ class ElasticConfig:
     init_checkpoint: Optional[str] = None
 
 
-@dataclass
-class ResolvedBudget:
-    """A validated budget: fixed widths for every axis it does not route, candidates for
-    the axes it does, and its target."""
-
-    name: str
-    target_kind: str
-    target: float
-    fixed: Widths  # the widths of the pinned / unrouted axes (routed axes hold the parent's)
-    candidates: dict[str, list[int]]
-
-    @property
-    def routed(self) -> bool:
-        return bool(self.candidates)
-
-
-def _key(i: int, rest: str) -> str:
-    return f"elastic.budgets[{i}].{rest}"
-
-
-def resolve_budgets(spec: ElasticConfig, cfg: ModelConfig, parallel=None) -> list[ResolvedBudget]:
-    """Validate the budgets against the parent `cfg`; raise ConfigError naming the culprit."""
+def validate_elastic_settings(spec: ElasticConfig, cfg: ModelConfig) -> None:
+    """Router, distillation, curriculum and importance settings: everything but the
+    budgets' widths, which `elastic.budgets.resolve_budgets` checks."""
     if not spec.budgets:
         raise ConfigError("elastic.budgets", [], "needs at least one budget (see recipes/elastic/tiny.yaml)")
-    used = axes_in_use(cfg)
-    full = full_widths(cfg)
-    names = [b.name for b in spec.budgets]
-    if len(set(names)) != len(names):
-        raise ConfigError("elastic.budgets", names, "budget names must be unique")
-    out = []
-    for i, b in enumerate(spec.budgets):
-        require_choice(_key(i, "target_kind"), b.target_kind, TARGET_KINDS)
-        for mapping, what in ((b.widths, "widths"), (b.candidates, "candidates")):
-            for axis in mapping:
-                if axis not in AXES:
-                    raise ConfigError(_key(i, f"{what}.{axis}"), mapping[axis], f"unknown axis; allowed: {list(AXES)}")
-                if axis not in used:
-                    raise ConfigError(_key(i, f"{what}.{axis}"), mapping[axis],
-                                      f"the model has no {axis} axis (pattern {cfg.hybrid_pattern}); axes in use: {list(used)}")
-        both = sorted(set(b.widths) & set(b.candidates))
-        if both:
-            raise ConfigError(_key(i, f"candidates.{both[0]}"), b.candidates[both[0]], "an axis is either pinned (widths) or routed (candidates), not both")
-        for axis, value in b.widths.items():
-            if isinstance(value, (list, tuple)) and axis != "hidden":
-                layers = axis_layers(cfg, axis)
-                if len(value) != layers:
-                    raise ConfigError(_key(i, f"widths.{axis}"), list(value), f"a per-layer list needs one width per layer with the axis ({layers})")
-                for v in value:
-                    check_width(cfg, axis, v, _key(i, f"widths.{axis}"), parallel)
-            else:
-                check_width(cfg, axis, value, _key(i, f"widths.{axis}"), parallel)
-        candidates = {}
-        for axis, values in b.candidates.items():
-            values = list(values)
-            if not values:
-                raise ConfigError(_key(i, f"candidates.{axis}"), values, "needs at least one width")
-            for v in values:
-                check_width(cfg, axis, v, _key(i, f"candidates.{axis}"), parallel)
-            if len(set(values)) != len(values):
-                raise ConfigError(_key(i, f"candidates.{axis}"), values, "candidate widths must be distinct")
-            candidates[axis] = sorted(values)
-        fixed = full.replace(**dict(b.widths))
-        if b.target is None:
-            if candidates:
-                raise ConfigError(_key(i, "target"), None, "a budget with router candidates needs a target")
-            target = float(model_cost(cfg, fixed, b.target_kind))
-        else:
-            target = float(b.target)
-            if not (math.isfinite(target) and target > 0):
-                raise ConfigError(_key(i, "target"), b.target, "must be a positive number")
-        # Reachability: the cheapest and the most expensive choice must bracket the target.
-        lo = fixed.replace(**{a: v[0] for a, v in candidates.items()})
-        hi = fixed.replace(**{a: v[-1] for a, v in candidates.items()})
-        cost_lo, cost_hi = model_cost(cfg, lo, b.target_kind), model_cost(cfg, hi, b.target_kind)
-        tolerance = 0.02
-        if candidates and not cost_lo * (1 - tolerance) <= target <= cost_hi * (1 + tolerance):
-            raise ConfigError(_key(i, "target"), b.target,
-                              f"no candidate reaches it: the candidates give {b.target_kind} between {cost_lo:,} and {cost_hi:,}")
-        if not candidates and b.target is not None and abs(cost_lo - target) > tolerance * target:
-            raise ConfigError(_key(i, "target"), b.target,
-                              f"the pinned widths give {b.target_kind}={cost_lo:,}, more than 2% away; set target to null or fix the widths")
-        out.append(ResolvedBudget(b.name, b.target_kind, target, fixed, candidates))
-    for i in range(1, len(out)):
-        if out[i].target_kind != out[0].target_kind:
-            raise ConfigError(_key(i, "target_kind"), out[i].target_kind, f"all budgets must use one target kind ({out[0].target_kind})")
-        if not out[i].target < out[i - 1].target:
-            raise ConfigError(_key(i, "target"), out[i].target,
-                              f"budgets must be listed largest first: {out[i].name} is not below {out[i - 1].name} ({out[i - 1].target:,.0f})")
-    return out
-
-
-def validate_elastic(spec: ElasticConfig, cfg: ModelConfig, parallel=None) -> list[ResolvedBudget]:
-    """All elastic checks (`parallel`: the layout the budgets must fit); returns the
-    resolved budgets."""
-    budgets = resolve_budgets(spec, cfg, parallel)
     if cfg.backend != "local":
         raise ConfigError("model.backend", cfg.backend, "elastic masks hook the local backend's separate norms; allowed: local")
     r, d, c = spec.router, spec.distill, spec.curriculum
@@ -206,13 +118,12 @@ def validate_elastic(spec: ElasticConfig, cfg: ModelConfig, parallel=None) -> li
         raise ConfigError("elastic.distill.lm_loss_weight", d.lm_loss_weight, "must be >= 0")
     if c.budget_probs is not None:
         probs = list(c.budget_probs)
-        if len(probs) != len(budgets):
-            raise ConfigError("elastic.curriculum.budget_probs", probs, f"needs one probability per budget ({len(budgets)}: {[b.name for b in budgets]})")
+        if len(probs) != len(spec.budgets):
+            raise ConfigError("elastic.curriculum.budget_probs", probs, f"needs one probability per budget ({len(spec.budgets)}: {[b.name for b in spec.budgets]})")
         if any(p < 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
             raise ConfigError("elastic.curriculum.budget_probs", probs, "must be non-negative and sum to 1")
     require_positive_int("elastic.curriculum.budgets_per_batch", c.budgets_per_batch)
-    nonzero = len(budgets) if c.budget_probs is None else sum(p > 0 for p in c.budget_probs)
+    nonzero = len(spec.budgets) if c.budget_probs is None else sum(p > 0 for p in c.budget_probs)
     if c.budgets_per_batch > nonzero:
         raise ConfigError("elastic.curriculum.budgets_per_batch", c.budgets_per_batch, f"must be <= the number of budgets with p > 0 ({nonzero})")
     require_positive_int("elastic.importance.calibration_batches", spec.importance.calibration_batches)
-    return budgets

@@ -15,9 +15,12 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from elastic_megatron.config.elastic import ElasticConfig, validate_elastic
+from elastic_megatron.config.elastic import ElasticConfig, validate_elastic_settings
 from elastic_megatron.config.errors import ConfigError, require_choice, require_positive_int
-from elastic_megatron.config.model import ModelConfig, expert_tensor_parallel, validate_model_config, validate_parallel_layout
+from elastic_megatron.config.model import ModelConfig, validate_model_config
+from elastic_megatron.config.parallel import (
+    ParallelConfig, layout_data_parallel, require_batch_split, require_sequence_split, validate_parallel_layout,
+)
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DECAY_STYLES = ("constant", "linear", "cosine")
@@ -83,21 +86,6 @@ class TrainerConfig:
 
 
 @dataclass
-class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    # Expert tensor parallel size; null = tp (Megatron-LM's default).
-    etp: Optional[int] = None
-    sequence_parallel: bool = False
-    # Pipeline stages as the hybrid pattern cut by '|' (e.g. "M*EM|EM-E"); null = an even
-    # split of the layers. Megatron-Core 0.16 needs the middle stages equally long.
-    pp_layout: Optional[str] = None
-    # Megatron's distributed optimizer when DP > 1 (GPU runs).
-    distributed_optimizer: bool = True
-
-
-@dataclass
 class LoggerConfig:
     type: str = "none"
     project: str = "elastic_megatron"
@@ -129,41 +117,13 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="job_schema", node=JobConfig)
 
 
-def layout_data_parallel(p: ParallelConfig, world_size: int) -> int:
-    """The data-parallel size of layout `p` on `world_size` ranks; ConfigError when the
-    layout does not tile the world (model parallel ranks, experts over a stage's ranks)."""
-    model_parallel = p.tp * p.pp
-    if world_size % model_parallel:
-        raise ConfigError("parallel.tp", p.tp, f"tp * pp = {model_parallel} must divide the world size {world_size}")
-    dp = world_size // model_parallel
-    experts = p.ep * expert_tensor_parallel(p)
-    if p.ep > 1 and (dp * p.tp) % experts:
-        raise ConfigError("parallel.ep", p.ep, f"ep x etp = {experts} must divide dp x tp = {dp * p.tp} "
-                          "(experts are spread over the data- and tensor-parallel ranks of a stage)")
-    return dp
-
-
-def data_parallel_size(job: JobConfig, world_size: int) -> int:
-    return layout_data_parallel(job.parallel, world_size)
-
-
-def require_batch_split(global_batch_size: int, micro_batch_size: int, dp: int, prefix: str = "trainer.") -> None:
-    """The global batch must be whole micro-batches on every data-parallel rank."""
-    if global_batch_size % (micro_batch_size * dp):
-        raise ConfigError(
-            f"{prefix}global_batch_size", global_batch_size,
-            f"must be divisible by {prefix}micro_batch_size ({micro_batch_size}) x data-parallel size ({dp}) = {micro_batch_size * dp}",
-        )
-
-
 def validate_job(job: JobConfig, world_size: int = 1) -> None:
     """Every check that does not need data on disk; raises ConfigError."""
     validate_model_config(job.model)
     p, t, d = job.parallel, job.trainer, job.data
     validate_parallel_layout(job.model, p)
-    dp = data_parallel_size(job, world_size)
-    if p.sequence_parallel and d.seq_length % p.tp:
-        raise ConfigError("data.seq_length", d.seq_length, f"must be divisible by parallel.tp={p.tp} under sequence parallelism")
+    dp = layout_data_parallel(p, world_size)
+    require_sequence_split(d.seq_length, p)
     for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_interval", "eval_iters", "save_interval"):
         require_positive_int(f"trainer.{key}", getattr(t, key))
     require_batch_split(t.global_batch_size, t.micro_batch_size, dp)
@@ -175,6 +135,15 @@ def validate_job(job: JobConfig, world_size: int = 1) -> None:
         raise ConfigError("trainer.warmup_steps", t.warmup_steps, "must be an integer >= 0")
     if t.lr_decay_steps is not None and not 0 < t.lr_decay_steps:
         raise ConfigError("trainer.lr_decay_steps", t.lr_decay_steps, "must be a positive integer or null")
+    if not t.weight_decay >= 0:
+        raise ConfigError("trainer.weight_decay", t.weight_decay, "must be >= 0")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(t, key) < 1:
+            raise ConfigError(f"trainer.{key}", getattr(t, key), "must be in [0, 1)")
+    if not t.adam_eps > 0:
+        raise ConfigError("trainer.adam_eps", t.adam_eps, "must be a positive number")
+    if not t.peak_flops > 0:
+        raise ConfigError("trainer.peak_flops", t.peak_flops, "must be a positive number (FLOP/s of one accelerator)")
     if t.clip_grad < 0:
         raise ConfigError("trainer.clip_grad", t.clip_grad, "must be >= 0 (0 disables clipping)")
     if t.step_sleep_s < 0:
@@ -192,12 +161,14 @@ def validate_job(job: JobConfig, world_size: int = 1) -> None:
     if job.run.task == "importance" and not job.elastic.parent_checkpoint:
         raise ConfigError("elastic.parent_checkpoint", None, "the importance task needs the parent to sort (a run dir or checkpoint dir)")
     if job.run.task == "train" and job.elastic.enabled:
-        validate_elastic(job.elastic, job.model, p)
+        # The budgets' widths are checked where the elastic step is built
+        # (elastic.budgets.resolve_budgets), before anything is allocated.
+        validate_elastic_settings(job.elastic, job.model)
         if not job.elastic.teacher_checkpoint:
             raise ConfigError("elastic.teacher_checkpoint", None, "elastic training needs the sorted parent (the importance run dir)")
 
 
 __all__ = [
     "JobConfig", "RunConfig", "DataConfig", "TrainerConfig", "ParallelConfig", "LoggerConfig",
-    "ClusterConfig", "ElasticConfig", "register_configs", "validate_job", "data_parallel_size", "MISSING",
+    "ClusterConfig", "ElasticConfig", "register_configs", "validate_job", "MISSING",
 ]

@@ -31,7 +31,8 @@ import yaml
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.config.model import ATTENTION, MAMBA, MLP, MOE, ModelConfig
 from elastic_megatron.convert.tensors import TensorSource
-from elastic_megatron.training import checkpointing
+from elastic_megatron.checkpoint import store
+from elastic_megatron.checkpoint.metadata import checkpoint_model_config
 
 _METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                   "common_backend": "torch", "common_backend_version": 1}
@@ -119,8 +120,8 @@ class DistCheckpointSource(TensorSource):
     def __init__(self, path: str | Path):
         from torch.distributed.checkpoint import FileSystemReader
 
-        self.dir = checkpointing.resolve_checkpoint_dir(path)
-        self.cfg, self.meta = checkpointing.checkpoint_model_config(self.dir)
+        self.dir = store.resolve_checkpoint_dir(path)
+        self.cfg, self.meta = checkpoint_model_config(self.dir)
         self.reader = FileSystemReader(str(self.dir))
         metadata = self.reader.read_metadata()
         _check_shard_files(self.dir, metadata)
@@ -244,7 +245,7 @@ def write_dist_checkpoint(run_dir: str | Path, cfg: ModelConfig, flat: TensorSou
         # key's objects on this rank; the planner serialises it.
         state[key] = [None]
 
-    final = checkpointing.iteration_dir(run_dir, step)
+    final = store.iteration_dir(run_dir, step)
     final.mkdir(parents=True, exist_ok=False)
     # One file per tensor (or expert chunk): torch's FileSystemWriter keeps every tensor
     # of a file in memory until that file is closed (torch 2.13), so one file per rank
@@ -253,10 +254,10 @@ def write_dist_checkpoint(run_dir: str | Path, cfg: ModelConfig, flat: TensorSou
     dcp.save(state, storage_writer=FileSystemWriter(str(final), thread_count=1, single_file_per_rank=False),
              planner=planner, no_dist=True)
     planner.bar.close()
-    torch.save({"step": step, "consumed_samples": 0, "format_version": checkpointing.FORMAT_VERSION,
+    torch.save({"step": step, "consumed_samples": 0, "format_version": store.FORMAT_VERSION,
                 "meta": meta, "extra": {}}, final / "common.pt")
     (final / "metadata.json").write_text(json.dumps(_METADATA_JSON))
-    (checkpointing.checkpoint_root(run_dir) / checkpointing.TRACKER).write_text(f"{step}\n")
+    (store.checkpoint_root(run_dir) / store.TRACKER).write_text(f"{step}\n")
     return final
 
 

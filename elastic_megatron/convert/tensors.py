@@ -48,20 +48,6 @@ class TensorSource:
         return self._get(name, meta=True)
 
 
-class DictSource(TensorSource):
-    """An in-memory state dict as a source (tests, small models)."""
-
-    def __init__(self, tensors: dict):
-        self.tensors = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def _get(self, name: str, meta: bool) -> torch.Tensor:
-        t = self.tensors[name]
-        return torch.empty(t.shape, dtype=t.dtype, device="meta") if meta else t
-
-
 class MappedSource(TensorSource):
     """Each output name is a function of some input tensors of `base`:
     `rules[name] = (input names, fn)`, fn(*inputs) -> tensor (also run on meta tensors)."""

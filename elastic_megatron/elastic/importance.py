@@ -25,13 +25,9 @@ from typing import Optional
 
 import torch
 
-from megatron.core.ssm.mamba_layer import MambaLayer
-from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.transformer_layer import TransformerLayer
-
 from elastic_megatron.config.model import ModelConfig
 from elastic_megatron.elastic.reindex import LayerIndex, ModelIndex
-from elastic_megatron.models.norms import RMSNorm
+from elastic_megatron.elastic.sites import hidden_norms, layer_sites
 
 
 @dataclass
@@ -83,33 +79,30 @@ class ImportanceCollector:
         self.handles = []
         self.hidden = _Sum()
         self.layer_stats: list[dict] = []
-        for module in model.modules():
-            if type(module) is RMSNorm:
-                self._hook(module, self._on_norm, pre=False)
-        for layer in model.decoder.layers:
+        for norm in hidden_norms(model):
+            self._hook(norm, self._on_norm, pre=False)
+        for site in layer_sites(model, cfg):
             stats: dict = {}
             self.layer_stats.append(stats)
-            if isinstance(layer, MambaLayer):
+            if site.mamba is not None:
                 stats["mamba_heads"], stats["mamba_head_dim"] = _Sum(), _Sum()
-                self._hook(layer.mixer.out_proj, self._mamba(stats, layer.mixer), pre=True)
-            elif isinstance(layer, TransformerLayer):
-                mlp = layer.mlp
-                if isinstance(mlp, MoELayer):
-                    n = len(mlp.experts.local_experts)
-                    stats["moe_ffn"] = [_Sum() for _ in range(n)]
-                    stats["reap"] = [_Sum() for _ in range(n)]
-                    for e, expert in enumerate(mlp.experts.local_experts):
-                        self._hook(expert.linear_fc2, self._channels(stats["moe_ffn"][e]), pre=True)
-                        self._hook(expert, self._reap(stats["reap"][e]), pre=False)
-                    if mlp.shared_experts is not None:
-                        stats["shared_ffn"] = _Sum()
-                        self._hook(mlp.shared_experts.linear_fc2, self._channels(stats["shared_ffn"]), pre=True)
-                elif hasattr(mlp, "linear_fc2"):
-                    stats["ffn"] = _Sum()
-                    self._hook(mlp.linear_fc2, self._channels(stats["ffn"]), pre=True)
-                if hasattr(layer.self_attention, "core_attention"):
-                    stats["attn_heads"] = _Sum()
-                    self._hook(layer.self_attention.core_attention, self._attention(stats["attn_heads"]), pre=False)
+                self._hook(site.mamba.out_proj, self._mamba(stats, site.mamba), pre=True)
+            elif site.moe is not None:
+                n = len(site.moe.experts)
+                stats["moe_ffn"] = [_Sum() for _ in range(n)]
+                stats["reap"] = [_Sum() for _ in range(n)]
+                for e, expert in enumerate(site.moe.experts):
+                    self._hook(expert.linear_fc2, self._channels(stats["moe_ffn"][e]), pre=True)
+                    self._hook(expert, self._reap(stats["reap"][e]), pre=False)
+                if site.moe.shared_fc2 is not None:
+                    stats["shared_ffn"] = _Sum()
+                    self._hook(site.moe.shared_fc2, self._channels(stats["shared_ffn"]), pre=True)
+            elif site.mlp_fc2 is not None:
+                stats["ffn"] = _Sum()
+                self._hook(site.mlp_fc2, self._channels(stats["ffn"]), pre=True)
+            elif site.core_attention is not None:
+                stats["attn_heads"] = _Sum()
+                self._hook(site.core_attention, self._attention(stats["attn_heads"]), pre=False)
 
     def _hook(self, module, fn, pre: bool) -> None:
         if pre:

@@ -50,15 +50,13 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core import parallel_state
-from megatron.core.ssm.mamba_layer import MambaLayer
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
-from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from elastic_megatron.config.model import ATTENTION, MAMBA, MLP, MOE, ModelConfig
+from elastic_megatron.config.model import ModelConfig
+from elastic_megatron.elastic.sites import hidden_norms, layer_sites
 from elastic_megatron.elastic.widths import Widths, axis_group_count, full_widths
 from elastic_megatron.models.mamba_mixer import HybridMambaMixer
 from elastic_megatron.models.norms import RMSNorm
@@ -285,36 +283,21 @@ class ElasticHooks:
         self.mamba = MambaMasker(self.state)
         self.ffn = FFNMasker(self.state)
         self.experts = ExpertMasker(self.state)
-        for module in model.modules():
-            if type(module) is RMSNorm:
-                self.norms.attach(module)
-        # Position among the pattern's layers of a type; a pipeline stage starts counting
-        # after the layers of the stages before it.
-        layers = model.decoder.layers
-        offset = layers[0].layer_number - 1 if len(layers) else 0
-        before = cfg.hybrid_pattern[:offset]
-        seen = {"mamba": before.count(MAMBA), "moe": before.count(MOE), "mlp": before.count(MLP),
-                "attention": before.count(ATTENTION)}
-        for layer in layers:
-            if isinstance(layer, MambaLayer):
-                self.mamba.attach(layer.mixer, seen["mamba"])
-                seen["mamba"] += 1
-            elif isinstance(layer, TransformerLayer):
-                mlp = layer.mlp
-                if isinstance(mlp, MoELayer):
-                    k = seen["moe"]
-                    self.experts.attach(mlp.router, k)
-                    for expert in mlp.experts.local_experts:
-                        self.ffn.attach(expert.linear_fc2, "moe_ffn", k)
-                    if mlp.shared_experts is not None:
-                        self.ffn.attach(mlp.shared_experts.linear_fc2, "shared_ffn", k)
-                    seen["moe"] += 1
-                elif hasattr(mlp, "linear_fc2"):
-                    self.ffn.attach(mlp.linear_fc2, "ffn", seen["mlp"])
-                    seen["mlp"] += 1
-                if hasattr(layer.self_attention, "core_attention"):
-                    self.attention.attach(layer.self_attention.core_attention, cfg.head_dim, seen["attention"])
-                    seen["attention"] += 1
+        for norm in hidden_norms(model):
+            self.norms.attach(norm)
+        for site in layer_sites(model, cfg):
+            if site.mamba is not None:
+                self.mamba.attach(site.mamba, site.index)
+            elif site.moe is not None:
+                self.experts.attach(site.moe.router, site.index)
+                for expert in site.moe.experts:
+                    self.ffn.attach(expert.linear_fc2, "moe_ffn", site.index)
+                if site.moe.shared_fc2 is not None:
+                    self.ffn.attach(site.moe.shared_fc2, "shared_ffn", site.index)
+            elif site.mlp_fc2 is not None:
+                self.ffn.attach(site.mlp_fc2, "ffn", site.index)
+            elif site.core_attention is not None:
+                self.attention.attach(site.core_attention, cfg.head_dim, site.index)
 
     def set(self, masks: Optional[ElasticMasks]) -> None:
         self.state.masks = self.sharding.local(masks)

@@ -36,7 +36,7 @@ from typing import Iterable, Optional
 import torch
 
 from elastic_megatron.config.model import ATTENTION, MAMBA, MLP, MOE, ModelConfig
-from elastic_megatron.elastic.widths import Widths, full_widths
+from elastic_megatron.elastic.widths import Widths
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
@@ -98,10 +98,6 @@ def prefix_index(cfg: ModelConfig, w: Widths) -> ModelIndex:
                 li.shared_ffn = torch.arange(w.shared_ffn)
         layers.append(li)
     return ModelIndex(torch.arange(w.hidden), layers)
-
-
-def identity_index(cfg: ModelConfig) -> ModelIndex:
-    return prefix_index(cfg, full_widths(cfg))
 
 
 def _flat_heads(within_group: torch.Tensor, heads_per_group: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from elastic_megatron.config.elastic import ResolvedBudget
+from elastic_megatron.elastic.budgets import ResolvedBudget
 from elastic_megatron.config.model import ModelConfig
 from elastic_megatron.elastic.widths import AXES, Widths, axis_layers, model_cost
 

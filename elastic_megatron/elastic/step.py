@@ -20,76 +20,24 @@ import torch
 
 from megatron.core import parallel_state
 
-from elastic_megatron.config.elastic import ResolvedBudget, validate_elastic
+from elastic_megatron.checkpoint.metadata import require_same_architecture
+from elastic_megatron.checkpoint.store import load_model_weights
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.config.model import ModelConfig
 from elastic_megatron.distill.losses import kd_loss, router_loss
+from elastic_megatron.elastic.budgets import ResolvedBudget, budgets_meta, resolve_budgets
 from elastic_megatron.elastic.masks import ElasticHooks, hard_masks, mixture_masks
 from elastic_megatron.elastic.router import BudgetRouter, gumbel_softmax, temperature_at
 from elastic_megatron.elastic.widths import Widths, model_cost
+from elastic_megatron.models.forward import output_layer, stage_hidden, unwrap
 from elastic_megatron.models.hybrid import build_model
 from elastic_megatron.parallel.collectives import all_reduce_mean_, all_reduce_sum_
 from elastic_megatron.parallel.pipeline import forward_only, from_last_stage
-from elastic_megatron.training import checkpointing
-
-# Fields that must agree between a checkpoint and the model it is loaded into.
-ARCHITECTURE_FIELDS = (
-    "hybrid_pattern", "hidden_size", "vocab_size", "num_attention_heads", "num_query_groups", "head_dim",
-    "mamba_num_heads", "mamba_head_dim", "mamba_state_dim", "mamba_num_groups", "mamba_conv_kernel",
-    "ffn_hidden_size", "moe_num_experts", "moe_router_topk", "moe_ffn_hidden_size",
-    "moe_shared_expert_ffn_hidden_size", "moe_router_score_function", "activation",
-)
-
-
-def recorded_budgets(meta: dict, where) -> list[tuple[str, Widths]]:
-    """(name, resolved widths) of every budget an elastic checkpoint's meta records
-    (written by `ElasticDistillStep.checkpoint_meta`); ConfigError if it is not elastic."""
-    elastic = meta.get("elastic") or {}
-    if not meta.get("sort_index") or not elastic.get("budgets"):
-        raise ConfigError("elastic checkpoint", str(where),
-                          "is not elastic: its metadata has no sort_index and resolved budget architectures "
-                          "(use the output of an elastic stage1/stage2 run)")
-    return [(b["name"], Widths(**{k: tuple(v) if isinstance(v, list) else v for k, v in b["widths"].items()}))
-            for b in elastic["budgets"]]
-
-
-def require_same_architecture(expected: ModelConfig, path, key: str) -> dict:
-    """Raise ConfigError naming every field where checkpoint `path` differs from `expected`."""
-    try:
-        found, meta = checkpointing.checkpoint_model_config(path)
-    except FileNotFoundError as err:
-        raise ConfigError(key, str(path), f"no checkpoint there ({err})") from None
-    diffs = [f"{f}: checkpoint {getattr(found, f)!r} vs model {getattr(expected, f)!r}"
-             for f in ARCHITECTURE_FIELDS if getattr(found, f) != getattr(expected, f)]
-    if diffs:
-        raise ConfigError(key, str(path), "architecture does not match the model config: " + "; ".join(diffs))
-    return meta
-
-
-def stage_hidden(model, tokens: torch.Tensor, position_ids: torch.Tensor, received: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """This pipeline stage's decoder output, [s, b, h] ([s / tp, b, h] under sequence
-    parallelism): MambaModel.forward up to the output layer, so KD can run the output
-    layer chunk by chunk. The first stage embeds `tokens`; later ones start from `received`;
-    the last stage's output is after the final norm."""
-    m = getattr(model, "module", model)
-    if m.pre_process:
-        return m.decoder(hidden_states=m.embedding(input_ids=tokens, position_ids=position_ids), attention_mask=None)
-    m.decoder.set_input_tensor(received)
-    return m.decoder(hidden_states=None, attention_mask=None)
-
+from elastic_megatron.training.steps import StepFunction
 
 def _slot(received: Optional[torch.Tensor], j: int) -> Optional[torch.Tensor]:
     """Entry j of the stacked hidden states a pipeline stage received (None on the first stage)."""
     return None if received is None else received[j]
-
-
-def final_hidden(model, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """The whole model's final hidden states (one pipeline stage)."""
-    return stage_hidden(model, tokens, position_ids)
-
-
-def _output_layer(model):
-    return getattr(model, "module", model).output_layer
 
 
 class BudgetSampler:
@@ -104,12 +52,13 @@ class BudgetSampler:
         return torch.multinomial(self.probs, self.per_batch, replacement=False, generator=self.generator).tolist()
 
 
-class ElasticDistillStep:
+class ElasticDistillStep(StepFunction):
     def __init__(self, job):
         self.job = job
         self.cfg: ModelConfig = job.model
         self.spec = job.elastic
-        self.budgets: list[ResolvedBudget] = validate_elastic(job.elastic, job.model, job.parallel)
+        # The budgets' widths are checked here, once (validate_job checked the other settings).
+        self.budgets: list[ResolvedBudget] = resolve_budgets(job.elastic, job.model, job.parallel)
         self.generator = torch.Generator().manual_seed(job.run.seed + 7919)
         self.sampler = BudgetSampler(self.spec.curriculum.budget_probs, len(self.budgets),
                                      self.spec.curriculum.budgets_per_batch, self.generator)
@@ -135,15 +84,15 @@ class ElasticDistillStep:
         job, spec = self.job, self.spec
         init = spec.init_checkpoint or spec.teacher_checkpoint
         self.teacher = build_model(self.cfg, params_dtype=params_dtype, parallel=job.parallel)
-        checkpointing.load_model_weights(spec.teacher_checkpoint, self.teacher)
+        load_model_weights(spec.teacher_checkpoint, self.teacher)
         self.teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        common = checkpointing.load_model_weights(init, getattr(model, "module", model))
+        common = load_model_weights(init, unwrap(model))
         router_state = (common.get("extra") or {}).get("router")
         if router_state is not None:  # stage 2 continues stage 1's router
             self.router.load_state_dict(router_state["params"])
-        self.hooks = ElasticHooks(getattr(model, "module", model), self.cfg)
+        self.hooks = ElasticHooks(unwrap(model), self.cfg)
         device = next(model.parameters()).device
         self.router.to(device)
 
@@ -179,9 +128,6 @@ class ElasticDistillStep:
             chosen[a] = float((y.detach() @ torch.tensor(candidates[a], dtype=y.dtype, device=y.device)).mean())
         return masks, loss, {"expected_cost": expected.item(), "widths": chosen}
 
-    def __call__(self, model, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
-        return self.stage_forward(model, batch, step, None)
-
     def stage_forward(self, model, batch: dict, step: int, received: Optional[torch.Tensor]):
         """This pipeline stage's part of one micro-batch (see parallel/pipeline.py).
 
@@ -206,7 +152,7 @@ class ElasticDistillStep:
         total = 0.0
         metrics: dict = {"temperature": self.temperature(step)}
         for hidden, (budget, r_loss, info) in zip(hiddens, sampled):
-            kd, lm = kd_loss(hidden, teacher_hidden, _output_layer(model), _output_layer(self.teacher),
+            kd, lm = kd_loss(hidden, teacher_hidden, output_layer(model), output_layer(self.teacher),
                              batch["loss_mask"], d.temperature, d.chunk_tokens, d.top_k,
                              labels=batch["labels"] if d.lm_loss_weight > 0 else None)
             loss = kd
@@ -251,9 +197,10 @@ class ElasticDistillStep:
         return {b.name: (self.router.resolve_budget(i) if b.routed else b.fixed) for i, b in enumerate(self.budgets)}
 
     @torch.no_grad()
-    def validate(self, model, batches: list[dict]) -> dict[str, float]:
-        """Validation LM and KD loss of every budget's resolved architecture (hard masks);
-        computed on the last pipeline stage, returned on every rank."""
+    def validate(self, model, batches: list[dict], step: int = 0) -> dict[str, float]:
+        """Validation LM and KD loss of every budget's resolved architecture (hard masks),
+        and `valid_loss`, their mean over budgets; computed on the last pipeline stage,
+        returned on every rank."""
         out = {}
         model.eval()
         last = parallel_state.is_pipeline_last_stage()
@@ -269,7 +216,7 @@ class ElasticDistillStep:
                 for batch in batches:
                     hidden = forward_only(lambda received, b=batch: pair(b, received))
                     if last:
-                        kd, lm = kd_loss(hidden[1], hidden[0], _output_layer(model), _output_layer(self.teacher),
+                        kd, lm = kd_loss(hidden[1], hidden[0], output_layer(model), output_layer(self.teacher),
                                          batch["loss_mask"], self.spec.distill.temperature, self.spec.distill.chunk_tokens,
                                          labels=batch["labels"])
                         lm_sum += lm.item()
@@ -279,26 +226,31 @@ class ElasticDistillStep:
         finally:
             self.hooks.set(None)
             model.train()
+        per_budget = [out[k] for k in sorted(out) if k.endswith("/valid_loss")]
+        out["valid_loss"] = sum(per_budget) / len(per_budget)
         return from_last_stage(out)
+
+    def progress_lines(self, metrics: dict) -> list[str]:
+        """Per budget: KD loss and expected cost vs target; the router temperature."""
+        parts = []
+        for key in sorted(k for k in metrics if k.endswith("/kd_loss")):
+            name = key[: -len("/kd_loss")]
+            cost, target = metrics.get(f"{name}/expected_cost"), metrics.get(f"{name}/target")
+            cost_txt = f" cost {cost / target:.3f}x target" if cost is not None and target else ""
+            parts.append(f"{name}: kd {metrics[key]:.4f}{cost_txt}")
+        if not parts:
+            return []
+        return ["  ".join(parts) + f"  temperature {metrics.get('temperature', float('nan')):.3f}"]
+
+    def validation_lines(self, metrics: dict) -> list[str]:
+        return [f"{key[: -len('/valid_loss')]}: validation loss {metrics[key]:.4f}  kd {metrics[key[: -len('valid_loss')] + 'valid_kd']:.4f}"
+                for key in sorted(k for k in metrics if k.endswith("/valid_loss"))]
 
     def checkpoint_meta(self) -> dict:
         """What slicing and later stages read: the sort applied, the budgets and their
         resolved architectures and costs."""
-        archs = self.resolved_widths()
-        return {
-            "sort_index": self.teacher_meta.get("sort_index"),
-            "elastic": {
-                "spec": self.spec.name,
-                "teacher_checkpoint": str(self.spec.teacher_checkpoint),
-                "budgets": [
-                    {"name": b.name, "target_kind": b.target_kind, "target": b.target,
-                     "widths": archs[b.name].as_dict(),
-                     "total_params": int(model_cost(self.cfg, archs[b.name], "total_params")),
-                     "active_params": int(model_cost(self.cfg, archs[b.name], "active_params"))}
-                    for b in self.budgets
-                ],
-            },
-        }
+        return {"sort_index": self.teacher_meta.get("sort_index"),
+                "elastic": budgets_meta(self.spec, self.cfg, self.budgets, self.resolved_widths())}
 
     def state_dict(self) -> dict:
         return {"router": {"params": self.router.state_dict(), "optimizer": self.router_optimizer.state_dict()},

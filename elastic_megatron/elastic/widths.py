@@ -37,7 +37,8 @@ from typing import Union
 import torch
 
 from elastic_megatron.config.errors import ConfigError
-from elastic_megatron.config.model import ATTENTION, MAMBA, MLP, MOE, ModelConfig, expert_tensor_parallel
+from elastic_megatron.config.model import ATTENTION, MAMBA, MLP, MOE, ModelConfig
+from elastic_megatron.config.parallel import expert_tensor_parallel
 
 AXES = ("hidden", "attn_heads", "mamba_heads", "mamba_head_dim", "ffn", "moe_ffn", "moe_experts", "shared_ffn")
 TARGET_KINDS = ("total_params", "active_params", "memory_bytes")
@@ -211,8 +212,3 @@ def model_cost(cfg: ModelConfig, w, kind: str = "total_params") -> Number:
     if kind == "memory_bytes":
         return 2 * total
     return total
-
-
-def describe(w: Widths) -> str:
-    return " ".join(f"{a}={getattr(w, a)}" for a in AXES)
-

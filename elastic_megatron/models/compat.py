@@ -176,7 +176,8 @@ def apply() -> None:
             patch()
             _applied.add(patch.__name__)
             log.debug("applied Megatron-Core compat patch %s", patch.__name__)
-
-
-def applied() -> list[str]:
-    return sorted(_applied)
+    if torch.cuda.is_available() and not have_transformer_engine() and "te_note" not in _applied:
+        _applied.add("te_note")
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print("note: Transformer Engine is not installed: Megatron-Core's local modules, Torch norms and "
+                  "optimizers are used (model.backend=te needs it)", flush=True)

@@ -13,8 +13,9 @@ from megatron.core.activations import squared_relu
 from megatron.core.models.mamba.mamba_model import MambaModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from elastic_megatron.config.model import ModelConfig, expert_tensor_parallel, validate_model_config, validate_parallel_layout
-from elastic_megatron.config.schema import ParallelConfig
+from elastic_megatron.config.errors import ConfigError
+from elastic_megatron.config.model import ModelConfig, validate_model_config
+from elastic_megatron.config.parallel import ParallelConfig, expert_tensor_parallel, validate_parallel_layout
 from elastic_megatron.models import compat
 from elastic_megatron.models.specs import hybrid_stack_spec
 
@@ -123,8 +124,6 @@ def build_model(
     layout = parallel if parallel is not None else ParallelConfig()
     validate_parallel_layout(cfg, layout)
     if cfg.backend == "te" and not compat.have_transformer_engine():
-        from elastic_megatron.config.errors import ConfigError
-
         raise ConfigError("model.backend", "te", "Transformer Engine is not installed here; use model.backend=local")
     compat.apply()
     tcfg = to_transformer_config(cfg, params_dtype, layout)

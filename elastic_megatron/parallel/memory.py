@@ -25,7 +25,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from elastic_megatron.config.model import ATTENTION, MAMBA, MLP, MOE, ModelConfig, expert_tensor_parallel, pipeline_stages
+from elastic_megatron.config.model import ATTENTION, MAMBA, MLP, MOE, ModelConfig
+from elastic_megatron.config.parallel import expert_tensor_parallel, pipeline_stages
 from elastic_megatron.models.counter import model_size
 
 GIB = 2**30

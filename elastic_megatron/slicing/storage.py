@@ -50,17 +50,6 @@ def analytic_storage(cfg: ModelConfig, budgets: list[tuple[str, Widths]]) -> Sto
     )
 
 
-def spec_budgets(cfg: ModelConfig, spec) -> tuple[list[tuple[str, Widths]], list[str]]:
-    """Budgets of an elastic recipe with fixed widths, and the names of router-chosen ones
-    (their widths exist only after training: read them from a checkpoint)."""
-    from elastic_megatron.config.elastic import resolve_budgets
-
-    fixed, routed = [], []
-    for b in resolve_budgets(spec, cfg):
-        (routed.append(b.name) if b.routed else fixed.append((b.name, b.fixed)))
-    return fixed, routed
-
-
 def _dir_bytes(directory: Path) -> dict[str, int]:
     return {str(p): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
 
@@ -73,11 +62,11 @@ def measured_storage(checkpoint: str | Path, workdir: Optional[str | Path] = Non
             return measured_storage(checkpoint, tmp)
     from elastic_megatron.convert.hf_checkpoint import export_hf
     from elastic_megatron.convert.megatron_dist import DistCheckpointSource
-    from elastic_megatron.elastic.step import recorded_budgets
-    from elastic_megatron.slicing.zero_shot import elastic_budget, slice_checkpoint
+    from elastic_megatron.elastic.budgets import recorded_budget, recorded_budgets
+    from elastic_megatron.slicing.zero_shot import slice_checkpoint
 
     src = DistCheckpointSource(checkpoint)
-    budgets = [elastic_budget(src.meta, name, checkpoint) for name, _ in recorded_budgets(src.meta, checkpoint)]
+    budgets = [(name, recorded_budget(src.meta, name, checkpoint)) for name, _ in recorded_budgets(src.meta, checkpoint)]
     report = analytic_storage(src.cfg, budgets)
     root = Path(workdir)
     export_hf(src.dir, root / "elastic", "bf16")

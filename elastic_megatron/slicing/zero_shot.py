@@ -16,18 +16,8 @@ from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.convert.megatron_dist import DistCheckpointSource
 from elastic_megatron.convert.output import FORMATS, check_target, precision_dtype, staged, write_hf, write_megatron
 from elastic_megatron.elastic.reindex import prefix_index, reindex_source
-from elastic_megatron.elastic.step import recorded_budgets
-from elastic_megatron.elastic.widths import Widths, model_cost, sub_model_config
-
-
-def elastic_budget(meta: dict, size: str, source) -> tuple[str, Widths]:
-    """The (name, widths) of budget `size` recorded in an elastic checkpoint's meta."""
-    budgets = dict(recorded_budgets(meta, source))
-    if size not in budgets:
-        raise ConfigError("--size", size, f"is not a budget of this checkpoint; allowed: {list(budgets)}")
-    if budgets[size].heterogeneous:
-        raise ConfigError("--size", size, "has per-layer widths, which have no uniform standalone config; slice a uniform budget")
-    return size, budgets[size]
+from elastic_megatron.elastic.budgets import recorded_budget
+from elastic_megatron.elastic.widths import model_cost, sub_model_config
 
 
 def slice_checkpoint(source: str | Path, target: str | Path, size: str, precision: str = "bf16",
@@ -42,7 +32,7 @@ def slice_checkpoint(source: str | Path, target: str | Path, size: str, precisio
     dtype = precision_dtype(precision)
     target = check_target(target, overwrite)
     src = DistCheckpointSource(source)
-    size, widths = elastic_budget(src.meta, size, source)
+    widths = recorded_budget(src.meta, size, source)
     sub_cfg = sub_model_config(src.cfg, widths, name=name or f"{src.cfg.name}_{size}")
     sliced = reindex_source(src.cfg, prefix_index(src.cfg, widths), src)
     provenance = {"sliced_from": {"checkpoint": str(src.dir), "size": size, "widths": widths.as_dict(),

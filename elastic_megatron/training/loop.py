@@ -1,17 +1,15 @@
-"""The training loop shared by every stage.
+"""The training loop shared by every stage, read top to bottom in `Trainer.train`:
 
-    validate config and data -> init process groups -> build model, optimizer, schedule
-    -> resume from the run dir's latest checkpoint -> steps:
-         micro-batches (gradient accumulation) -> skip the update on NaN/Inf loss
-         -> optimizer + LR schedule -> log -> validate -> save -> stop on SIGTERM/USR1
-    -> COMPLETED marker when max_steps is reached
+    for each step:  train_step (micro-batches, gradient accumulation, optimizer; the
+                    update is skipped on a non-finite loss or gradient)
+                    -> log -> validate -> save (periodic, final, or on SIGTERM/USR1)
+    -> COMPLETED marker when trainer.max_steps is reached
 
-What a micro-batch computes is the pluggable `step_fn`: `LMStep` for pretraining,
-`ElasticDistillStep` when `elastic.enabled`. A step function may also define
-`setup(model, dtype)` (after the model is built, before resuming), `after_step(step, ok)`
-(after the optimizer step), `state_dict()/load_state_dict()` (checkpointed as `extra`),
-`checkpoint_meta()` (merged into the checkpoint metadata) and `validate(model, batches)`
-(per-budget validation metrics instead of the plain validation loss).
+`prepare_run` (training/run.py) has validated the job and built the model before the
+trainer exists; the trainer adds the optimizer, schedule, resume, data and logger.
+What a micro-batch computes is the step function (training/steps.py): `LMStep` for
+pretraining, `elastic.step.ElasticDistillStep` for elastic distillation, chosen by the
+caller (train.py dispatches on the job).
 """
 
 from __future__ import annotations
@@ -24,26 +22,26 @@ from typing import Callable, Optional
 
 import psutil
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from megatron.core import parallel_state
 
+from elastic_megatron.checkpoint import store
 from elastic_megatron.config.errors import ConfigError
-from elastic_megatron.config.schema import JobConfig, data_parallel_size, validate_job
-from elastic_megatron.data.datasets import DataSpec, build_datasets, load_tokenizer_for, make_loader, validate_data_spec
+from elastic_megatron.config.schema import JobConfig
 from elastic_megatron.models.counter import model_size
 from elastic_megatron.models.hybrid import build_model
-from elastic_megatron.parallel.pipeline import forward_backward, forward_only, from_last_stage
-from elastic_megatron.parallel.setup import dist_env, distributed
-from elastic_megatron.training import checkpointing
+from elastic_megatron.parallel.collectives import all_reduce_mean_
+from elastic_megatron.parallel.pipeline import forward_backward, from_last_stage
 from elastic_megatron.training.flops import flops_per_token
 from elastic_megatron.training.logging import MetricsLogger, is_rank0, print0
-from elastic_megatron.training.optim import build_optimizer, build_scheduler
+from elastic_megatron.training.optim import build_optimizer, build_scheduler, finish_backward, start_step
+from elastic_megatron.training.run import Run, prepare_run
 from elastic_megatron.training.signals import StopSignal
 from elastic_megatron.training.steps import LMStep, StepFunction
 
 COMPLETED = "COMPLETED"
+INDENT = " " * 12  # step-function lines sit under the step column of the progress line
 
 
 @dataclass
@@ -58,65 +56,14 @@ class TrainResult:
     stop_signal: Optional[str] = None
 
 
-def params_dtype(precision: str) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if precision == "bf16" and not torch.cuda.is_available():
-        raise ConfigError("trainer.precision", precision, "bf16 needs a GPU here; allowed on CPU: fp32, auto")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-
-
-def data_spec(job: JobConfig, run_dir: Path) -> DataSpec:
-    d = job.data
-    return DataSpec(
-        prefixes=list(d.prefixes),
-        weights=list(d.weights) if d.weights is not None else None,
-        split=d.split,
-        seq_length=d.seq_length,
-        seed=job.run.seed,
-        cache_dir=d.cache_dir or str(run_dir / "data_cache"),
-    )
-
-
-def _to_device(batch: dict) -> dict:
-    if torch.cuda.is_available():
-        return {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    return batch
-
-
-def _dp_mean(value: torch.Tensor) -> torch.Tensor:
-    group = parallel_state.get_data_parallel_group()
-    if dist.get_world_size(group) > 1:
-        value = value.clone()
-        dist.all_reduce(value, group=group)
-        value /= dist.get_world_size(group)
-    return value
-
-
-def _validation_batches(valid_ds, job: JobConfig) -> list[dict]:
-    loader = make_loader(valid_ds, 0, job.trainer.micro_batch_size,
-                         parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
-    return [_to_device(next(loader)) for _ in range(job.trainer.eval_iters)]
-
-
-@torch.no_grad()
-def evaluate(model, step_fn: StepFunction, valid_ds, job: JobConfig, step: int) -> dict[str, float]:
-    """Validation metrics over the first `eval_iters` micro-batches of the validation
-    split, averaged over data-parallel ranks; `valid_loss` is always among them."""
-    batches = _validation_batches(valid_ds, job)
-    if hasattr(step_fn, "validate"):
-        metrics = step_fn.validate(model, batches)
-        keys = sorted(metrics)
-        values = _dp_mean(torch.tensor([metrics[k] for k in keys], dtype=torch.float64))
-        out = dict(zip(keys, values.tolist()))
-        per_budget = [v for k, v in out.items() if k.endswith("/valid_loss")]
-        out["valid_loss"] = sum(per_budget) / len(per_budget) if per_budget else float("nan")
-        return out
-    model.eval()
-    losses = [forward_only(lambda received, b=batch: step_fn.stage_forward(model, b, step, received)) for batch in batches]
-    model.train()
-    losses = from_last_stage([loss[0].float() for loss in losses] if losses[0] is not None else None)
-    return {"valid_loss": _dp_mean(torch.stack(losses).mean().reshape(1))[0].item()}
+def dp_mean(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the data-parallel ranks (in float64, in key order; on the
+    GPU when there is one, since NCCL reduces device tensors only)."""
+    keys = sorted(values)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    all_reduce_mean_([tensor], parallel_state.get_data_parallel_group())
+    return dict(zip(keys, tensor.tolist()))
 
 
 def _mean_metrics(per_micro: list[dict]) -> dict[str, float]:
@@ -129,184 +76,159 @@ def _mean_metrics(per_micro: list[dict]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
-def _budget_line(metrics: dict) -> str:
-    """Console summary of elastic metrics: per budget KD loss and cost vs target."""
-    parts = []
-    for key in sorted(k for k in metrics if k.endswith("/kd_loss")):
-        name = key[: -len("/kd_loss")]
-        cost, target = metrics.get(f"{name}/expected_cost"), metrics.get(f"{name}/target")
-        cost_txt = f" cost {cost / target:.3f}x target" if cost is not None and target else ""
-        parts.append(f"{name}: kd {metrics[key]:.4f}{cost_txt}")
-    return "  ".join(parts)
-
-
 def _memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return psutil.Process().memory_info().rss / 2**30
 
 
-def train(job: JobConfig, step_fn: Optional[StepFunction] = None, model_builder: Callable = build_model) -> TrainResult:
-    """Run (or resume) the job described by `job`. Collective over all ranks."""
-    env = dist_env()
-    validate_job(job, env.world_size)
-    if job.run.task != "train":
-        raise ConfigError("run.task", job.run.task, "the training loop runs task=train; use elastic_megatron.train, which dispatches")
-    if step_fn is None:
-        if job.elastic.enabled:
-            from elastic_megatron.elastic.step import ElasticDistillStep
+class Trainer:
+    """Optimizer, schedule, resume, data and logging around a prepared run."""
 
-            step_fn = ElasticDistillStep(job)
-        else:
-            step_fn = LMStep()
-    run_dir = Path(job.run.dir)
-    spec = data_spec(job, run_dir)
-    validate_data_spec(spec)
-    tokenizer = load_tokenizer_for(spec.prefixes)
-    if job.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError("model.vocab_size", job.model.vocab_size, f"must be >= the data's tokenizer vocabulary ({tokenizer.vocab_size})")
-    dtype = params_dtype(job.trainer.precision)
-    t = job.trainer
+    def __init__(self, run: Run, step_fn: StepFunction):
+        job, t = run.job, run.job.trainer
+        self.run, self.job, self.t, self.step_fn = run, job, t, step_fn
+        if run.initial_state is not None:
+            print0(f"initialised the model from {job.run.init_checkpoint} (weights only: step, optimizer and data start fresh)")
+        self.model, self.optimizer = build_optimizer(run.model, t, job.parallel, run.dtype)
+        self.scheduler = build_scheduler(self.optimizer, t)
+        step_fn.setup(self.model, run.dtype)
+        # setup may load weights (elastic init); Megatron's optimizer keeps fp32 main
+        # copies made at construction, which must follow.
+        self.optimizer.reload_model_params()
 
-    with distributed(job.parallel.tp, job.parallel.pp, job.parallel.ep, seed=job.run.seed,
-                     expert_tensor_parallel=job.parallel.etp):
-        dp_size = data_parallel_size(job, env.world_size)
-        num_micro = t.global_batch_size // (t.micro_batch_size * dp_size)
-        if is_rank0():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(OmegaConf.structured(job), run_dir / "config.yaml")
-        dist.barrier()
-
-        resumed_from = checkpointing.latest_step(run_dir)
-        init = job.run.init_checkpoint if resumed_from is None else None
-        if init:  # refuse a mismatching checkpoint before anything is built
-            from elastic_megatron.elastic.step import require_same_architecture
-
-            require_same_architecture(job.model, init, "run.init_checkpoint")
-        model = model_builder(job.model, params_dtype=dtype, parallel=job.parallel)
-        if init:
-            checkpointing.load_model_weights(init, model)
-            print0(f"initialised the model from {init} (weights only: step, optimizer and data start fresh)")
-        train_model, optimizer = build_optimizer(model, t, job.parallel, dtype)
-        scheduler = build_scheduler(optimizer, t)
-        if hasattr(step_fn, "setup"):
-            step_fn.setup(train_model, dtype)
-            if hasattr(optimizer, "reload_model_params"):
-                # setup may load weights (elastic init); Megatron's optimizer keeps fp32
-                # main copies made at construction, which must follow.
-                optimizer.reload_model_params()
-
-        start_step, consumed = 0, 0
-        if resumed_from is not None:
-            state = checkpointing.load_checkpoint(run_dir, model, optimizer, scheduler, resumed_from)
-            start_step, consumed = state["step"], state["consumed_samples"]
-            if hasattr(step_fn, "load_state_dict") and state["extra"]:
+        self.start_step, self.consumed = 0, 0
+        if run.resume_step is not None:
+            state = store.load_checkpoint(run.dir, run.model, self.optimizer, self.scheduler, run.resume_step)
+            self.start_step, self.consumed = state["step"], state["consumed_samples"]
+            if state["extra"]:
                 step_fn.load_state_dict(state["extra"])
-            print0(f"resumed from step {start_step} ({consumed} samples consumed) in {checkpointing.iteration_dir(run_dir, start_step)}")
+            print0(f"resumed from step {self.start_step} ({self.consumed} samples consumed) in {store.iteration_dir(run.dir, self.start_step)}")
 
-        train_ds, valid_ds = build_datasets(
-            spec, tokenizer,
-            train_samples=t.max_steps * t.global_batch_size,
-            valid_samples=t.eval_iters * t.micro_batch_size * dp_size,
-        )
-        loader = make_loader(train_ds, consumed, t.micro_batch_size,
-                             parallel_state.get_data_parallel_rank(), dp_size)
+        train_ds, self.valid_ds = run.datasets(train_samples=t.max_steps * t.global_batch_size,
+                                               valid_samples=t.eval_iters * t.micro_batch_size * run.dp_size)
+        self.loader = run.loader(train_ds, self.consumed)
         structured = OmegaConf.structured(job)
-        resolved = OmegaConf.to_container(structured, resolve=True)
-        config_yaml = OmegaConf.to_yaml(structured)
-        logger = MetricsLogger(run_dir, job.logger, job.run.name, resolved)
-        size = model_size(job.model)
-        fpt = flops_per_token(job.model, job.data.seq_length)
-        print0(f"model {job.model.name}: {size.total_params:,} params ({size.active_params:,} active), {dtype}, "
-               f"world {env.world_size} (tp {job.parallel.tp}, pp {job.parallel.pp}, ep {job.parallel.ep}, dp {dp_size}), "
-               f"global batch {t.global_batch_size} = {t.micro_batch_size} x {num_micro} micro x {dp_size} dp, seq {job.data.seq_length}")
-
-        result = TrainResult(run_dir=run_dir, start_step=start_step, last_step=start_step, completed=False)
-        stop = StopSignal().install()
-        tokens_per_step = t.global_batch_size * job.data.seq_length
+        self.config_yaml = OmegaConf.to_yaml(structured)
+        self.logger = MetricsLogger(run.dir, job.logger, job.run.name, OmegaConf.to_container(structured, resolve=True))
+        self.flops_per_token = flops_per_token(job.model, job.data.seq_length)
+        self.tokens_per_step = t.global_batch_size * job.data.seq_length
+        self.result = TrainResult(run_dir=run.dir, start_step=self.start_step, last_step=self.start_step, completed=False)
         # Throughput counts training steps only, not validation or checkpoint saves.
-        compute_s, steps_since_log = 0.0, 0
+        self.compute_s, self.steps_since_log = 0.0, 0
+        size, p = model_size(job.model), job.parallel
+        print0(f"model {job.model.name}: {size.total_params:,} params ({size.active_params:,} active), {run.dtype}, "
+               f"world {run.env.world_size} (tp {p.tp}, pp {p.pp}, ep {p.ep}, dp {run.dp_size}), "
+               f"global batch {t.global_batch_size} = {t.micro_batch_size} x {run.num_micro_batches} micro x {run.dp_size} dp, "
+               f"seq {job.data.seq_length}")
+
+    def train(self) -> TrainResult:
+        stop = StopSignal().install()
         try:
-            for step in range(start_step + 1, t.max_steps + 1):
-                step_start = time.perf_counter()
-                train_model.train()
-                if hasattr(train_model, "zero_grad_buffer"):
-                    train_model.zero_grad_buffer()
-                optimizer.zero_grad()
-                batches = [_to_device(next(loader)) for _ in range(num_micro)]
-                micro_losses, micro_metrics = forward_backward(step_fn, train_model, batches, step)
-                if hasattr(train_model, "finish_grad_sync"):
-                    train_model.finish_grad_sync()
-                # Losses and metrics exist on the last pipeline stage; every rank logs/decides.
-                micro_losses, micro_metrics = from_last_stage((micro_losses, micro_metrics))
-                step_loss = _dp_mean(torch.stack(micro_losses).mean().reshape(1))[0].item()
-                if math.isfinite(step_loss):
-                    ok, grad_norm, _ = optimizer.step()
-                else:
-                    ok, grad_norm = False, float("nan")
-                    optimizer.zero_grad()
-                if hasattr(step_fn, "after_step"):
-                    step_fn.after_step(step, ok)
-                if ok:
-                    scheduler.step(1)
-                else:
-                    result.skipped_steps.append(step)
-                    print0(f"step {step}: non-finite loss or gradients ({step_loss}); update skipped")
-                consumed += t.global_batch_size
-                result.losses[step] = step_loss
-                result.last_step = step
-                steps_since_log += 1
-                compute_s += time.perf_counter() - step_start
-
-                if step % t.log_interval == 0 or step == t.max_steps:
-                    tok_s = steps_since_log * tokens_per_step / compute_s
-                    metrics = {
-                        "loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                        "tokens_per_s": tok_s, "consumed_samples": consumed, "memory_gib": _memory_gib(),
-                        "skipped_steps": len(result.skipped_steps),
-                        **_mean_metrics(micro_metrics),
-                    }
-                    if torch.cuda.is_available():
-                        metrics["mfu"] = tok_s * fpt / (t.peak_flops * env.world_size)
-                    logger.log(step, metrics)
-                    mfu = f"  mfu {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else ""
-                    print0(f"step {step:>6}/{t.max_steps}  loss {step_loss:.4f}  lr {metrics['lr']:.2e}  "
-                           f"grad {grad_norm:.3f}  {tok_s:,.0f} tok/s{mfu}  mem {metrics['memory_gib']:.2f} GiB")
-                    budgets = _budget_line(metrics)
-                    if budgets:
-                        print0(f"{'':>12}{budgets}  temperature {metrics.get('temperature', float('nan')):.3f}")
-                    compute_s, steps_since_log = 0.0, 0
-
-                if step % t.eval_interval == 0 or step == t.max_steps:
-                    valid = evaluate(train_model, step_fn, valid_ds, job, step)
-                    result.valid_loss = valid["valid_loss"]
-                    valid["valid_ppl"] = math.exp(min(result.valid_loss, 50))
-                    logger.log(step, valid)
-                    print0(f"step {step:>6}  validation loss {result.valid_loss:.4f}  perplexity {valid['valid_ppl']:.2f}")
-                    for key in sorted(k for k in valid if k.endswith("/valid_loss")):
-                        print0(f"{'':>12}{key[: -len('/valid_loss')]}: validation loss {valid[key]:.4f}  kd {valid[key[: -len('valid_loss')] + 'valid_kd']:.4f}")
-
-                if t.step_sleep_s:
-                    time.sleep(t.step_sleep_s)
+            for step in range(self.start_step + 1, self.t.max_steps + 1):
+                loss, grad_norm, metrics = self.train_step(step)
+                last = step == self.t.max_steps
+                if step % self.t.log_interval == 0 or last:
+                    self.log(step, loss, grad_norm, metrics)
+                if step % self.t.eval_interval == 0 or last:
+                    self.validate(step)
+                if self.t.step_sleep_s:
+                    time.sleep(self.t.step_sleep_s)
                 stopping = stop.should_stop()
-                if stopping or step % t.save_interval == 0 or step == t.max_steps:
-                    if stopping:
-                        result.stop_signal = stop.name
-                        print0(f"signal {stop.name} received: saving and exiting")
-                    meta = {"config": config_yaml, "wandb_run_id": logger.wandb_id}
-                    if hasattr(step_fn, "checkpoint_meta"):
-                        meta.update(step_fn.checkpoint_meta())
-                    extra = step_fn.state_dict() if hasattr(step_fn, "state_dict") else None
-                    path = checkpointing.save_checkpoint(run_dir, model, optimizer, scheduler, step, consumed, meta, extra)
-                    print0(f"saved checkpoint at step {step} in {path}")
+                if stopping:
+                    self.result.stop_signal = stop.name
+                    print0(f"signal {stop.name} received: saving and exiting")
+                if stopping or step % self.t.save_interval == 0 or last:
+                    self.save(step)
                 if stopping:
                     break
-            if result.last_step >= t.max_steps:
-                result.completed = True
+            if self.result.last_step >= self.t.max_steps:
+                self.result.completed = True
                 if is_rank0():
-                    (run_dir / COMPLETED).write_text(f"{t.max_steps}\n")
-                print0(f"training finished at step {result.last_step}")
+                    (self.run.dir / COMPLETED).write_text(f"{self.t.max_steps}\n")
+                print0(f"training finished at step {self.result.last_step}")
         finally:
             stop.uninstall()
-            logger.close()
-        return result
+            self.logger.close()
+        return self.result
+
+    def train_step(self, step: int) -> tuple[float, float, list[dict]]:
+        """One optimizer step over the global batch: (loss, grad norm, per-micro-batch metrics)."""
+        begin = time.perf_counter()
+        self.model.train()
+        start_step(self.model, self.optimizer)
+        batches = [next(self.loader) for _ in range(self.run.num_micro_batches)]
+        micro_losses, micro_metrics = forward_backward(self.step_fn, self.model, batches, step)
+        finish_backward(self.model)
+        # Losses and metrics exist on the last pipeline stage; every rank logs/decides.
+        micro_losses, micro_metrics = from_last_stage((micro_losses, micro_metrics))
+        loss = dp_mean({"loss": torch.stack(micro_losses).mean().item()})["loss"]
+        if math.isfinite(loss):
+            ok, grad_norm, _ = self.optimizer.step()
+        else:
+            ok, grad_norm = False, float("nan")
+            self.optimizer.zero_grad()
+        self.step_fn.after_step(step, ok)
+        if ok:
+            self.scheduler.step(1)
+        else:
+            self.result.skipped_steps.append(step)
+            print0(f"step {step}: non-finite loss or gradients ({loss}); update skipped")
+        self.consumed += self.t.global_batch_size
+        self.result.losses[step] = loss
+        self.result.last_step = step
+        self.steps_since_log += 1
+        self.compute_s += time.perf_counter() - begin
+        return loss, grad_norm, micro_metrics
+
+    def log(self, step: int, loss: float, grad_norm: float, micro_metrics: list[dict]) -> None:
+        tok_s = self.steps_since_log * self.tokens_per_step / self.compute_s
+        metrics = {
+            "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+            "tokens_per_s": tok_s, "consumed_samples": self.consumed, "memory_gib": _memory_gib(),
+            "skipped_steps": len(self.result.skipped_steps),
+            **_mean_metrics(micro_metrics),
+        }
+        if torch.cuda.is_available():
+            metrics["mfu"] = tok_s * self.flops_per_token / (self.t.peak_flops * self.run.env.world_size)
+        self.logger.log(step, metrics)
+        mfu = f"  mfu {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else ""
+        print0(f"step {step:>6}/{self.t.max_steps}  loss {loss:.4f}  lr {metrics['lr']:.2e}  "
+               f"grad {grad_norm:.3f}  {tok_s:,.0f} tok/s{mfu}  mem {metrics['memory_gib']:.2f} GiB")
+        for line in self.step_fn.progress_lines(metrics):
+            print0(INDENT + line)
+        self.compute_s, self.steps_since_log = 0.0, 0
+
+    def validate(self, step: int) -> dict[str, float]:
+        """Validation metrics over the first `eval_iters` micro-batches of the validation
+        split, averaged over data-parallel ranks."""
+        loader = self.run.loader(self.valid_ds)
+        batches = [next(loader) for _ in range(self.t.eval_iters)]
+        valid = dp_mean(self.step_fn.validate(self.model, batches, step))
+        self.result.valid_loss = valid["valid_loss"]
+        valid["valid_ppl"] = math.exp(min(self.result.valid_loss, 50))
+        self.logger.log(step, valid)
+        print0(f"step {step:>6}  validation loss {self.result.valid_loss:.4f}  perplexity {valid['valid_ppl']:.2f}")
+        for line in self.step_fn.validation_lines(valid):
+            print0(INDENT + line)
+        return valid
+
+    def save(self, step: int) -> Path:
+        meta = {"config": self.config_yaml, "wandb_run_id": self.logger.wandb_id, **self.step_fn.checkpoint_meta()}
+        path = store.save_checkpoint(self.run.dir, self.run.model, self.optimizer, self.scheduler, step, self.consumed,
+                                     meta, self.step_fn.state_dict())
+        print0(f"saved checkpoint at step {step} in {path}")
+        return path
+
+
+def train(job: JobConfig, step_fn: Optional[StepFunction] = None, model_builder: Callable = build_model) -> TrainResult:
+    """Run (or resume) the training job `job` with `step_fn` (default: pretraining).
+    Collective over all ranks. `elastic_megatron.train.dispatch` picks the step function
+    a job asks for."""
+    if job.run.task != "train":
+        raise ConfigError("run.task", job.run.task, "the training loop runs task=train; use elastic_megatron.train, which dispatches")
+    if step_fn is None and job.elastic.enabled:
+        raise ConfigError("elastic.enabled", True, "needs the elastic step function: run the job through "
+                          "elastic_megatron.train.dispatch (or pass step_fn=ElasticDistillStep(job))")
+    with prepare_run(job, job.run.init_checkpoint, "run.init_checkpoint", model_builder) as run:
+        return Trainer(run, step_fn if step_fn is not None else LMStep()).train()

@@ -55,6 +55,10 @@ class CpuDataParallelAdam:
         for p in self.params:
             p.grad = None
 
+    def reload_model_params(self) -> None:
+        """Megatron's optimizers copy the model's weights into fp32 main params here;
+        this one updates the (fp32) parameters themselves, so there is nothing to copy."""
+
     @torch.no_grad()
     def reduce_gradients(self) -> None:
         """Megatron DDP's reductions, in place (collective over the whole world)."""
@@ -176,6 +180,21 @@ def build_optimizer(model, trainer_cfg, parallel_cfg, params_dtype: torch.dtype)
         use_distributed_optimizer=use_dist_opt,
     )
     return ddp, get_megatron_optimizer(opt_cfg, [ddp])
+
+
+def start_step(model, optimizer) -> None:
+    """Clear gradients before a step's micro-batches (Megatron DDP keeps them in a
+    contiguous buffer of its own; on CPU the model is not wrapped)."""
+    if hasattr(model, "zero_grad_buffer"):
+        model.zero_grad_buffer()
+    optimizer.zero_grad()
+
+
+def finish_backward(model) -> None:
+    """Wait for Megatron DDP's gradient reductions after the last micro-batch (CPU: the
+    optimizer reduces in `step`)."""
+    if hasattr(model, "finish_grad_sync"):
+        model.finish_grad_sync()
 
 
 def build_scheduler(optimizer, trainer_cfg) -> OptimizerParamScheduler:

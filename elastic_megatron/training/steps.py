@@ -1,19 +1,29 @@
-"""Step functions: what one micro-batch computes. The loop is the same for every stage;
-pretraining uses `LMStep`, later stages plug in distillation and the router."""
+"""Step functions: what one micro-batch computes. The loop (training/loop.py) is the same
+for every stage; pretraining plugs in `LMStep`, elastic distillation
+`elastic.step.ElasticDistillStep` (chosen where the job is dispatched, train.py).
+
+`StepFunction` is the whole contract. A subclass defines `stage_forward`; every other
+hook has a default that does nothing, so the loop calls them all unconditionally:
+
+    setup(model, dtype)         after the model and optimizer exist, before a resume
+    stage_forward(...)          one micro-batch on this pipeline stage (parallel/pipeline.py)
+    after_step(step, ok)        after the optimizer step (ok: the update was applied)
+    validate(model, batches, step)  validation metrics, `valid_loss` among them
+    progress_lines(metrics)     extra console lines under a logged step
+    validation_lines(metrics)   extra console lines under a validation
+    checkpoint_meta()           merged into every checkpoint's metadata
+    state_dict() / load_state_dict(state)   checkpointed as `extra`, restored on resume
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Optional
 
 import torch
 
 from megatron.core import parallel_state
 
-
-class StepFunction(Protocol):
-    def __call__(self, model, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
-        """Return (scalar loss to backpropagate, metrics as python floats)."""
-        ...
+from elastic_megatron.parallel.pipeline import forward_only, from_last_stage
 
 
 def masked_token_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -21,15 +31,60 @@ def masked_token_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
-class LMStep:
-    """Next-token cross entropy (Megatron computes it vocab-parallel from the labels)."""
+class StepFunction:
+    """Base class of the step functions (see the module docstring for the hooks)."""
+
+    def setup(self, model, params_dtype: torch.dtype) -> None:
+        """Called once after the model and optimizer are built, before any resume."""
+
+    def stage_forward(self, model, batch: dict, step: int, received: Optional[torch.Tensor]):
+        """This pipeline stage's part of one micro-batch: the tensor to send on, or
+        (scalar loss to backpropagate, metrics as python floats) on the last stage."""
+        raise NotImplementedError
 
     def __call__(self, model, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        """One micro-batch on a single pipeline stage: (loss, metrics)."""
         return self.stage_forward(model, batch, step, None)
 
+    def after_step(self, step: int, ok: bool) -> None:
+        """Called after every optimizer step (ok=False: the update was skipped)."""
+
+    @torch.no_grad()
+    def validate(self, model, batches: list[dict], step: int) -> dict[str, float]:
+        """Validation metrics of this rank's `batches`, returned on every pipeline stage;
+        the default is the mean of the step's own loss."""
+        model.eval()
+        try:
+            losses = [forward_only(lambda received, b=batch: self.stage_forward(model, b, step, received)) for batch in batches]
+        finally:
+            model.train()
+        losses = from_last_stage([loss[0].float() for loss in losses] if losses[0] is not None else None)
+        return {"valid_loss": torch.stack(losses).mean().item()}
+
+    def progress_lines(self, metrics: dict) -> list[str]:
+        """Extra console lines under a logged training step."""
+        return []
+
+    def validation_lines(self, metrics: dict) -> list[str]:
+        """Extra console lines under a validation."""
+        return []
+
+    def checkpoint_meta(self) -> dict:
+        """Merged into the metadata of every checkpoint."""
+        return {}
+
+    def state_dict(self) -> Optional[dict]:
+        """State saved with every checkpoint as `extra` (None: nothing)."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned, on resume."""
+
+
+class LMStep(StepFunction):
+    """Next-token cross entropy (Megatron computes it vocab-parallel from the labels)."""
+
     def stage_forward(self, model, batch: dict, step: int, received):
-        """This pipeline stage's part: hidden states to send on, or (loss, metrics) on the
-        last stage (see parallel/pipeline.py)."""
         if received is not None:
             getattr(model, "module", model).set_input_tensor(received)
         out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])

@@ -20,13 +20,13 @@ import yaml
 
 from megatron.core import parallel_state
 
-from elastic_megatron.config.errors import ConfigError
+from elastic_megatron.checkpoint.metadata import checkpoint_model_config, read_common_state, require_same_architecture
+from elastic_megatron.checkpoint.store import load_model_weights
 from elastic_megatron.data.datasets import DataSpec, build_datasets, load_tokenizer_for, make_loader, validate_data_spec
+from elastic_megatron.elastic.budgets import checkpoint_budgets
 from elastic_megatron.elastic.masks import ElasticHooks, hard_masks
-from elastic_megatron.elastic.step import recorded_budgets, require_same_architecture
 from elastic_megatron.elastic.widths import Widths, model_cost
 from elastic_megatron.models.hybrid import build_model
-from elastic_megatron.training import checkpointing
 from elastic_megatron.training.steps import masked_token_mean
 
 BASELINES = ("elastic", "sorted", "unsorted")
@@ -46,14 +46,9 @@ class BudgetRow:
                 "valid_ppl": {k: math.exp(min(v, 50)) for k, v in self.loss.items()}}
 
 
-def elastic_budgets(path) -> list[tuple[str, Widths]]:
-    """(name, widths) of every budget recorded in an elastic checkpoint."""
-    return recorded_budgets(checkpointing.read_common_state(path).get("meta") or {}, path)
-
-
 def validation_batches(path, num_batches: int, micro_batch_size: int) -> list[dict]:
     """Validation micro-batches of the data an elastic run was trained on."""
-    job = yaml.safe_load(checkpointing.read_common_state(path)["meta"]["config"])
+    job = yaml.safe_load(read_common_state(path)["meta"]["config"])
     d = job["data"]
     cache = Path(job["run"]["dir"]) / "data_cache"
     spec = DataSpec(prefixes=list(d["prefixes"]), weights=d["weights"], split=d["split"], seq_length=d["seq_length"],
@@ -83,15 +78,15 @@ def budget_losses(model, cfg, budgets: list[tuple[str, Widths]], batches: list[d
 
 def evaluate_elastic(elastic_ckpt, sorted_ckpt, unsorted_ckpt, num_batches: int = 16, micro_batch_size: int = 8) -> list[BudgetRow]:
     """Rows of the evaluation table. Needs Megatron's parallel state (world of one)."""
-    cfg, _ = checkpointing.checkpoint_model_config(elastic_ckpt)
+    cfg, _ = checkpoint_model_config(elastic_ckpt)
     for path, key in ((sorted_ckpt, "sorted"), (unsorted_ckpt, "unsorted")):
         require_same_architecture(cfg, path, key)
-    budgets = elastic_budgets(elastic_ckpt)
+    budgets = checkpoint_budgets(elastic_ckpt)
     batches = validation_batches(elastic_ckpt, num_batches, micro_batch_size)
     losses = {}
     for label, path in zip(BASELINES, (elastic_ckpt, sorted_ckpt, unsorted_ckpt)):
         model = build_model(cfg)
-        checkpointing.load_model_weights(path, model)
+        load_model_weights(path, model)
         losses[label] = budget_losses(model, cfg, budgets, batches)
         del model
     return [BudgetRow(name, w.as_dict(), int(model_cost(cfg, w, "total_params")), int(model_cost(cfg, w, "active_params")),

@@ -24,18 +24,14 @@ from tqdm import tqdm
 
 from megatron.core import parallel_state
 
+from elastic_megatron.checkpoint import store
 from elastic_megatron.config.errors import ConfigError
-from elastic_megatron.config.schema import JobConfig, data_parallel_size, validate_job
-from elastic_megatron.data.datasets import build_datasets, load_tokenizer_for, make_loader, validate_data_spec
+from elastic_megatron.config.schema import JobConfig
 from elastic_megatron.elastic.importance import ImportanceCollector, ImportanceScores, plot_scores, sorting_index
 from elastic_megatron.elastic.reindex import reindex_state_dict
-from elastic_megatron.elastic.step import require_same_architecture
-from elastic_megatron.models.hybrid import build_model
 from elastic_megatron.parallel.collectives import all_reduce_mean_
-from elastic_megatron.parallel.setup import dist_env, distributed
-from elastic_megatron.training import checkpointing
 from elastic_megatron.training.logging import is_rank0, print0
-from elastic_megatron.training.loop import _to_device, data_spec, params_dtype
+from elastic_megatron.training.run import prepare_run
 
 
 def _dp_average(scores: ImportanceScores) -> None:
@@ -46,38 +42,29 @@ def _dp_average(scores: ImportanceScores) -> None:
 
 def run_importance(job: JobConfig) -> Path:
     """Run the importance task; returns the sorted checkpoint's directory."""
-    env = dist_env()
-    validate_job(job, env.world_size)
     for key in ("tp", "pp", "ep"):
         if getattr(job.parallel, key) > 1:
             raise ConfigError(f"parallel.{key}", getattr(job.parallel, key),
                               "importance sorting runs with tp=pp=ep=1 (any data-parallel size); the sorted parent then loads under any layout")
-    parent = job.elastic.parent_checkpoint
-    require_same_architecture(job.model, parent, "elastic.parent_checkpoint")
     run_dir = Path(job.run.dir)
-    if checkpointing.latest_step(run_dir) is not None:
+    if store.latest_step(run_dir) is not None:
         raise ConfigError("run.dir", str(run_dir), "already holds a checkpoint; choose a new run.dir for the sorted parent")
-    spec = data_spec(job, run_dir)
-    validate_data_spec(spec)
-    tokenizer = load_tokenizer_for(spec.prefixes)
-    dtype = params_dtype(job.trainer.precision)
+    parent = job.elastic.parent_checkpoint
     n_batches = job.elastic.importance.calibration_batches
-    mbs = job.trainer.micro_batch_size
 
-    with distributed(job.parallel.tp, job.parallel.pp, job.parallel.ep, seed=job.run.seed):
-        dp = data_parallel_size(job, env.world_size)
-        model = build_model(job.model, params_dtype=dtype)
-        common = checkpointing.load_model_weights(parent, model)
-        if (common.get("meta") or {}).get("sort_index"):
+    with prepare_run(job, parent, "elastic.parent_checkpoint") as run:
+        model = run.model
+        if (run.initial_state.get("meta") or {}).get("sort_index"):
             print0(f"note: {parent} is already sorted; sorting again composes the permutations")
         model.eval()
-        train_ds, _ = build_datasets(spec, tokenizer, train_samples=n_batches * mbs * dp, valid_samples=mbs * dp)
-        loader = make_loader(train_ds, 0, mbs, parallel_state.get_data_parallel_rank(), dp)
+        mbs = job.trainer.micro_batch_size
+        train_ds, _ = run.datasets(train_samples=n_batches * mbs * run.dp_size, valid_samples=mbs * run.dp_size)
+        loader = run.loader(train_ds)
         collector = ImportanceCollector(model, job.model)
         first = None
         with torch.no_grad():
             for i in tqdm(range(n_batches), desc="importance: calibration batches", disable=not is_rank0()):
-                batch = _to_device(next(loader))
+                batch = next(loader)
                 logits = model(batch["tokens"], batch["position_ids"], None)
                 if first is None:
                     first, reference = batch, logits.float()
@@ -88,22 +75,19 @@ def run_importance(job: JobConfig) -> Path:
         model.load_state_dict(reindex_state_dict(job.model, index, model.state_dict()))
         with torch.no_grad():
             diff = (model(first["tokens"], first["position_ids"], None).float() - reference).abs().max().item()
-        tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+        tolerance = 1e-4 if run.dtype == torch.float32 else 5e-2
         if diff > tolerance:
             raise RuntimeError(f"sorting changed the model's function: max |logit diff| {diff:.3e} > {tolerance:.0e}")
         print0(f"sorted every width axis; max |logit diff| after sorting {diff:.2e} (limit {tolerance:.0e})")
 
-        if is_rank0():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(OmegaConf.structured(job), run_dir / "config.yaml")
         meta = {
             "config": OmegaConf.to_yaml(OmegaConf.structured(job)),
             "sort_index": index.to_lists(),
             "parent_checkpoint": str(parent),
-            "importance": {"calibration_batches": n_batches, "tokens": n_batches * mbs * dp * job.data.seq_length,
+            "importance": {"calibration_batches": n_batches, "tokens": n_batches * mbs * run.dp_size * job.data.seq_length,
                            "max_logit_diff_after_sort": diff},
         }
-        path = checkpointing.save_checkpoint(run_dir, model, None, None, 0, 0, meta)
+        path = store.save_checkpoint(run_dir, model, None, None, 0, 0, meta)
         if is_rank0():
             out = run_dir / "importance"
             out.mkdir(parents=True, exist_ok=True)

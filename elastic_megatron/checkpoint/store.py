@@ -1,4 +1,4 @@
-"""Checkpoints: Megatron dist_checkpointing (torch_dist) with an atomic tracker flip.
+"""The checkpoint store: Megatron dist_checkpointing (torch_dist) with an atomic tracker flip.
 
 Layout under `<run.dir>/checkpoints/`:
 
@@ -26,13 +26,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from elastic_megatron.config.errors import ConfigError
-from elastic_megatron.config.model import ModelConfig, model_config_from_dict
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
@@ -187,12 +184,6 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path} is neither a checkpoint directory (metadata.json) nor a run dir with {checkpoint_root(path) / TRACKER}")
 
 
-def read_common_state(path: str | Path) -> dict:
-    """step, meta and extra of a checkpoint without loading any tensor shard."""
-    state = dist_checkpointing.load_common_state_dict(str(resolve_checkpoint_dir(path)))
-    return {k: state.get(k) for k in ("step", "consumed_samples", "meta", "extra")}
-
-
 def load_model_weights(path: str | Path, model) -> dict:
     """Load only the model weights of a checkpoint (run dir or checkpoint dir) into
     `model`; returns its common state (step, meta, extra). Collective."""
@@ -200,12 +191,3 @@ def load_model_weights(path: str | Path, model) -> dict:
     state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(directory))
     model.load_state_dict(state["model"])
     return {k: state.get(k) for k in ("step", "consumed_samples", "meta", "extra")}
-
-
-def checkpoint_model_config(path) -> tuple[ModelConfig, dict]:
-    """The ModelConfig a checkpoint was written with (from its metadata), and its meta."""
-    common = read_common_state(path)
-    meta = common.get("meta") or {}
-    if "config" not in meta:
-        raise ConfigError("checkpoint", str(path), "has no resolved config in its metadata (not written by this project)")
-    return model_config_from_dict(yaml.safe_load(meta["config"])["model"]), meta
