@@ -1,0 +1,62 @@
+"""The floor plan: which package may import which. Dependencies point one way, so a new
+stage or tool adds a module without pulling the rest of the house along.
+
+Every `import` and `from ... import` of the package is read from the source (function-
+level imports included), so a lazy import cannot hide a loop."""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+
+from conftest import REPO
+
+PACKAGE = REPO / "elastic_megatron"
+
+# package -> packages of elastic_megatron it must never import (directly or lazily)
+FORBIDDEN = {
+    "config": {"models", "elastic", "training", "jobs", "checkpoint", "convert", "slicing", "parallel", "data", "distill"},
+    "checkpoint": {"elastic", "training", "jobs", "convert", "slicing", "models", "distill"},
+    "models": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing", "distill"},
+    "parallel": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing"},
+    "data": {"models", "elastic", "training", "jobs", "checkpoint", "convert", "slicing"},
+    "training": {"elastic", "jobs", "convert", "slicing"},
+    "convert": {"elastic", "training", "jobs", "slicing"},
+    "slicing": {"training", "jobs"},
+    "elastic": {"jobs", "slicing"},
+    "distill": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing"},
+}
+# The one import of training/ from elastic/: the elastic step implements the training
+# loop's StepFunction contract.
+ALLOWED = {("elastic/step.py", "elastic_megatron.training.steps")}
+
+
+def package_imports(path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m.startswith("elastic_megatron.")}
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_dependencies_point_one_way(package):
+    offenders = []
+    for path in sorted((PACKAGE / package).rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        for module in package_imports(path):
+            target = module.split(".")[1]
+            if target in FORBIDDEN[package] and (rel, module) not in ALLOWED:
+                offenders.append(f"{rel} imports {module}")
+    assert not offenders, offenders
+
+
+def test_scanner_sees_lazy_imports(tmp_path):
+    """The check above must be able to fail: a function-level import is found."""
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from elastic_megatron.training.loop import train\n    import elastic_megatron.elastic.step\n")
+    assert package_imports(f) == {"elastic_megatron.training.loop", "elastic_megatron.elastic.step"}
