@@ -4,6 +4,8 @@ the resumable data-parallel loader, and clear errors for bad inputs."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -126,3 +128,168 @@ def test_bad_tokenizers(tmp_path):
     with pytest.raises(ConfigError) as err:
         build_tokenizer("sentencepiece")
     assert err.value.key == "data.tokenizer.type" and "byte" in str(err.value)
+
+
+# --- Faults injected into the data: a mismatched pair is refused when the dataset opens;
+# data re-made in place never reuse a stale index cache.
+
+def _letters(tmp_path, name, letter, lengths, overwrite=False) -> str:
+    """A byte-level dataset of one document per entry of `lengths`, each `letter` repeated."""
+    txt = tmp_path / f"{name}.txt"
+    txt.write_text("".join(letter * n + "\n" for n in lengths))
+    preprocess([str(txt)], tmp_path / name, ByteTokenizer(), split_lines=True, overwrite=overwrite, progress=False)
+    return data_prefix(tmp_path / name)
+
+
+LENGTHS = [120 + 7 * i for i in range(24)]
+
+
+def _foreign_idx(a, b, tmp_path):
+    shutil.copyfile(b + ".idx", a + ".idx")
+    return a + ".bin"
+
+
+def _truncated_bin(a, b, tmp_path):
+    size = os.path.getsize(a + ".bin")
+    os.truncate(a + ".bin", size - 100)
+    return a + ".bin"
+
+
+def _truncated_idx(a, b, tmp_path):
+    os.truncate(a + ".idx", os.path.getsize(a + ".idx") - 8)
+    return a + ".idx"
+
+
+def _not_an_idx(a, b, tmp_path):
+    shutil.copyfile(a + ".bin", a + ".idx")
+    return a + ".idx"
+
+
+def _unknown_dtype(a, b, tmp_path):
+    with open(a + ".idx", "r+b") as f:
+        f.seek(17)  # magic (9) + version (8): the dtype code
+        f.write(bytes([42]))
+    return a + ".idx"
+
+
+def _pair_of_another_dataset(a, b, tmp_path):
+    # A consistent .bin/.idx pair, but not the one the tokenizer description was written with.
+    shutil.copyfile(b + ".bin", a + ".bin")
+    shutil.copyfile(b + ".idx", a + ".idx")
+    return "tokenizer.meta.json"
+
+
+def _vocab_beyond_dtype(a, b, tmp_path):
+    meta = tmp_path / "a.tokenizer.meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "vocab_size": 70000}))
+    return "uint16"
+
+
+@pytest.mark.parametrize("fault,expect", [
+    (_foreign_idx, "or the .idx belongs to another dataset"),
+    (_truncated_bin, "truncated"),
+    (_truncated_idx, "truncated"),
+    (_not_an_idx, "not a Megatron index file"),
+    (_unknown_dtype, "Megatron does not know"),
+    (_pair_of_another_dataset, "records 24 documents"),
+    (_vocab_beyond_dtype, "70,000"),
+])
+def test_inconsistent_data_files_are_refused_naming_the_file(tmp_path, fault, expect):
+    a = _letters(tmp_path, "a", "a", LENGTHS)
+    b = _letters(tmp_path, "b", "b", [50 + i for i in range(20)])
+    spec = _spec([a], tmp_path)
+    validate_data_spec(spec)  # the intact pair passes
+    named = fault(a, b, tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate_data_spec(spec)
+    message = str(err.value)
+    assert err.value.key == "data.prefixes" and err.value.value == a
+    assert named in message and expect in message and "tools/preprocess_data.py" in message, message
+
+
+def test_foreign_idx_message_gives_the_sizes(tmp_path):
+    a = _letters(tmp_path, "a", "a", LENGTHS)
+    b = _letters(tmp_path, "b", "b", [50 + i for i in range(20)])
+    shutil.copyfile(b + ".idx", a + ".idx")
+    with pytest.raises(ConfigError) as err:
+        validate_data_spec(_spec([a], tmp_path))
+    a_bytes, b_tokens = 2 * sum(n + 1 for n in LENGTHS), sum(51 + i for i in range(20))
+    assert (f"{a}.bin holds {a_bytes:,} bytes but its index {a}.idx describes {2 * b_tokens:,} bytes of uint16 "
+            f"tokens (20 documents, {b_tokens:,} tokens)") in str(err.value)
+
+
+def _cache_files(cache):
+    return {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+
+
+def _sample_tokens(dataset, n=None) -> set:
+    n = len(dataset) if n is None else n
+    return set(np.concatenate([dataset[i]["tokens"] for i in range(n)]).tolist())
+
+
+def _made_of(dataset, *letters) -> bool:
+    """The samples hold every one of `letters` and nothing else but end-of-document tokens."""
+    tokens = _sample_tokens(dataset)
+    return set(letters) <= tokens <= set(letters) | {ByteTokenizer.eod}
+
+
+def test_remade_data_rebuild_their_cache_and_untouched_data_reuse_it(dist, tmp_path):
+    a = _letters(tmp_path, "a", "a", LENGTHS)
+    b = _letters(tmp_path, "b", "b", LENGTHS)
+    tok = load_tokenizer_for([a, b])
+    spec_a, spec_b = _spec([a], tmp_path), _spec([b], tmp_path)
+    spec_ab = _spec([a, b], tmp_path, weights=[0.5, 0.5])
+    cache = tmp_path / "cache"
+    A, B, X = ord("a"), ord("b"), ord("x")
+
+    train_a, valid_a = build_datasets(spec_a, tok, 16, 4)
+    build_datasets(spec_b, tok, 16, 4)
+    train_ab, _ = build_datasets(spec_ab, tok, 16, 4)
+    assert _made_of(train_a, A) and _made_of(valid_a, A) and _made_of(train_ab, A, B)
+    built = _cache_files(cache)
+    assert sum("BlendedDataset" in name for name in built) > 0
+
+    # Re-make `a` in place: new content, other document lengths and count.
+    _letters(tmp_path, "a", "x", [90 + 11 * i for i in range(30)], overwrite=True)
+    validate_data_spec(spec_a)
+
+    # The untouched data reuse their cache: no file written or rewritten.
+    build_datasets(spec_b, tok, 16, 4)
+    assert _cache_files(cache) == built
+
+    # The re-made data get new GPTDataset caches and samples from the new content ...
+    train_a, valid_a = build_datasets(spec_a, tok, 16, 4)
+    after_a = _cache_files(cache)
+    new = set(after_a) - set(built)
+    assert new and all("GPTDataset" in name for name in new)
+    assert {k: after_a[k] for k in built} == built  # the old cache files are left as they were
+    assert _made_of(train_a, X) and _made_of(valid_a, X)
+
+    # ... and a blend holding them a new BlendedDataset cache as well.
+    train_ab, valid_ab = build_datasets(spec_ab, tok, 16, 4)
+    new = set(_cache_files(cache)) - set(after_a)
+    assert any("BlendedDataset" in name for name in new)
+    assert _made_of(train_ab, X, B) and A not in _sample_tokens(valid_ab)
+
+    # Building again finds everything in the cache.
+    again = _cache_files(cache)
+    build_datasets(spec_a, tok, 16, 4)
+    build_datasets(spec_ab, tok, 16, 4)
+    assert _cache_files(cache) == again
+
+
+def test_same_lengths_new_tokens_keep_the_cache_and_read_the_new_tokens(dist, tmp_path):
+    # The cached indices are positions derived from the .idx alone: data re-made with the
+    # same document lengths keep a valid cache, and the samples come from the new .bin.
+    a = _letters(tmp_path, "a", "a", LENGTHS)
+    tok = load_tokenizer_for([a])
+    spec = _spec([a], tmp_path)
+    train, _ = build_datasets(spec, tok, 16, 4)
+    first = [np.array(train[i]["tokens"]) for i in range(len(train))]
+    built = _cache_files(tmp_path / "cache")
+    _letters(tmp_path, "a", "c", LENGTHS, overwrite=True)
+    validate_data_spec(spec)
+    train, _ = build_datasets(spec, tok, 16, 4)
+    assert _cache_files(tmp_path / "cache") == built
+    for i, old in enumerate(first):
+        assert np.array_equal(np.where(old == ord("a"), ord("c"), old), train[i]["tokens"])

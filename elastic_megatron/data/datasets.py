@@ -3,7 +3,10 @@ and a resumable data-parallel loader.
 
 A blend is several data prefixes with weights; `split` cuts each into train/valid/test
 document ranges; Megatron shuffles with the seed and caches its sample index under
-`cache_dir`. `make_loader` follows Megatron's pretraining sampler: global batches are
+`cache_dir`. `validate_data_spec` checks every `.bin`/`.idx` pair before anything reads it
+(`indexed.check_indexed_dataset`), and the cache key carries a fingerprint of each
+prefix's `.idx`, so data re-made in place rebuild their indices instead of reusing stale
+ones. `make_loader` follows Megatron's pretraining sampler: global batches are
 consecutive runs of the shuffled sample order, each data-parallel rank takes its slice of
 every global micro-batch, and starting from `consumed_samples` resumes exactly.
 """
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 
 from elastic_megatron.config.errors import ConfigError
-from elastic_megatron.data.indexed import meta_path, output_prefix_of
+from elastic_megatron.data.indexed import check_indexed_dataset, index_fingerprint, meta_path, output_prefix_of
 from elastic_megatron.data.tokenizer import tokenizer_from_description
 
 
@@ -34,6 +37,7 @@ class DataSpec:
 
 
 def validate_data_spec(spec: DataSpec) -> None:
+    sequences = {}
     for prefix in spec.prefixes:
         missing = [ext for ext in (".bin", ".idx") if not Path(prefix + ext).is_file()]
         if missing:
@@ -43,6 +47,8 @@ def validate_data_spec(spec: DataSpec) -> None:
                 f"no {prefix}{'/'.join(missing)} found; make it with "
                 f"python tools/preprocess_data.py --input <files> --output-prefix {out}",
             )
+        if prefix not in sequences:
+            sequences[prefix] = check_indexed_dataset(prefix).sequences
     if spec.weights is not None:
         if len(spec.weights) != len(spec.prefixes):
             raise ConfigError("data.weights", list(spec.weights), f"needs one weight per prefix ({len(spec.prefixes)})")
@@ -54,13 +60,11 @@ def validate_data_spec(spec: DataSpec) -> None:
         parts = []
     if len(parts) != 3 or any(p < 0 for p in parts) or parts[0] <= 0 or parts[1] <= 0:
         raise ConfigError("data.split", spec.split, "three comma-separated proportions train,valid,test with train and valid > 0, e.g. '98,2,0'")
-    # Megatron splits each prefix by whole documents; an empty split would make its
-    # sample index loop forever, so refuse it here.
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+    # Megatron splits each prefix by whole documents (GPT: by sequences, one per document
+    # here); an empty split would make its sample index loop forever, so refuse it here.
     bounds = np.cumsum([0.0] + parts) / sum(parts)
     for prefix in spec.prefixes:
-        n = len(IndexedDataset(prefix))
+        n = sequences[prefix]
         for name, i in (("train", 0), ("valid", 1)):
             if round(bounds[i + 1] * n) - round(bounds[i] * n) < 1:
                 raise ConfigError("data.split", spec.split, f"leaves the {name} split of {prefix} ({n} documents) empty; use more data or a larger {name} share")
@@ -80,14 +84,28 @@ def load_tokenizer_for(prefixes: list[str]):
 
 
 class _MegatronTokenizerView:
-    """What GPTDataset reads from a tokenizer: vocab size, eod, pad and an identity."""
+    """What GPTDataset reads from a tokenizer: vocab size, eod, pad and an identity.
 
-    def __init__(self, tokenizer):
+    The identity (`unique_identifiers`) is how our data enter Megatron's cache keys:
+    every MegatronDataset hashes its `unique_description`, a JSON of its class, path,
+    sample count, split and `config.tokenizer` (serialised through this attribute) into
+    the names of its cached index files; a BlendedDataset hashes its datasets'
+    identifiers the same way. Carrying each prefix's `.idx` fingerprint here therefore
+    renames the GPTDataset and the BlendedDataset caches when the data change, without
+    touching Megatron.
+    """
+
+    def __init__(self, tokenizer, data_fingerprints: Optional[dict] = None):
         self.vocab_size = tokenizer.vocab_size
         self.eod = tokenizer.eod
         # Padding only fills labels past the end of a sequence (masked out): use a distinct id.
         self.pad = -1
-        self.unique_identifiers = tokenizer.describe()
+        self.unique_identifiers = {"tokenizer": tokenizer.describe(), "data": dict(data_fingerprints or {})}
+
+
+def data_fingerprints(prefixes: list[str]) -> dict:
+    """`{prefix: fingerprint of its .idx}` for the cache key (see `index_fingerprint`)."""
+    return {prefix: index_fingerprint(prefix) for prefix in dict.fromkeys(prefixes)}
 
 
 def build_datasets(spec: DataSpec, tokenizer, train_samples: int, valid_samples: int):
@@ -102,7 +120,11 @@ def build_datasets(spec: DataSpec, tokenizer, train_samples: int, valid_samples:
         blend=(list(spec.prefixes), list(spec.weights) if spec.weights else None),
         split=spec.split,
         path_to_cache=spec.cache_dir,
-        tokenizer=_MegatronTokenizerView(tokenizer),
+        # The data fingerprints put the content of every prefix into the cache keys: data
+        # re-made in place get new cache files; unchanged data find theirs. One
+        # tokenizer view serves the whole blend, so a re-made prefix also renames the
+        # caches of the other prefixes in the same blend (cheap to rebuild; never stale).
+        tokenizer=_MegatronTokenizerView(tokenizer, data_fingerprints(spec.prefixes)),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,

@@ -11,12 +11,34 @@ and written with megatron-core's own `IndexedDatasetBuilder`. Next to the data:
 
 Everything is written under temporary names and renamed at the end, so a killed run
 never leaves a half-written pair behind.
+
+Reading side: `check_indexed_dataset` verifies that a `.bin`/`.idx` pair (and the
+tokenizer description next to it) belong together before training touches them, and
+`index_fingerprint` names the content the dataset index caches are derived from.
+
+The `.idx` layout (megatron-core's `_IndexWriter`, version 1, little-endian):
+
+    9 bytes   magic b"MMIDIDX\\x00\\x00"
+    u64       version (1)
+    u8        token dtype code (megatron.core.datasets.indexed_dataset.DType)
+    u64       S, the sequence count
+    u64       D, the document-boundary count (documents + 1: it starts at 0)
+    S x i32   sequence lengths in tokens
+    S x i64   sequence byte offsets into the .bin
+    D x i64   document boundaries, as sequence indices: 0 ... S
+   [S x i8    sequence modes, multimodal datasets only]
+
+so the `.bin` holds exactly sum(lengths) x itemsize bytes, which is also where the last
+sequence ends (pointers[-1] + lengths[-1] x itemsize).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -24,7 +46,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.data.stdlib_corpus import stdlib_source_files
@@ -141,3 +163,131 @@ def preprocess(inputs: Sequence[str], output_prefix: str | Path, tokenizer, json
     for final, temp in tmp.items():
         os.replace(temp, final)
     return stats
+
+
+# ---------------------------------------------------------------------------------------
+# Reading side: is a .bin/.idx pair consistent, and what is its content's fingerprint?
+
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+INDEX_VERSION = 1
+_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, boundary count
+_CHUNK = 1 << 22  # elements per block when scanning an array of the .idx
+
+
+@dataclass(frozen=True)
+class IndexSummary:
+    """What `check_indexed_dataset` learned about a consistent pair."""
+
+    sequences: int
+    documents: int
+    tokens: int
+    dtype: str
+
+
+def _remake(prefix: str) -> str:
+    return (f"re-run python tools/preprocess_data.py --input <files> --output-prefix {output_prefix_of(prefix)} "
+            f"--overwrite to write the pair again")
+
+
+def _bad(prefix: str, what: str) -> ConfigError:
+    return ConfigError("data.prefixes", prefix, f"{what}; {_remake(prefix)}")
+
+
+def _non_decreasing(a: np.ndarray) -> bool:
+    for start in range(0, max(len(a) - 1, 0), _CHUNK):
+        block = np.asarray(a[start:start + _CHUNK + 1])
+        if (block[1:] < block[:-1]).any():
+            return False
+    return True
+
+
+def check_indexed_dataset(prefix: str) -> IndexSummary:
+    """Check that `<prefix>.bin` and `<prefix>.idx` are one dataset, before anything reads
+    tokens: the .idx header is Megatron's, its arrays fill the file exactly, the document
+    boundaries cover every sequence, the sequence lengths add up to where the pointers end
+    and to the size of the .bin, and (where `<output prefix>.tokenizer.meta.json` records
+    them) the token dtype holds the vocabulary and the counts match the ones preprocessing
+    wrote. Reads the header, maps the .idx arrays and stats the .bin: cost is one pass over
+    the .idx (about 20 bytes per document), none over the tokens. Raises `ConfigError`
+    (key `data.prefixes`) naming the file and what is wrong."""
+    idx_path, bin_path = f"{prefix}.idx", f"{prefix}.bin"
+    idx_size = os.path.getsize(idx_path)
+    with open(idx_path, "rb") as f:
+        head = f.read(_HEADER.size)
+    if len(head) < _HEADER.size or not head.startswith(INDEX_MAGIC):
+        raise _bad(prefix, f"{idx_path} is not a Megatron index file: it has {idx_size:,} bytes and starts with "
+                           f"{head[:len(INDEX_MAGIC)]!r}, not {INDEX_MAGIC!r} (an .idx is written together with its .bin)")
+    _magic, version, code, n_seq, n_bounds = _HEADER.unpack(head)
+    if version != INDEX_VERSION:
+        raise _bad(prefix, f"{idx_path} is index format version {version}; megatron-core reads version {INDEX_VERSION}")
+    known = {d.value: d.name for d in DType}
+    if code not in known:
+        raise _bad(prefix, f"{idx_path} names token dtype code {code}, which Megatron does not know "
+                           f"(known: {', '.join(f'{c}={n}' for c, n in sorted(known.items()))})")
+    dtype = np.dtype(known[code])
+    if dtype.kind not in "iu":
+        raise _bad(prefix, f"{idx_path} stores {dtype.name} values, not integer token ids")
+    arrays = _HEADER.size + 12 * n_seq + 8 * n_bounds  # i32 lengths + i64 pointers + i64 boundaries
+    if idx_size not in (arrays, arrays + n_seq):  # + one i8 mode per sequence when multimodal
+        raise _bad(prefix, f"{idx_path} has {idx_size:,} bytes but its header ({n_seq:,} sequences, {n_bounds:,} "
+                           f"document boundaries) needs {arrays:,}: the file is truncated or was overwritten")
+    if n_seq == 0 or n_bounds < 2:
+        raise _bad(prefix, f"{idx_path} describes an empty dataset ({n_seq:,} sequences, {max(n_bounds - 1, 0):,} documents)")
+
+    mm = np.memmap(idx_path, mode="r", dtype=np.uint8)
+    lengths = mm[_HEADER.size:_HEADER.size + 4 * n_seq].view(np.int32)
+    pointers = mm[_HEADER.size + 4 * n_seq:_HEADER.size + 12 * n_seq].view(np.int64)
+    bounds = mm[_HEADER.size + 12 * n_seq:arrays].view(np.int64)
+    n_docs = n_bounds - 1
+    if int(bounds[0]) != 0 or int(bounds[-1]) != n_seq or not _non_decreasing(bounds):
+        raise _bad(prefix, f"{idx_path} is inconsistent: its {n_docs:,} documents' boundaries run from sequence "
+                           f"{int(bounds[0]):,} to {int(bounds[-1]):,} (non-decreasing, 0 to {n_seq:,} expected) "
+                           f"but it counts {n_seq:,} sequences")
+    if int(lengths.min()) < 0:
+        raise _bad(prefix, f"{idx_path} is corrupt: it has negative sequence lengths")
+    tokens = int(np.sum(lengths, dtype=np.int64))
+    data_bytes = tokens * dtype.itemsize
+    end = int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize
+    if int(pointers[0]) != 0 or end != data_bytes:
+        raise _bad(prefix, f"{idx_path} is corrupt: its sequence pointers end at byte {end:,} but its sequence "
+                           f"lengths add up to {data_bytes:,} bytes of {dtype.name} tokens")
+    del lengths, pointers, bounds, mm
+
+    bin_size = os.path.getsize(bin_path)
+    if bin_size != data_bytes:
+        cause = ("truncated or partly written" if bin_size < data_bytes else "longer than its index")
+        raise _bad(prefix, f"{bin_path} holds {bin_size:,} bytes but its index {idx_path} describes {data_bytes:,} bytes of "
+                           f"{dtype.name} tokens ({n_docs:,} documents, {tokens:,} tokens): the .bin is {cause}, "
+                           f"or the .idx belongs to another dataset")
+
+    meta_file = meta_path(output_prefix_of(prefix))
+    if meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError) as err:
+            raise _bad(prefix, f"{meta_file} is not readable JSON ({err})") from None
+        vocab = meta.get("vocab_size")
+        if isinstance(vocab, int) and vocab - 1 > np.iinfo(dtype).max:
+            raise _bad(prefix, f"{meta_file} records a vocabulary of {vocab:,} tokens but {idx_path} stores "
+                               f"{dtype.name} ids (at most {np.iinfo(dtype).max:,}): larger ids were wrapped when written")
+        recorded = {"documents": n_docs, "tokens": tokens}
+        wrong = {k: meta[k] for k, v in recorded.items() if isinstance(meta.get(k), int) and meta[k] != v}
+        if wrong:
+            raise _bad(prefix, f"{bin_path}/.idx hold {n_docs:,} documents and {tokens:,} tokens but {meta_file}, "
+                               f"written with them, records "
+                               f"{', '.join(f'{v:,} {k}' for k, v in wrong.items())}: the data were replaced "
+                               f"without their tokenizer description (another tokenizer may have made them)")
+    return IndexSummary(sequences=n_seq, documents=n_docs, tokens=tokens, dtype=dtype.name)
+
+
+def index_fingerprint(prefix: str) -> str:
+    """A digest of `<prefix>.idx`: everything Megatron derives its cached sample indices
+    from (sequence lengths, document boundaries, dtype). Content, not mtimes: a dataset
+    copied or staged to another disk keeps its fingerprint (every rank computes the same
+    cache key, which rank 0 writes and the others only read), and a dataset re-made with
+    new document lengths gets a new one. A .bin rewritten under an identical .idx (same
+    lengths, other tokens) keeps the fingerprint, and rightly: the cached indices are
+    positions, valid for any tokens the .bin holds there; `check_indexed_dataset` is what
+    guards the .bin against its .idx."""
+    with open(f"{prefix}.idx", "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
