@@ -2,12 +2,18 @@
 # Shared by slurm/<stage>.sh. Sourced inside an sbatch job; `launch <recipe> [overrides]`.
 #
 # - one srun task per GPU (ranks from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID),
-#   MASTER_ADDR = first host of the allocation, MASTER_PORT from the job id;
+#   MASTER_ADDR = first host of the allocation, MASTER_PORT from the job id. The launchers
+#   ask for the GPUs in their header (--gpus-per-node = --ntasks-per-node); every task
+#   sees all GPUs of its node and the trainer takes GPU SLURM_LOCALID. The GPU count is
+#   read from the allocation (SLURM_GPUS_ON_NODE, else SLURM_GPUS_PER_NODE), logged, and
+#   checked against the tasks per node;
 # - run dir runs/<SLURM_JOB_ID> (or $RUN_ROOT/<SLURM_JOB_ID>): the same across requeues,
 #   so a requeued job resumes from its latest checkpoint;
 # - USR1/TERM to the batch shell (--signal=B:USR1@300, preemption) is forwarded to the
-#   trainer, which finishes its step, saves and exits; the job then requeues itself unless
-#   training completed. `scontrol requeue` works too (Slurm sends SIGTERM to the steps).
+#   trainer, which finishes its step, saves and exits with status 75; the job then requeues
+#   itself unless training completed. `scontrol requeue` works too (Slurm sends SIGTERM to
+#   the steps). A trainer that fails (bad input: status 2, with one `error:` line) is not
+#   requeued: a requeue would fail the same way.
 # - optional container through pyxis: CONTAINER_IMAGE (and CONTAINER_MOUNTS).
 set -euo pipefail
 
@@ -29,6 +35,19 @@ export MASTER_ADDR="${_node_addr:-$_first_node}"
 export MASTER_PORT="${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}"
 export PYTHONUNBUFFERED=1
 
+# GPUs Slurm allocated on this node (0 without a GPU request or on a CPU-only cluster) and
+# the most tasks any node runs (SLURM_TASKS_PER_NODE is e.g. "8(x2)" or "2,1").
+_gpus="${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}"
+_gpus="${_gpus##*:}"  # SLURM_GPUS_PER_NODE may carry a type (h100:8)
+[[ "$_gpus" =~ ^[0-9]+$ ]] || _gpus=0
+GPUS_PER_NODE="$_gpus"
+_tasks_per_node=0
+IFS=, read -ra _tpn <<< "${SLURM_TASKS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-1}}"
+for _n in "${_tpn[@]}"; do
+  _n="${_n%%(*}"
+  if [[ "$_n" =~ ^[0-9]+$ ]] && (( _n > _tasks_per_node )); then _tasks_per_node="$_n"; fi
+done
+
 _stop_requested=0
 _srun_pid=""
 _forward() {
@@ -49,8 +68,17 @@ launch() {
     echo "[$(date -Is)] job ${SLURM_JOB_ID} restart ${RESTART} on ${SLURM_JOB_NODELIST} (${SLURM_NTASKS:-1} tasks)"
     echo "git commit: $(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)"
     echo "master: ${MASTER_ADDR}:${MASTER_PORT}  run dir: ${RUN_DIR}"
+    echo "gpus per node: ${GPUS_PER_NODE} (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}), tasks per node: ${_tasks_per_node}"
     echo "command: ${cmd[*]}"
   } | tee -a "$LOG"
+  if (( GPUS_PER_NODE > 0 && _tasks_per_node > GPUS_PER_NODE )); then
+    echo "error: ${_tasks_per_node} tasks per node but ${GPUS_PER_NODE} GPUs per node; one task per GPU:" \
+         "submit with --ntasks-per-node equal to --gpus-per-node" | tee -a "$LOG"
+    return 1
+  elif (( GPUS_PER_NODE > 0 && _tasks_per_node < GPUS_PER_NODE )); then
+    echo "warning: ${_tasks_per_node} tasks per node for ${GPUS_PER_NODE} GPUs per node; GPUs" \
+         "${_tasks_per_node}..$((GPUS_PER_NODE - 1)) stay idle (one task per GPU)" | tee -a "$LOG"
+  fi
 
   trap '_forward USR1' USR1
   trap '_forward TERM' TERM
@@ -68,5 +96,8 @@ launch() {
     echo "[$(date -Is)] not finished: requeueing job ${SLURM_JOB_ID}" | tee -a "$LOG"
     scontrol requeue "$SLURM_JOB_ID" || echo "requeue refused (already being requeued?)" | tee -a "$LOG"
   fi
+  # 75: the trainer saved and stopped on the signal (resumable), which is what this job asked
+  # for; any other non-zero status (bad input 2, a crash) fails the job and is not requeued.
+  if (( rc == 75 )); then rc=0; fi
   return "$rc"
 }

@@ -2,10 +2,12 @@
 # Star Elastic stage 1: uniform budget sampling, 8K context (recipe recipes/stage1.yaml).
 #   sbatch slurm/stage1.sh elastic.teacher_checkpoint=<importance run dir> data.prefixes=[...] [hydra overrides]
 #   (defaults: model=nemotron_nano_v3_30b, elastic=star_elastic_nano_v3; see recipes/stage1.yaml)
-# GPU clusters: add --gpus-per-node=8 (and keep --ntasks-per-node equal to it).
+# One task per GPU: the header asks for 8 GPUs and 8 tasks per node; to change that, override
+# both, e.g. sbatch --gpus-per-node=4 --ntasks-per-node=4 ...
 #SBATCH --job-name=em-stage1
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=16
 #SBATCH --time=24:00:00
 #SBATCH --requeue

@@ -7,6 +7,14 @@ munged, slurmctld and one `slurmd -N <node>` per node entry (both on 127.0.0.1, 
 own ports, spool dirs and logs), waits for the nodes to be idle, and stops everything it
 started afterwards. A job with --nodes=2 is a real multi-node launch: srun starts its
 tasks through both slurmds, with per-node SLURM_NODEID/SLURM_LOCALID.
+
+Each node advertises GPUS_PER_NODE GPUs (gres/gpu), so the launchers' `#SBATCH
+--gpus-per-node=8` header is scheduled as on a GPU cluster. Slurm 22.05's gres/gpu plugin
+drops GPUs without a File= ("Removing file-less GPU") and rejects a File= that is not a
+character or block device, so gres.conf names GPUS_PER_NODE symlinks to /dev/null
+(AutoDetect=off; no cgroups, so nothing is constrained). A job that asks for GPUs then gets
+SLURM_GPUS_ON_NODE, SLURM_JOB_GPUS, CUDA_VISIBLE_DEVICES=0,...,7 (and GPU_DEVICE_ORDINAL,
+ROCR_VISIBLE_DEVICES, ZE_AFFINITY_MASK) like on real GPUs; CPU-only torch ignores them.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import psutil
 
 
 NODES = ("n1", "n2")
+GPUS_PER_NODE = 8  # as slurm/*.sh ask for (#SBATCH --gpus-per-node=8)
 
 
 class SlurmCluster:
@@ -62,8 +71,14 @@ class SlurmCluster:
         host = socket.gethostname().split(".")[0]
         cpus = os.cpu_count() or 1
         memory_mb = int(psutil.virtual_memory().available / 2**20 * 0.5)
-        for sub in ("state", "log", *(f"spool-{node}" for node in NODES)):
+        for sub in ("state", "log", "dev", *(f"spool-{node}" for node in NODES)):
             (self.dir / sub).mkdir()
+        # Stand-in GPU device files: gres/gpu needs File= entries that are character devices.
+        for i in range(GPUS_PER_NODE):
+            (self.dir / "dev" / f"gpu{i}").symlink_to("/dev/null")
+        # Read by slurmd from the directory of slurm.conf (SLURM_CONF).
+        (self.dir / "gres.conf").write_text(
+            f"AutoDetect=off\nName=gpu File={self.dir}/dev/gpu[0-{GPUS_PER_NODE - 1}]\n")
         self.conf.write_text(f"""
 ClusterName=emtest
 SlurmctldHost={host}
@@ -78,8 +93,12 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
 MpiDefault=none
+GresTypes=gpu
 KillWait=30
 MinJobAge=600
+# Job ids (and so the launchers' log names, logs/<name>-<id>.restart<N>.log) differ from one
+# test cluster to the next: a test never reads the log of an earlier run's job.
+FirstJobId={1000 + int(time.time()) % 5_000_000}
 StateSaveLocation={self.dir}/state
 SlurmdSpoolDir={self.dir}/spool-%n
 SlurmctldPidFile={self.dir}/slurmctld.pid
@@ -87,7 +106,7 @@ SlurmdPidFile={self.dir}/slurmd-%n.pid
 SlurmctldLogFile={self.dir}/log/slurmctld.log
 SlurmdLogFile={self.dir}/log/slurmd-%n.log
 """ + "".join(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={17818 + i} CPUs={cpus} "
-              f"RealMemory={memory_mb // len(NODES)} State=UNKNOWN\n" for i, node in enumerate(NODES))
+              f"RealMemory={memory_mb // len(NODES)} Gres=gpu:{GPUS_PER_NODE} State=UNKNOWN\n" for i, node in enumerate(NODES))
             + f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP\n")
 
     def start(self) -> "SlurmCluster":

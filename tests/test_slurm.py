@@ -2,7 +2,12 @@
 
 A tiny CPU pretraining job with 2 tasks (gloo data parallel) runs to completion through
 `sbatch slurm/pretrain.sh`, a job requeued mid-run resumes from its checkpoint, and the
-elastic chain runs through `sbatch slurm/importance.sh` then `sbatch slurm/stage1.sh`."""
+elastic chain runs through `sbatch slurm/importance.sh` then `sbatch slurm/stage1.sh`.
+
+The launchers are submitted with their own `#SBATCH --gpus-per-node=8`: the test cluster
+advertises 8 (stand-in) GPUs per node, and the tests check that Slurm allocated them
+(`scontrol show job -d`: JOB_GRES, and the GPU count common.sh logs from the job's
+environment) while torch, CPU-only, trains on the CPU."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from slurm_cluster import SlurmCluster
+from slurm_cluster import GPUS_PER_NODE, SlurmCluster
 
 pytestmark = pytest.mark.slurm
 
@@ -30,7 +35,8 @@ def cluster():
 
 
 def submit(cluster, tmp_path, prefix, *overrides, name="em-test", script="pretrain.sh", nodes=1) -> str:
-    """Two tasks, on one node or one per node."""
+    """Two tasks, on one node or one per node. The GPUs come from the launcher's own
+    header (--gpus-per-node=8), as when a user submits it."""
     out = cluster.run(
         "sbatch", "--parsable", f"--job-name={name}", f"--nodes={nodes}", "--ntasks=2", f"--ntasks-per-node={2 // nodes}",
         "--cpus-per-task=1", "--time=00:10:00", f"--output={tmp_path}/%x-%j.out",
@@ -56,6 +62,21 @@ def wait_for(predicate, timeout: float, what: str, cluster, tmp_path):
     pytest.fail(f"timed out waiting for {what}\n{logs}\n{cluster.daemon_logs()}")
 
 
+def job_gres(cluster, job_id: str) -> str:
+    """The GRES Slurm allocated to the job, e.g. "gpu:16" (kept after the job ends)."""
+    out = cluster.run("scontrol", "show", "job", "-d", job_id).stdout
+    match = re.search(r"JOB_GRES=(\S+)", out)
+    return match.group(1) if match else out
+
+
+def assert_gpus_allocated(cluster, job_id: str, log: str, nodes: int, tasks_per_node: int) -> None:
+    """Slurm allocated GPUS_PER_NODE GPUs on each node of the job, and the job saw them."""
+    assert job_gres(cluster, job_id) == f"gpu:{GPUS_PER_NODE * nodes}"
+    visible = ",".join(str(i) for i in range(GPUS_PER_NODE))
+    assert (f"gpus per node: {GPUS_PER_NODE} (CUDA_VISIBLE_DEVICES={visible}), "
+            f"tasks per node: {tasks_per_node}") in log
+
+
 def tracker_step(run_dir: Path) -> int:
     path = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
     return int(path.read_text()) if path.exists() else 0
@@ -71,6 +92,7 @@ def test_pretrain_job_runs_to_completion(cluster, tmp_path, stdlib_prefix):
     assert tracker_step(run_dir) == 12
     assert re.search(r"git commit: [0-9a-f]{40}", log)
     assert "(2 tasks)" in log and "world 2 (tp 1, pp 1, ep 1, dp 2)" in log
+    assert_gpus_allocated(cluster, job, log, nodes=1, tasks_per_node=2)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
 
@@ -96,6 +118,9 @@ def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path, stdlib_pref
         assert "signal SIGUSR1 received: saving and exiting" in first
         assert "requeueing job" in first
     second = restart_log.read_text()
+    # The requeued job is allocated its GPUs again.
+    assert job_gres(cluster, job) == f"gpu:{GPUS_PER_NODE}"
+    assert f"gpus per node: {GPUS_PER_NODE} " in first and f"gpus per node: {GPUS_PER_NODE} " in second
     resumed = int(re.search(r"resumed from step (\d+)", second).group(1))
     assert resumed >= 5
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -122,6 +147,7 @@ def test_importance_then_stage1_jobs(cluster, tmp_path, stdlib_prefix):
     wait_for(lambda: cluster.job_state(sort_job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240, "importance", cluster, tmp_path)
     log = (REPO / "logs" / f"em-test-{sort_job}.restart0.log").read_text()
     assert cluster.job_state(sort_job) == "COMPLETED", log[-3000:]
+    assert_gpus_allocated(cluster, sort_job, log, nodes=1, tasks_per_node=2)
     sorted_dir = tmp_path / "runs" / sort_job
     assert metadata.read_common_state(sorted_dir)["meta"]["sort_index"]
     assert (sorted_dir / "importance" / "importance_hidden.png").exists()
@@ -135,6 +161,7 @@ def test_importance_then_stage1_jobs(cluster, tmp_path, stdlib_prefix):
     log = (REPO / "logs" / f"em-test-{job}.restart0.log").read_text()
     assert cluster.job_state(job) == "COMPLETED", log[-3000:]
     assert "world 2 (tp 2, pp 1, ep 1, dp 1)" in log and "on n[1-2] (2 tasks)" in log
+    assert_gpus_allocated(cluster, job, log, nodes=2, tasks_per_node=1)
     run_dir = tmp_path / "runs" / job
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = set().union(*rows)
