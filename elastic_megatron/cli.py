@@ -1,8 +1,9 @@
 """One way for every entry point (the trainer and tools/*.py) to report bad input.
 
-A `ConfigError` (bad key or value), a missing file or a checkpoint that fails its checks
-is the user's to fix, not a bug: it is printed as one `error: ...` line naming what was
-wrong and what is allowed, on stderr, from one rank, with exit status 2 and no traceback.
+A `ConfigError` (bad key or value), a missing file, a checkpoint that fails its checks,
+a run dir in use, a full disk or a diverged run is the user's to fix, not a bug: it is
+printed as one `error: ...` line naming what was wrong and what is allowed, on stderr,
+from one rank, with exit status 2 and no traceback.
 `--debug` (or ELASTIC_MEGATRON_DEBUG=1) re-raises it with the traceback. Anything else is
 a bug and keeps its traceback.
 """
@@ -16,13 +17,21 @@ from typing import Callable
 
 DEBUG_ENV = "ELASTIC_MEGATRON_DEBUG"
 EXIT_BAD_INPUT = 2
+# A run stopped by SIGTERM/SIGUSR1 after saving: not finished, resumable (EX_TEMPFAIL).
+EXIT_STOPPED = 75
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception types that mean bad input (imported lazily: tools start fast)."""
+    """The exception types that end a job with a message instead of a traceback: bad input,
+    a checkpoint that fails verification, a run dir in use, a save the disk cannot hold,
+    a run that diverged (imported lazily: tools start fast)."""
+    from elastic_megatron.checkpoint.lock import RunDirLocked
+    from elastic_megatron.checkpoint.manifest import CheckpointCorrupt
+    from elastic_megatron.checkpoint.store import CheckpointSaveError
     from elastic_megatron.config.errors import ConfigError
+    from elastic_megatron.training.loop import TrainingDiverged
 
-    return (ConfigError, FileNotFoundError)
+    return (ConfigError, FileNotFoundError, CheckpointCorrupt, RunDirLocked, CheckpointSaveError, TrainingDiverged)
 
 
 def debug_requested() -> bool:
@@ -49,6 +58,9 @@ def tool_parser(doc: str, whole_doc: bool = False) -> argparse.ArgumentParser:
     else:
         parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help=f"show the traceback of a bad-input error (or set {DEBUG_ENV}=1)")
+    parser.add_argument("--verify", choices=("hashes", "sizes"), default=os.environ.get("ELASTIC_MEGATRON_VERIFY", "hashes"),
+                        help="how input checkpoints are verified against their manifest: every byte's hash (default) "
+                             "or presence and sizes only (huge checkpoints)")
     return parser
 
 
@@ -71,8 +83,11 @@ def report_errors(job: Callable[[], object]) -> tuple[int, object]:
 def run_tool(args: argparse.Namespace, job: Callable[[], object], done: Callable[[object], str]) -> int:
     """Run `job`; print `done(result)` and return 0, or report bad input (exit status 2).
     `args` are the tool's parsed arguments (from `tool_parser`)."""
+    from elastic_megatron.checkpoint import verify
+
     if args.debug:
         os.environ[DEBUG_ENV] = "1"
+    verify.set_level(args.verify)
     code, result = report_errors(job)
     if code == 0:
         print(done(result))

@@ -193,6 +193,33 @@ def test_import_refusals(dist, hf_dir, tmp_path):
     (biased / "config.json").write_text(json.dumps(conf))
     with pytest.raises(ConfigError, match="mlp_bias"):
         import_hf(biased, tmp_path / "out3")
+    # config.json whose sizes disagree with its tensors: refused before anything is written
+    # (transformers would silently drop or pad rows).
+    for i, (key, value, says) in enumerate((("vocab_size", 200, "config.json's sizes imply"),
+                                            ("intermediate_size", 8, "config.json's sizes imply"),
+                                            ("hidden_size", 48, "config.json"))):
+        wrong = tmp_path / f"wrong{i}"
+        shutil.copytree(hf_dir, wrong)
+        conf = json.loads((wrong / "config.json").read_text())
+        conf[key] = value
+        (wrong / "config.json").write_text(json.dumps(conf))
+        with pytest.raises(ConfigError, match=says):
+            import_hf(wrong, tmp_path / f"wrong-out{i}")
+        assert not (tmp_path / f"wrong-out{i}").exists()
+    # Malformed config.json and a corrupt safetensors header: one clear error each.
+    malformed = tmp_path / "malformed"
+    shutil.copytree(hf_dir, malformed)
+    (malformed / "config.json").write_text('{"model_type": "nemotron_h", ')
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        import_hf(malformed, tmp_path / "out4")
+    header = tmp_path / "header"
+    shutil.copytree(hf_dir, header)
+    shard = next(header.glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[8:16] = b"\xff" * 8  # inside the JSON header
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="corrupt header"):
+        import_hf(header, tmp_path / "out5")
     # Non-empty target refused unless --overwrite.
     target = tmp_path / "taken"
     target.mkdir()
@@ -201,7 +228,7 @@ def test_import_refusals(dist, hf_dir, tmp_path):
         import_hf(hf_dir, target)
     assert (target / "keep.txt").exists()
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging left behind
-    assert not any((tmp_path / f"out{i}").exists() for i in (1, 2, 3))
+    assert not any((tmp_path / f"out{i}").exists() for i in (1, 2, 3, 4, 5))
 
 
 def test_hf_config_mapping_is_inverse(dist):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ import torch
 from conftest import REPO, preset, token_batch
 from checkpoint_helpers import identity_index
 from elastic_helpers import logits, masked_logits, randomised_model
+from elastic_megatron.checkpoint.manifest import CheckpointCorrupt
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.convert.megatron_dist import config_yaml
 from elastic_megatron.elastic.widths import Widths, full_widths, model_cost, sub_model_config
@@ -121,10 +123,15 @@ def test_truncated_source_shard_fails_without_a_half_written_target(elastic_ckpt
     shutil.copytree(run_dir, broken)
     shard = max((broken / "checkpoints" / "iter_0000010").glob("*.distcp"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    with pytest.raises(ConfigError, match="truncated"):
+    with pytest.raises(CheckpointCorrupt, match=f"{shard.name}: size .* != .* in manifest"):
         slice_checkpoint(broken, tmp_path / "out", "small", fmt="both")
     shard.unlink()
-    with pytest.raises(ConfigError, match="missing"):
+    with pytest.raises(CheckpointCorrupt, match=f"{shard.name}: missing"):
+        slice_checkpoint(broken, tmp_path / "out", "small")
+    # A checkpoint without a manifest (written before manifests existed) is still checked
+    # against its own index before any read.
+    (broken / "checkpoints" / "iter_0000010" / "manifest.json").unlink()
+    with pytest.raises(CheckpointCorrupt, match=f"{shard.name}: missing"):
         slice_checkpoint(broken, tmp_path / "out", "small")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -213,3 +220,40 @@ def test_trainer_fine_tunes_a_slice(elastic_ckpt, stdlib_prefix, tmp_path):
     # ... and a mismatching init checkpoint is refused before anything is built.
     with pytest.raises(ConfigError, match="run.init_checkpoint"):
         run("pretrain", [o for o in overrides if not o.startswith(("model=", "run.dir="))] + ["model=tiny", f"run.dir={tmp_path / 'bad'}"])
+
+
+def _flip_byte(path) -> None:
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_every_tool_refuses_a_checkpoint_with_flipped_bytes(elastic_ckpt, tmp_path):
+    """Same-length corruption inside a tensor file: slicing, export, evaluation and import
+    stop with one error line naming the file, before writing anything."""
+    from elastic_megatron.convert.hf_checkpoint import export_hf
+
+    run_dir = elastic_ckpt[0]
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir, bad)
+    shard = max(store.iteration_dir(bad, 10).glob("*.distcp"), key=lambda p: p.stat().st_size)
+    _flip_byte(shard)
+    hf_bad = export_hf(run_dir, tmp_path / "hf", "fp32")
+    hf_shard = next(hf_bad.glob("*.safetensors"))
+    _flip_byte(hf_shard)
+    tools = {
+        "zero_shot_slicing.py": ["--source-checkpoint", str(bad), "--target-checkpoint", str(tmp_path / "o1"), "--size", "small"],
+        "export_hf.py": ["--source-checkpoint", str(bad), "--target-checkpoint", str(tmp_path / "o2")],
+        "evaluate_elastic.py": ["--elastic", str(bad), "--sorted", str(run_dir), "--unsorted", str(run_dir), "--out", str(tmp_path / "o3")],
+        "import_hf.py": ["--hf-dir", str(hf_bad), "--target-checkpoint", str(tmp_path / "o4")],
+        "describe_model.py": ["storage=true", f"checkpoint={bad}"],
+    }
+    for tool, args in tools.items():
+        proc = subprocess.run([sys.executable, str(REPO / "tools" / tool), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+        named = hf_shard.name if tool == "import_hf.py" else shard.name
+        assert proc.returncode == 2, (tool, proc.stderr[-2000:])
+        assert "corrupt checkpoint: " in proc.stderr and named in proc.stderr and "hash mismatch" in proc.stderr, (tool, proc.stderr)
+        assert "Traceback" not in proc.stderr, tool
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))

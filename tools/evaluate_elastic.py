@@ -27,10 +27,18 @@ def main(argv=None) -> int:
     parser.add_argument("--micro-batch-size", type=int, default=8)
     args = parser.parse_args(argv)
 
+    from elastic_megatron.config.errors import ConfigError
     from elastic_megatron.jobs.evaluate import evaluate_elastic, render_table, write_outputs
     from elastic_megatron.parallel.setup import distributed
 
     def job():
+        from elastic_megatron.config.errors import require_positive_int
+
+        require_positive_int("--batches", args.batches)
+        require_positive_int("--micro-batch-size", args.micro_batch_size)
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ConfigError("--out", args.out, "is a file; give a directory for evaluation.json and evaluation.png")
         with distributed(1, 1, 1, seed=1234):
             return evaluate_elastic(args.elastic, args.sorted, args.unsorted, args.batches, args.micro_batch_size)
 

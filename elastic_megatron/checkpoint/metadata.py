@@ -12,7 +12,7 @@ import yaml
 
 from megatron.core import dist_checkpointing
 
-from elastic_megatron.checkpoint.store import resolve_checkpoint_dir
+from elastic_megatron.checkpoint.store import open_checkpoint
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.config.model import ModelConfig, model_config_from_dict
 
@@ -27,7 +27,7 @@ ARCHITECTURE_FIELDS = (
 
 def read_common_state(path: str | Path) -> dict:
     """step, meta and extra of a checkpoint without loading any tensor shard."""
-    state = dist_checkpointing.load_common_state_dict(str(resolve_checkpoint_dir(path)))
+    state = dist_checkpointing.load_common_state_dict(str(open_checkpoint(path)))
     return {k: state.get(k) for k in ("step", "consumed_samples", "meta", "extra")}
 
 

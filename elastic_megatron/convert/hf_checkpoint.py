@@ -6,18 +6,15 @@ tensor being converted (plus, for our checkpoints, one layer's stacked experts).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
+from elastic_megatron.checkpoint import verify
+from elastic_megatron.checkpoint.manifest import has_manifest, verify_manifest
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.convert import hf_nemotron_h as hf
 from elastic_megatron.convert.megatron_dist import DistCheckpointSource
-from elastic_megatron.convert.output import precision_dtype, staged, write_hf, write_megatron
+from elastic_megatron.convert.output import TOKENIZER_FILES, copy_tokenizer, precision_dtype, staged, write_hf, write_megatron
 from elastic_megatron.convert.tensors import SafetensorsSource
-
-# Tokenizer files of an HF directory, carried along on import/export when present.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-
 
 def import_hf(hf_dir: str | Path, target: str | Path, precision: str = "bf16", name: str = "nemotron_h_import",
               overwrite: bool = False) -> Path:
@@ -25,11 +22,14 @@ def import_hf(hf_dir: str | Path, target: str | Path, precision: str = "bf16", n
     dtype = precision_dtype(precision)
     target = Path(target)
     hf_dir = require_dir(hf_dir, "--hf-dir")
+    if has_manifest(hf_dir):  # written by our exporter: every byte as exported
+        verify_manifest(hf_dir, check_hashes=verify.level() == "hashes")
     cfg = hf.model_config_from_hf(hf.read_hf_config(hf_dir), name=name)
     flat = hf.hf_to_flat(SafetensorsSource(hf_dir), cfg)  # checks shards and names before writing
+    hf.check_shapes(flat, cfg, str(hf_dir))
     with staged(target, overwrite) as tmp:
         write_megatron(tmp, cfg, flat, dtype, imported_from={"format": "hf_nemotron_h", "path": str(hf_dir)})
-        _copy_tokenizer(hf_dir, tmp / "tokenizer")
+        copy_tokenizer(hf_dir, tmp / "tokenizer")
     return target
 
 
@@ -38,21 +38,14 @@ def export_hf(source: str | Path, target: str | Path, precision: str = "bf16", o
     """Our checkpoint (any non-elastic or elastic checkpoint: the full model) -> HF dir."""
     dtype = precision_dtype(precision)
     target = Path(target)
+    if tokenizer_dir is not None:
+        require_dir(tokenizer_dir, "--tokenizer-dir")
+        if not any((Path(tokenizer_dir) / f).exists() for f in TOKENIZER_FILES):
+            raise ConfigError("--tokenizer-dir", str(tokenizer_dir), f"holds none of {list(TOKENIZER_FILES)}")
     src = DistCheckpointSource(source)
     with staged(target, overwrite) as tmp:
-        write_hf(tmp, src.cfg, src, dtype, max_shard_bytes=max_shard_bytes)
-        if tokenizer_dir is not None:
-            _copy_tokenizer(Path(tokenizer_dir), tmp)
+        write_hf(tmp, src.cfg, src, dtype, max_shard_bytes=max_shard_bytes, tokenizer_dir=tokenizer_dir)
     return target
-
-
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    found = [f for f in TOKENIZER_FILES if (src / f).exists()]
-    if not found:
-        return
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in found:
-        shutil.copy2(src / f, dst / f)
 
 
 def require_dir(path: str | Path, key: str) -> Path:

@@ -48,7 +48,12 @@ def read_hf_config(directory: str | Path) -> dict:
     path = Path(directory) / "config.json"
     if not path.exists():
         raise ConfigError("--hf-dir", str(directory), "has no config.json (expected a Hugging Face Nemotron-H directory)")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError("--hf-dir", str(path), f"config.json is not valid JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError("--hf-dir", str(path), "config.json is not a JSON object")
     for old, new in _ALIASES.items():
         if old in cfg and new not in cfg:
             cfg[new] = cfg.pop(old)
@@ -296,3 +301,22 @@ def write_hf_config(directory: str | Path, cfg: ModelConfig, dtype: torch.dtype)
     conf = hf_config_from_model(cfg, dtype)
     (Path(directory) / "config.json").write_text(json.dumps(conf, indent=2, allow_nan=False) + "\n")
 
+
+
+def check_shapes(flat: TensorSource, cfg: ModelConfig, where: str) -> None:
+    """Every parameter the config implies exists in `flat` (an HF view) with that shape,
+    read from the shard headers only: a config.json whose sizes disagree with its tensors
+    is refused before anything is written (transformers would drop or pad rows)."""
+    from elastic_megatron.models.counter import parameter_inventory
+
+    names = set(flat.names())
+    for entry in parameter_inventory(cfg):
+        if entry.name not in names:
+            raise ConfigError("--hf-dir", where, f"lacks the tensor for {entry.name} that config.json implies")
+        try:
+            shape = tuple(flat.spec(entry.name).shape)
+        except (RuntimeError, ValueError) as err:
+            raise ConfigError("--hf-dir", where, f"the tensors for {entry.name} do not fit config.json's sizes ({err})") from None
+        if shape != tuple(entry.shape):
+            raise ConfigError("--hf-dir", where, f"{entry.name}: the safetensors hold shape {list(shape)}, config.json's sizes "
+                              f"imply {list(entry.shape)} (vocab_size, hidden_size, intermediate sizes, heads?)")

@@ -32,7 +32,9 @@ from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.config.model import ATTENTION, MAMBA, MLP, MOE, ModelConfig
 from elastic_megatron.convert.tensors import TensorSource
 from elastic_megatron.checkpoint import store
+from elastic_megatron.checkpoint.manifest import write_manifest
 from elastic_megatron.checkpoint.metadata import checkpoint_model_config
+from elastic_megatron.checkpoint.verify import check_shard_files
 
 _METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                   "common_backend": "torch", "common_backend_version": 1}
@@ -120,11 +122,11 @@ class DistCheckpointSource(TensorSource):
     def __init__(self, path: str | Path):
         from torch.distributed.checkpoint import FileSystemReader
 
-        self.dir = store.resolve_checkpoint_dir(path)
+        self.dir = store.open_checkpoint(path)
         self.cfg, self.meta = checkpoint_model_config(self.dir)
         self.reader = FileSystemReader(str(self.dir))
         metadata = self.reader.read_metadata()
-        _check_shard_files(self.dir, metadata)
+        check_shard_files(self.dir, metadata)
         stored = metadata.state_dict_metadata
         parts, _ = layout(self.cfg)
         missing = [p.key for p in parts if p.key not in stored]
@@ -202,20 +204,6 @@ class DistCheckpointSource(TensorSource):
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
 
 
-def _check_shard_files(directory: Path, metadata) -> None:
-    """Every shard file the metadata points into exists and is long enough: a missing or
-    truncated shard is named before any tensor is read."""
-    need: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sorted(need.items()):
-        path = directory / name
-        if not path.exists():
-            raise ConfigError("checkpoint shard", str(path), "is missing (the checkpoint metadata points into it)")
-        if path.stat().st_size < size:
-            raise ConfigError("checkpoint shard", str(path), f"is truncated: {path.stat().st_size} bytes, the metadata needs {size}")
-
-
 def write_dist_checkpoint(run_dir: str | Path, cfg: ModelConfig, flat: TensorSource, meta: dict, step: int = 0) -> Path:
     """Write `flat` (a source in the flat naming for a model of `cfg`) as a complete
     checkpoint of run dir `run_dir`: checkpoints/iter_<step>/ plus the tracker. Tensors
@@ -257,6 +245,7 @@ def write_dist_checkpoint(run_dir: str | Path, cfg: ModelConfig, flat: TensorSou
     torch.save({"step": step, "consumed_samples": 0, "format_version": store.FORMAT_VERSION,
                 "meta": meta, "extra": {}}, final / "common.pt")
     (final / "metadata.json").write_text(json.dumps(_METADATA_JSON))
+    write_manifest(final)
     (store.checkpoint_root(run_dir) / store.TRACKER).write_text(f"{step}\n")
     return final
 

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from elastic_megatron.checkpoint.manifest import write_manifest
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.config.model import ModelConfig
 from elastic_megatron.convert import hf_nemotron_h as hf
@@ -74,12 +75,30 @@ def write_megatron(directory: Path, cfg: ModelConfig, flat: TensorSource, dtype:
     write_model_recipe(directory, cfg)
 
 
-def write_hf(directory: Path, cfg: ModelConfig, flat: TensorSource, dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30) -> dict:
-    """An HF Nemotron-H directory (config.json + safetensors shards) that transformers'
-    NemotronHForCausalLM loads without custom code."""
+def write_hf(directory: Path, cfg: ModelConfig, flat: TensorSource, dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30,
+             tokenizer_dir: Path | None = None) -> dict:
+    """An HF Nemotron-H directory (config.json + safetensors shards, the tokenizer files
+    of `tokenizer_dir` when given, and manifest.json with every file's size and hash)
+    that transformers' NemotronHForCausalLM loads without custom code."""
     directory.mkdir(parents=True, exist_ok=True)
     hf.hf_config_from_model(cfg, dtype)  # refuse what HF cannot express before writing tensors
     view = CastSource(hf.flat_to_hf(flat, cfg), dtype, keep=hf.keep_fp32)
     index = write_safetensors(directory, view, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
     hf.write_hf_config(directory, cfg, dtype)
+    if tokenizer_dir is not None:
+        copy_tokenizer(Path(tokenizer_dir), directory)
+    write_manifest(directory)
     return index
+
+
+# Tokenizer files of an HF directory, carried along on import/export when present.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    found = [f for f in TOKENIZER_FILES if (src / f).exists()]
+    if not found:
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in found:
+        shutil.copy2(src / f, dst / f)

@@ -93,7 +93,15 @@ def _read_header(path: Path) -> tuple[dict, int]:
         (n,) = struct.unpack("<Q", raw)
         if n > size - 8:
             raise ConfigError("safetensors shard", str(path), f"is truncated (header of {n} bytes, file of {size})")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("not a JSON object")
+            for k, v in header.items():
+                if k != "__metadata__" and not (isinstance(v, dict) and {"dtype", "shape", "data_offsets"} <= set(v)):
+                    raise ValueError(f"entry {k!r} lacks dtype/shape/data_offsets")
+        except (UnicodeDecodeError, ValueError) as err:
+            raise ConfigError("safetensors shard", str(path), f"has a corrupt header ({err})") from None
     start = 8 + n
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if start + end > size:
@@ -109,7 +117,10 @@ class SafetensorsSource(TensorSource):
         self.dir = Path(directory)
         index = self.dir / HF_INDEX
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ConfigError("safetensors index", str(index), f"is not a valid index ({type(err).__name__}: {err})") from None
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.dir.glob("*.safetensors"))
