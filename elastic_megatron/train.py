@@ -9,8 +9,9 @@
 Hydra composes the recipe (recipes/<name>.yaml) onto the `JobConfig` schema; `dispatch`
 picks the job: `run.task=importance` (jobs/importance.py: score and sort a parent) or
 `run.task=train`, the training loop with the step function the job asks for (pretraining,
-or elastic distillation when `elastic.enabled`). Bad input ends with one `error:` line
-and exit status 2 (`--debug` shows the traceback; see cli.py).
+or elastic distillation when `elastic.enabled`). Exit status: 0 finished, 75 stopped by
+SIGTERM/SIGUSR1 after saving (resumable), 2 bad input / failed checks with one `error:`
+line (`--debug` shows the traceback; see cli.py), 1 a bug.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import hydra
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from elastic_megatron.cli import pop_debug_flag, report_errors
+from elastic_megatron.cli import EXIT_STOPPED, pop_debug_flag, report_errors
 from elastic_megatron.config.schema import JobConfig, register_configs, validate_job
 from elastic_megatron.parallel.setup import dist_env
 from elastic_megatron.training.loop import TrainResult, train
@@ -72,6 +73,8 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     code, result = report_errors(lambda: dispatch(to_job(cfg)))
     if code:
         sys.exit(code)  # SystemExit passes through Hydra's handler, which would print a traceback
+    if isinstance(result, TrainResult) and result.stop_signal:
+        sys.exit(EXIT_STOPPED)  # saved and stopped early: not a finished run
     return result.valid_loss if isinstance(result, TrainResult) else None
 
 

@@ -26,6 +26,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DECAY_STYLES = ("constant", "linear", "cosine")
 LOGGERS = ("none", "wandb")
 TASKS = ("train", "importance")
+VERIFY_LEVELS = ("hashes", "sizes")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -42,6 +43,9 @@ class RunConfig:
     # HF import), with a fresh step, optimizer and data position, like Megatron's
     # --pretrained-checkpoint. Ignored once run.dir has a checkpoint (resume wins).
     init_checkpoint: Optional[str] = None
+    # Checkpoints are verified against their manifest before anything is loaded:
+    # hashes (every byte, ~1 extra read) or sizes (presence and sizes only, for huge ones).
+    verify_checkpoints: str = "hashes"
 
 
 @dataclass
@@ -83,6 +87,9 @@ class TrainerConfig:
     peak_flops: float = 989.0e12
     # Artificial delay after each step: lets tests signal a running job. Keep 0.
     step_sleep_s: float = 0.0
+    # Stop the run (non-zero exit, no COMPLETED) after this many consecutive steps whose
+    # update was skipped for a non-finite loss or gradient.
+    max_skipped_steps: int = 5
 
 
 @dataclass
@@ -124,7 +131,8 @@ def validate_job(job: JobConfig, world_size: int = 1) -> None:
     validate_parallel_layout(job.model, p)
     dp = layout_data_parallel(p, world_size)
     require_sequence_split(d.seq_length, p)
-    for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_interval", "eval_iters", "save_interval"):
+    for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_interval", "eval_iters", "save_interval",
+                "max_skipped_steps"):
         require_positive_int(f"trainer.{key}", getattr(t, key))
     require_batch_split(t.global_batch_size, t.micro_batch_size, dp)
     if not t.lr > 0:
@@ -158,6 +166,7 @@ def validate_job(job: JobConfig, world_size: int = 1) -> None:
     if not d.prefixes:
         raise ConfigError("data.prefixes", list(d.prefixes), "needs at least one data prefix (tools/preprocess_data.py writes them)")
     require_choice("run.task", job.run.task, TASKS)
+    require_choice("run.verify_checkpoints", job.run.verify_checkpoints, VERIFY_LEVELS)
     if job.run.task == "importance" and not job.elastic.parent_checkpoint:
         raise ConfigError("elastic.parent_checkpoint", None, "the importance task needs the parent to sort (a run dir or checkpoint dir)")
     if job.run.task == "train" and job.elastic.enabled:

@@ -5,6 +5,7 @@ Engine. Whatever a ModuleSpec can replace is replaced there (core attention, nor
 Mamba mixer: see `specs.py`). What remains is patched here, one function per problem,
 each saying what it works around and when it applies:
 
+- `_patch_checkpoint_results_queue` applies everywhere (no orphaned processes).
 - CUDA-only patches apply when `torch.cuda.is_available()` is False.
 - TE-only patches apply when Transformer Engine is not importable (CPU machines, and GPU
   machines without TE such as the lent test GPU).
@@ -162,9 +163,26 @@ def _patch_checkpoint_preload_sync() -> None:
     FileSystemWriterAsync.preload_tensors = staticmethod(preload_tensors)
 
 
+def _patch_checkpoint_results_queue() -> None:
+    """Megatron's torch_dist writer collects its workers' results through a queue served by
+    a `multiprocessing.Manager` (dist_checkpointing/strategies/filesystem_async.py, 0.16):
+    a spawned server process that outlives a trainer killed with SIGKILL (seen: orphans of
+    ~390 MB each). Our saves are synchronous: the trainer itself puts the results in and
+    takes them out (right away, with get_nowait), so an in-process thread-safe queue is
+    the exact fit and leaves no server behind. (A multiprocessing.Queue is not: its put
+    goes through a feeder thread and races that get_nowait.) The forked writer processes
+    themselves die with the trainer (checkpoint/store.py)."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    results = queue.Queue()
+    filesystem_async._get_write_results_queue = lambda: results
+
+
 def apply() -> None:
     """Apply the patches this machine needs (idempotent)."""
-    needed = []
+    needed = [_patch_checkpoint_results_queue]
     if not torch.cuda.is_available():
         needed += [_patch_router_gating_device, _patch_router_buffers_device, _disable_jit_fuser_compile,
                    _patch_checkpoint_preload_sync, _patch_checkpoint_finalize_device, _patch_tensor_parallel_buffers_device,

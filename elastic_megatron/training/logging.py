@@ -38,14 +38,37 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
+def drop_rows_after(path: Path, step: int) -> None:
+    """A resumed run redoes the steps after its checkpoint: drop their old rows, so the file
+    holds one series (rewritten atomically; a half-written last line is dropped too)."""
+    if not path.exists():
+        return
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if row_step > step:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: Path, logger_cfg, job_name: str, resolved_config: dict):
+    def __init__(self, run_dir: Path, logger_cfg, job_name: str, resolved_config: dict, resumed_at: int = 0):
         self.enabled = is_rank0()
         self.run_dir = Path(run_dir)
         self.wandb_run = None
         self.jsonl = None
         if not self.enabled:
             return
+        drop_rows_after(self.run_dir / "metrics.jsonl", resumed_at)
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
         if logger_cfg.type == "wandb":
             import wandb

@@ -41,6 +41,11 @@ from elastic_megatron.training.signals import StopSignal
 from elastic_megatron.training.steps import LMStep, StepFunction
 
 COMPLETED = "COMPLETED"
+
+
+class TrainingDiverged(RuntimeError):
+    """trainer.max_skipped_steps consecutive updates were skipped (non-finite loss or
+    gradients): the run stops without COMPLETED, so nothing downstream takes it as done."""
 INDENT = " " * 12  # step-function lines sit under the step column of the progress line
 
 
@@ -110,10 +115,12 @@ class Trainer:
         self.loader = run.loader(train_ds, self.consumed)
         structured = OmegaConf.structured(job)
         self.config_yaml = OmegaConf.to_yaml(structured)
-        self.logger = MetricsLogger(run.dir, job.logger, job.run.name, OmegaConf.to_container(structured, resolve=True))
+        self.logger = MetricsLogger(run.dir, job.logger, job.run.name, OmegaConf.to_container(structured, resolve=True),
+                                    resumed_at=self.start_step)
         self.flops_per_token = flops_per_token(job.model, job.data.seq_length)
         self.tokens_per_step = t.global_batch_size * job.data.seq_length
         self.result = TrainResult(run_dir=run.dir, start_step=self.start_step, last_step=self.start_step, completed=False)
+        self.consecutive_skips = 0
         # Throughput counts training steps only, not validation or checkpoint saves.
         self.compute_s, self.steps_since_log = 0.0, 0
         size, p = model_size(job.model), job.parallel
@@ -171,9 +178,18 @@ class Trainer:
         self.step_fn.after_step(step, ok)
         if ok:
             self.scheduler.step(1)
+            self.consecutive_skips = 0
         else:
             self.result.skipped_steps.append(step)
-            print0(f"step {step}: non-finite loss or gradients ({loss}); update skipped")
+            self.consecutive_skips += 1
+            print0(f"step {step}: non-finite loss or gradients ({loss}); update skipped "
+                   f"({self.consecutive_skips} in a row, the run stops at {self.t.max_skipped_steps})")
+            if self.consecutive_skips >= self.t.max_skipped_steps:
+                raise TrainingDiverged(
+                    f"{self.consecutive_skips} consecutive steps (up to {step}) had a non-finite loss or gradients; "
+                    f"stopping without saving (the last checkpoint, step {store.latest_step(self.run.dir)}, is the last good "
+                    "state). Check the data, the learning rate and the checkpoint's weights; raise trainer.max_skipped_steps "
+                    "to tolerate longer runs of skipped steps")
         self.consumed += self.t.global_batch_size
         self.result.losses[step] = loss
         self.result.last_step = step
@@ -214,7 +230,8 @@ class Trainer:
         return valid
 
     def save(self, step: int) -> Path:
-        meta = {"config": self.config_yaml, "wandb_run_id": self.logger.wandb_id, **self.step_fn.checkpoint_meta()}
+        meta = {"config": self.config_yaml, "wandb_run_id": self.logger.wandb_id, "data": self.run.data_identity,
+                **self.step_fn.checkpoint_meta()}
         path = store.save_checkpoint(self.run.dir, self.run.model, self.optimizer, self.scheduler, step, self.consumed,
                                      meta, self.step_fn.state_dict())
         print0(f"saved checkpoint at step {step} in {path}")

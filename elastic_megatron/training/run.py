@@ -2,11 +2,15 @@
 elastic distillation and importance sorting (and every later stage):
 
     validate the job -> data files and tokenizer -> dtype -> process groups
-    -> run dir -> resume step -> build this rank's model -> initial weights
+    -> lock the run dir -> resume step (the newest checkpoint that verifies)
+    -> the job's config against that checkpoint's -> config.yaml
+    -> build this rank's model -> initial weights
 
-Every check that can fail on user input runs before the process groups exist and before
-any tensor is allocated; the initial weights' architecture is checked from their
-metadata before the model is built.
+Every check that can fail on user input runs before any tensor is allocated and before
+anything is written into the run dir; the initial weights' architecture is checked from
+their metadata before the model is built. The run dir has one writer: rank 0 holds its
+lock (checkpoint/lock.py) until the job ends, and a second job on the same run dir is
+refused with the holder's identity.
 """
 
 from __future__ import annotations
@@ -22,15 +26,19 @@ from omegaconf import OmegaConf
 
 from megatron.core import parallel_state
 
-from elastic_megatron.checkpoint import store
-from elastic_megatron.checkpoint.metadata import require_same_architecture
+from elastic_megatron.checkpoint import store, verify
+from elastic_megatron.checkpoint.lock import RunDirLocked, RunLock
+from elastic_megatron.checkpoint.metadata import read_common_state, require_same_architecture
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.config.parallel import layout_data_parallel
 from elastic_megatron.config.schema import JobConfig, validate_job
-from elastic_megatron.data.datasets import DataSpec, build_datasets, load_tokenizer_for, make_loader, validate_data_spec
+from elastic_megatron.data.datasets import (
+    DataSpec, build_datasets, data_fingerprints, load_tokenizer_for, make_loader, validate_data_spec,
+)
 from elastic_megatron.models.hybrid import build_model
 from elastic_megatron.parallel.setup import DistEnv, dist_env, distributed
-from elastic_megatron.training.logging import is_rank0
+from elastic_megatron.training.logging import is_rank0, print0
+from elastic_megatron.training.resume import check_resume_config, data_identity
 
 
 def params_dtype(precision: str) -> torch.dtype:
@@ -72,6 +80,7 @@ class Run:
     dp_size: int
     model: torch.nn.Module  # this rank's pipeline stage, initial weights loaded
     resume_step: Optional[int]  # the run dir's latest checkpoint (None: a fresh run)
+    data_identity: dict  # tokenizer + .idx fingerprints: recorded in checkpoints, checked on resume
     initial_state: Optional[dict] = None  # common state (step, meta, extra) of the initial weights loaded
 
     @property
@@ -107,19 +116,47 @@ def prepare_run(job: JobConfig, initial_weights: Optional[str] = None, initial_k
     tokenizer = load_tokenizer_for(spec.prefixes)
     if job.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError("model.vocab_size", job.model.vocab_size, f"must be >= the data's tokenizer vocabulary ({tokenizer.vocab_size})")
+    identity = data_identity(tokenizer, data_fingerprints(spec.prefixes))
     dtype = params_dtype(job.trainer.precision)
     dp_size = layout_data_parallel(job.parallel, env.world_size)
     p = job.parallel
-    with distributed(p.tp, p.pp, p.ep, seed=job.run.seed, expert_tensor_parallel=p.etp):
+    verify.set_level(job.run.verify_checkpoints)
+    with distributed(p.tp, p.pp, p.ep, seed=job.run.seed, expert_tensor_parallel=p.etp), _run_dir_lock(run_dir):
+        resume_step = store.resume_step(run_dir)
+        if resume_step is not None:  # before config.yaml is rewritten
+            where = str(store.iteration_dir(run_dir, resume_step))
+            for change in check_resume_config(job, read_common_state(where).get("meta") or {}, where, identity):
+                print0(f"resume: {change}")
         if is_rank0():
-            run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(OmegaConf.structured(job), run_dir / "config.yaml")
         dist.barrier()
-        resume_step = store.latest_step(run_dir)
         init = initial_weights if resume_step is None else None
         if init:  # refuse a mismatching checkpoint before anything is built
             require_same_architecture(job.model, init, initial_key)
         model = model_builder(job.model, params_dtype=dtype, parallel=job.parallel)
         initial_state = store.load_model_weights(init, model) if init else None
         yield Run(job=job, env=env, dir=run_dir, dtype=dtype, data=spec, tokenizer=tokenizer, dp_size=dp_size,
-                  model=model, resume_step=resume_step, initial_state=initial_state)
+                  model=model, resume_step=resume_step, data_identity=identity, initial_state=initial_state)
+
+
+@contextlib.contextmanager
+def _run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Rank 0 holds the run dir's lock for the job's life; every rank learns whether it
+    got it (a refused lock ends the job on every rank with the holder's identity)."""
+    lock, error, refused = None, None, [False, None]
+    if is_rank0():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+        except RunDirLocked as err:
+            error, refused = err, [True, err.holder]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(refused, src=0)
+    if refused[0]:
+        raise error or RunDirLocked(run_dir, refused[1])
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
