@@ -37,6 +37,7 @@ class MoESites:
     router: torch.nn.Module
     experts: list = field(default_factory=list)  # local expert MLPs (each has linear_fc2)
     shared_fc2: Optional[torch.nn.Module] = None
+    experts_module: Optional[torch.nn.Module] = None  # the container (SequentialMLP) of `experts`
 
 
 @dataclass
@@ -64,7 +65,7 @@ def _layer_sites(layer) -> LayerSites:
     mlp = layer.mlp
     if isinstance(mlp, MoELayer):
         shared = mlp.shared_experts.linear_fc2 if mlp.shared_experts is not None else None
-        return LayerSites(MOE, 0, moe=MoESites(mlp.router, list(mlp.experts.local_experts), shared))
+        return LayerSites(MOE, 0, moe=MoESites(mlp.router, list(mlp.experts.local_experts), shared, mlp.experts))
     if hasattr(mlp, "linear_fc2"):
         return LayerSites(MLP, 0, mlp_fc2=mlp.linear_fc2)
     if hasattr(layer.self_attention, "core_attention"):

@@ -13,6 +13,11 @@ Data flow (per token, per TP rank):
   in_proj -> [z | x B C | dt] ; xBC -> causal depthwise conv1d -> SiLU
   (x, B, C, dt) -> SSD scan with A = -exp(A_log), dt = softplus(dt + dt_bias), D skip
   y -> GatedRMSNorm(y, z) (groups of heads) -> out_proj
+
+With a `decode_cache` attached (models/cache.py, set by the decoder), a chunk of several
+tokens (prefill) runs the chunked scan from the cached state and leaves the conv inputs
+and the final SSM state in the cache; a single token runs one step of the recurrence
+(pure PyTorch; mamba_ssm's `selective_state_update` Triton kernel on CUDA when installed).
 """
 
 from __future__ import annotations
@@ -48,6 +53,14 @@ try:  # GPU kernels; absent on CPU-only machines.
 except Exception:  # ImportError, or a broken CUDA extension on import
     mamba_chunk_scan_combined = None
     HAVE_MAMBA_SSM_KERNELS = False
+
+try:  # the single-step decode kernel (Triton)
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+    HAVE_SELECTIVE_STATE_UPDATE = True
+except Exception:
+    selective_state_update = None
+    HAVE_SELECTIVE_STATE_UPDATE = False
 
 
 __all__ = ["HybridMambaMixer", "MambaMixerSubmodules", "HAVE_MAMBA_SSM_KERNELS"]
@@ -119,6 +132,7 @@ class HybridMambaMixer(MegatronModule):
         self.chunk_size = chunk_size
         self.dt_limit = tuple(dt_limit)
         self.kernel = kernel
+        self.decode_cache = None  # a MambaCache while decoding
         self.d_state = config.mamba_state_dim
         self.headdim = config.mamba_head_dim
         self.ngroups = config.mamba_num_groups
@@ -241,7 +255,10 @@ class HybridMambaMixer(MegatronModule):
         if packed_seq_params is not None:
             raise NotImplementedError("HybridMambaMixer: packed sequences are not supported yet")
         zxbcdt, _ = self.in_proj(hidden_states)
-        y = self.mix(zxbcdt.transpose(0, 1))
+        if self.decode_cache is not None:
+            y = self.mix_cached(zxbcdt.transpose(0, 1))
+        else:
+            y = self.mix(zxbcdt.transpose(0, 1))
         return self.out_proj(y.transpose(0, 1))
 
     def mix(self, zxbcdt: torch.Tensor) -> torch.Tensor:
@@ -268,3 +285,76 @@ class HybridMambaMixer(MegatronModule):
         )
         y = y.flatten(-2)
         return self.norm(y, z)
+
+    def _split(self, zxbcdt: torch.Tensor):
+        return torch.split(
+            zxbcdt,
+            [self.d_inner_local_tp, self.d_inner_local_tp + 2 * self.ngroups_local_tp * self.d_state, self.nheads_local_tp],
+            dim=-1,
+        )
+
+    def _split_xbc(self, xbc: torch.Tensor):
+        gd = self.ngroups_local_tp * self.d_state
+        x, B, C = torch.split(xbc, [self.d_inner_local_tp, gd, gd], dim=-1)
+        return (x.unflatten(-1, (self.nheads_local_tp, self.headdim)), B.unflatten(-1, (self.ngroups_local_tp, self.d_state)),
+                C.unflatten(-1, (self.ngroups_local_tp, self.d_state)))
+
+    def _dt(self, dt: torch.Tensor) -> torch.Tensor:
+        """softplus(dt + dt_bias), limited to dt_limit, in fp32 (as the scan computes it)."""
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        lo, hi = self.dt_limit
+        return dt if (lo, hi) == (0.0, float("inf")) else dt.clamp(lo, hi)
+
+    def mix_cached(self, zxbcdt: torch.Tensor) -> torch.Tensor:
+        """`mix` for decoding: the chunk continues the cached conv inputs and SSM state."""
+        cache = self.decode_cache
+        batch, seqlen, _ = zxbcdt.shape
+        z, xbc, dt = self._split(zxbcdt)
+        pad = cache.padding.pad if cache.padding is not None else None
+        if pad is not None:  # padded positions are absent: zero conv input, a step of length 0
+            xbc = torch.where(pad[..., None], torch.zeros((), dtype=xbc.dtype, device=xbc.device), xbc)
+        k = self.conv1d.weight.shape[-1]
+        history = cache.conv if cache.conv is not None else xbc.new_zeros(batch, xbc.shape[-1], k - 1)
+        window = torch.cat([history, xbc.transpose(1, 2)], dim=-1)  # [b, conv_dim, k - 1 + seqlen]
+        cache.conv = window[..., -(k - 1):].clone()
+        if seqlen == 1:  # one output: a multiply-sum (the CPU conv kernel costs ~20x more here)
+            conv = (window * self.conv1d.weight[:, 0]).sum(-1, keepdim=True)
+            conv = conv + self.conv1d.bias[:, None] if self.conv1d.bias is not None else conv
+        else:
+            conv = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=window.shape[1])
+        xbc = F.silu(conv.transpose(1, 2))
+        x, B, C = self._split_xbc(xbc)
+        dt = self._dt(dt)
+        if pad is not None:
+            dt = dt.masked_fill(pad[..., None], 0.0)
+        A = -torch.exp(self.A_log.float())
+        if seqlen == 1 and cache.ssm is not None:
+            y = self._step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])[:, None]
+        else:
+            scan = mamba_chunk_scan_combined if self.use_triton(x) else ssd_chunk_scan
+            y, cache.ssm = scan(
+                x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(), self.chunk_size, D=self.D,
+                initial_states=cache.ssm, return_final_states=True,
+            )
+            cache.ssm = cache.ssm.float()
+        return self.norm(y.flatten(-2), z)
+
+    def _step(self, x, dt, A, B, C) -> torch.Tensor:
+        """One step of the recurrence for every sequence: x [b, heads, hd], dt [b, heads],
+        B/C [b, groups, state]; updates the cached SSM state, returns y [b, heads, hd]."""
+        cache = self.decode_cache
+        if HAVE_SELECTIVE_STATE_UPDATE and x.is_cuda and self.kernel != "torch":
+            h = self.nheads_local_tp
+            y = selective_state_update(
+                cache.ssm, x, dt[..., None].expand(-1, -1, self.headdim), A[:, None, None].expand(h, self.headdim, self.d_state),
+                B, C, self.D.float()[:, None].expand(-1, self.headdim), dt_bias=None, dt_softplus=False,
+            )
+            return y.to(x.dtype)
+        per_group = self.nheads_local_tp // self.ngroups_local_tp
+        B = B.float().repeat_interleave(per_group, dim=1)  # [b, heads, state]
+        C = C.float().repeat_interleave(per_group, dim=1)
+        x32 = x.float()
+        decay = torch.exp(dt * A)  # [b, heads]
+        cache.ssm = cache.ssm * decay[..., None, None] + (dt[..., None] * x32)[..., None] * B[:, :, None, :]
+        y = (cache.ssm * C[:, :, None, :]).sum(-1) + self.D.float()[:, None] * x32
+        return y.to(x.dtype)
