@@ -154,47 +154,64 @@ def _take(t: torch.Tensor, rows=None, cols=None) -> torch.Tensor:
     return t.contiguous()
 
 
+def view_or_take(t: torch.Tensor, rows=None, cols=None) -> torch.Tensor:
+    """`_take` without copying where it can: kept positions that form one contiguous run
+    (a prefix of a sorted axis) become a narrowed view of `t`; only scattered positions
+    (per-group head prefixes that leave gaps) are gathered into a new tensor."""
+    for dim, idx in ((0, rows), (1, cols)):
+        if idx is None:
+            continue
+        n = idx.numel()
+        if n and (n == 1 or bool((idx[1:] - idx[:-1] == 1).all())):
+            t = t.narrow(dim, int(idx[0]), n)
+        else:
+            t = t.index_select(dim, idx.to(t.device))
+    return t
+
+
 _NORMS = ("norm.weight", "input_layernorm.weight", "pre_mlp_layernorm.weight")
 
 
-def _layer_tensor(cfg: ModelConfig, symbol: str, rest: str, t: torch.Tensor, h: torch.Tensor, li: LayerIndex, expert: Optional[int]):
+def _layer_tensor(cfg: ModelConfig, symbol: str, rest: str, t: torch.Tensor, h: torch.Tensor, li: LayerIndex,
+                  expert: Optional[int], take=None):
+    take = take or _take
     if rest in _NORMS:
-        return _take(t, h)
+        return take(t, h)
     if symbol == MAMBA:
         if rest == "mixer.in_proj.weight":
-            return _take(t, _mamba_rows(cfg, li, "in_proj"), h)
+            return take(t, _mamba_rows(cfg, li, "in_proj"), h)
         if rest in ("mixer.conv1d.weight", "mixer.conv1d.bias"):
-            return _take(t, _mamba_rows(cfg, li, "conv"))
+            return take(t, _mamba_rows(cfg, li, "conv"))
         if rest in ("mixer.dt_bias", "mixer.A_log", "mixer.D"):
-            return _take(t, _mamba_rows(cfg, li, "heads"))
+            return take(t, _mamba_rows(cfg, li, "heads"))
         if rest == "mixer.norm.weight":
-            return _take(t, _mamba_rows(cfg, li, "chans"))
+            return take(t, _mamba_rows(cfg, li, "chans"))
         if rest == "mixer.out_proj.weight":
-            return _take(t, h, _mamba_rows(cfg, li, "chans"))
+            return take(t, h, _mamba_rows(cfg, li, "chans"))
     elif symbol == ATTENTION:
         if rest == "self_attention.linear_qkv.weight":
-            return _take(t, _qkv_rows(cfg, li), h)
+            return take(t, _qkv_rows(cfg, li), h)
         if rest == "self_attention.linear_proj.weight":
-            return _take(t, h, _proj_cols(cfg, li))
+            return take(t, h, _proj_cols(cfg, li))
     elif symbol == MLP:
         if rest == "mlp.linear_fc1.weight":
-            return _take(t, li.ffn, h)
+            return take(t, li.ffn, h)
         if rest == "mlp.linear_fc2.weight":
-            return _take(t, h, li.ffn)
+            return take(t, h, li.ffn)
     elif symbol == MOE:
         if rest == "mlp.router.weight":
-            return _take(t, li.moe_experts, h)
+            return take(t, li.moe_experts, h)
         if rest == "mlp.router.expert_bias":
-            return _take(t, li.moe_experts)
+            return take(t, li.moe_experts)
         if expert is not None:
             if rest == "linear_fc1.weight":
-                return _take(t, li.moe_ffn[expert], h)
+                return take(t, li.moe_ffn[expert], h)
             if rest == "linear_fc2.weight":
-                return _take(t, h, li.moe_ffn[expert])
+                return take(t, h, li.moe_ffn[expert])
         if rest == "mlp.shared_experts.linear_fc1.weight":
-            return _take(t, li.shared_ffn, h)
+            return take(t, li.shared_ffn, h)
         if rest == "mlp.shared_experts.linear_fc2.weight":
-            return _take(t, h, li.shared_ffn)
+            return take(t, h, li.shared_ffn)
     _no_rule(symbol, rest)
 
 
@@ -225,9 +242,10 @@ def _no_rule(symbol: str, rest: str):
     raise KeyError(f"reindex: no rule for tensor {rest!r} of a {symbol!r} layer (unknown parameter; update elastic/reindex.py)")
 
 
-def reindex_rule(cfg: ModelConfig, index: ModelIndex, name: str, slots: Optional[dict] = None):
+def reindex_rule(cfg: ModelConfig, index: ModelIndex, name: str, slots: Optional[dict] = None, take=_take):
     """(new name, fn) for source tensor `name`: fn(tensor) gives the re-indexed tensor
-    (it also runs on meta tensors, giving the new shape). None: an expert the index drops."""
+    (it also runs on meta tensors, giving the new shape). None: an expert the index drops.
+    `take(t, rows, cols)` cuts a tensor: a contiguous copy (default) or `view_or_take`."""
     slots = _expert_slots(index) if slots is None else slots
     h = index.hidden
     m = _LAYER.match(name)
@@ -235,9 +253,9 @@ def reindex_rule(cfg: ModelConfig, index: ModelIndex, name: str, slots: Optional
         if name.endswith("._extra_state"):
             return name, lambda t: t
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            return name, lambda t: _take(t, None, h)
+            return name, lambda t: take(t, None, h)
         if name == "decoder.final_norm.weight":
-            return name, lambda t: _take(t, h)
+            return name, lambda t: take(t, h)
         raise KeyError(f"reindex: no rule for tensor {name!r}")
     layer, rest = int(m.group(1)), m.group(2)
     symbol = cfg.hybrid_pattern[layer]
@@ -253,7 +271,7 @@ def reindex_rule(cfg: ModelConfig, index: ModelIndex, name: str, slots: Optional
     li = index.layers[layer]
     if not _has_rule(symbol, rest, expert):  # fail on unknown names before any tensor is read
         _no_rule(symbol, rest)
-    return name, lambda t: _layer_tensor(cfg, symbol, rest, t, h, li, expert)
+    return name, lambda t: _layer_tensor(cfg, symbol, rest, t, h, li, expert, take)
 
 
 def reindex_items(cfg: ModelConfig, index: ModelIndex, items: Iterable[tuple[str, object]]):

@@ -7,6 +7,8 @@ builds Megatron's MambaModel with the spec of the chosen backend.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from megatron.core.activations import squared_relu
@@ -110,6 +112,7 @@ def build_model(
     cfg: ModelConfig,
     params_dtype: torch.dtype = torch.float32,
     parallel=None,
+    meta: bool = False,
 ) -> MambaModel:
     """Validate `cfg` and build this rank's part of Megatron's hybrid MambaModel under the
     layout `parallel` (a ParallelConfig, the `parallel` recipe group; default: one rank).
@@ -117,6 +120,10 @@ def build_model(
     Megatron's parallel state must be initialised with the same layout (see
     `elastic_megatron.parallel`); a pipeline stage builds only its layers, the embedding
     on the first stage and the output layer on the last.
+
+    `meta=True` builds on the meta device (the large tensors take no memory; a few small
+    ones that the mixer places explicitly stay on the CPU): a skeleton whose parameters
+    the caller replaces, e.g. with views of another model's weights (inference budgets).
     """
     from megatron.core import parallel_state
 
@@ -127,7 +134,16 @@ def build_model(
         raise ConfigError("model.backend", "te", "Transformer Engine is not installed here; use model.backend=local")
     compat.apply()
     tcfg = to_transformer_config(cfg, params_dtype, layout)
-    model = MambaModel(
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = _mamba_model(cfg, tcfg, parallel_state)
+    _mark_expert_params(model)
+    if torch.cuda.is_available() and not meta:
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def _mamba_model(cfg: ModelConfig, tcfg, parallel_state) -> MambaModel:
+    return MambaModel(
         config=tcfg,
         mamba_stack_spec=hybrid_stack_spec(cfg),
         vocab_size=cfg.vocab_size,
@@ -139,10 +155,6 @@ def build_model(
         position_embedding_type="none",
         parallel_output=True,
     )
-    _mark_expert_params(model)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    return model
 
 
 def _mark_expert_params(model: MambaModel) -> None:
