@@ -90,5 +90,7 @@ def run_tool(args: argparse.Namespace, job: Callable[[], object], done: Callable
     verify.set_level(args.verify)
     code, result = report_errors(job)
     if code == 0:
-        print(done(result))
+        text = done(result)
+        if text:
+            print(text)
     return code

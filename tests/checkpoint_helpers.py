@@ -26,3 +26,16 @@ class DictSource(TensorSource):
 
 def identity_index(cfg: ModelConfig) -> ModelIndex:
     return prefix_index(cfg, full_widths(cfg))
+
+
+def elastic_meta(cfg: ModelConfig, budgets: dict, **extra) -> dict:
+    """Checkpoint metadata as an elastic run writes it (ElasticDistillStep.checkpoint_meta),
+    for `budgets` (name -> Widths) over the identity sort."""
+    from elastic_megatron.convert.megatron_dist import config_yaml
+    from elastic_megatron.elastic.widths import model_cost
+
+    return {"config": config_yaml(cfg), "sort_index": identity_index(cfg).to_lists(), **extra,
+            "elastic": {"spec": "test", "budgets": [
+                {"name": n, "target_kind": "total_params", "target": None, "widths": w.as_dict(),
+                 "total_params": int(model_cost(cfg, w, "total_params")),
+                 "active_params": int(model_cost(cfg, w, "active_params"))} for n, w in budgets.items()]}}

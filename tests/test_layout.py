@@ -16,16 +16,17 @@ PACKAGE = REPO / "elastic_megatron"
 
 # package -> packages of elastic_megatron it must never import (directly or lazily)
 FORBIDDEN = {
-    "config": {"models", "elastic", "training", "jobs", "checkpoint", "convert", "slicing", "parallel", "data", "distill"},
-    "checkpoint": {"elastic", "training", "jobs", "convert", "slicing", "models", "distill"},
-    "models": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing", "distill"},
-    "parallel": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing"},
-    "data": {"models", "elastic", "training", "jobs", "checkpoint", "convert", "slicing"},
-    "training": {"elastic", "jobs", "convert", "slicing"},
-    "convert": {"elastic", "training", "jobs", "slicing"},
-    "slicing": {"training", "jobs"},
-    "elastic": {"jobs", "slicing"},
-    "distill": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing"},
+    "config": {"models", "elastic", "training", "jobs", "checkpoint", "convert", "slicing", "parallel", "data", "distill", "inference"},
+    "checkpoint": {"elastic", "training", "jobs", "convert", "slicing", "models", "distill", "inference"},
+    "models": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing", "distill", "inference"},
+    "parallel": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing", "inference"},
+    "data": {"models", "elastic", "training", "jobs", "checkpoint", "convert", "slicing", "inference"},
+    "training": {"elastic", "jobs", "convert", "slicing", "inference"},
+    "convert": {"elastic", "training", "jobs", "slicing", "inference"},
+    "slicing": {"training", "jobs", "inference"},
+    "elastic": {"jobs", "slicing", "inference"},
+    "distill": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing", "inference"},
+    "inference": {"training", "jobs", "convert", "slicing", "distill"},
 }
 # The one import of training/ from elastic/: the elastic step implements the training
 # loop's StepFunction contract.

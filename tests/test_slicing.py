@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from conftest import REPO, preset, token_batch
-from checkpoint_helpers import identity_index
+from checkpoint_helpers import elastic_meta
 from elastic_helpers import logits, masked_logits, randomised_model
 from elastic_megatron.checkpoint.manifest import CheckpointCorrupt
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.convert.megatron_dist import config_yaml
-from elastic_megatron.elastic.widths import Widths, full_widths, model_cost, sub_model_config
+from elastic_megatron.elastic.widths import Widths, full_widths, sub_model_config
 from elastic_megatron.models.counter import model_size
 from elastic_megatron.models.hybrid import build_model
 from elastic_megatron.slicing.storage import measured_storage
@@ -28,15 +28,6 @@ from elastic_megatron.checkpoint import metadata, store
 
 SMALL = Widths(hidden=48, attn_heads=2, mamba_heads=4, mamba_head_dim=8, ffn=64, moe_ffn=32, moe_experts=4, shared_ffn=32)
 MEDIUM = Widths(hidden=56, attn_heads=4, mamba_heads=6, mamba_head_dim=16, ffn=96, moe_ffn=48, moe_experts=6, shared_ffn=48)
-
-
-def elastic_meta(cfg, budgets: dict[str, Widths]) -> dict:
-    """Checkpoint metadata as an elastic run writes it (ElasticDistillStep.checkpoint_meta)."""
-    return {"config": config_yaml(cfg), "sort_index": identity_index(cfg).to_lists(),
-            "elastic": {"spec": "test", "budgets": [
-                {"name": n, "target_kind": "total_params", "target": None, "widths": w.as_dict(),
-                 "total_params": int(model_cost(cfg, w, "total_params")),
-                 "active_params": int(model_cost(cfg, w, "active_params"))} for n, w in budgets.items()]}}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,205 @@
+"""Inference (fp32, CPU): cached decoding equals the full forward at every position; a
+budget's view model equals the hard-masked parent and the sliced checkpoint; greedy
+generation equals transformers' on the HF export of the slice; budget control's answer
+equals the answer budget run from scratch; sampling is reproducible; bad input is one
+line, exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from checkpoint_helpers import elastic_meta
+from conftest import REPO, preset, token_batch
+from elastic_helpers import logits, masked_logits, randomised_model
+from elastic_megatron.checkpoint import metadata, store
+from elastic_megatron.elastic.widths import Widths, full_widths
+from elastic_megatron.inference.decoder import HybridDecoder
+from elastic_megatron.inference.generator import ElasticGenerator, Sampling
+from elastic_megatron.models.hybrid import build_model
+from elastic_megatron.slicing.zero_shot import slice_checkpoint
+
+CFG = preset("tiny")  # Mamba chunk 32
+# The paper's kind of budget (hidden and MoE FFN shrink: pure views) and one that also drops
+# heads per group (a gathered copy for those rows).
+BUDGETS = {
+    "full": full_widths(CFG),
+    "medium": Widths(hidden=48, attn_heads=4, mamba_heads=8, mamba_head_dim=16, ffn=128, moe_ffn=48, moe_experts=8, shared_ffn=64),
+    "small": Widths(hidden=32, attn_heads=2, mamba_heads=6, mamba_head_dim=12, ffn=96, moe_ffn=32, moe_experts=6, shared_ffn=48),
+}
+PROMPT_LENGTHS = (7, 45, 70)  # shorter and longer than the Mamba chunk, not multiples of it
+
+
+@pytest.fixture(scope="module")
+def elastic_run(dist, tmp_path_factory):
+    model = randomised_model(CFG, seed=21)
+    run_dir = tmp_path_factory.mktemp("inference") / "elastic"
+    store.save_checkpoint(run_dir, model, None, None, 3, 0, elastic_meta(CFG, BUDGETS, data={"tokenizer": {"type": "byte"}}))
+    return run_dir, model
+
+
+@pytest.fixture(scope="module")
+def generator(elastic_run):
+    return ElasticGenerator.from_checkpoint(elastic_run[0])
+
+
+def prompts(lengths=PROMPT_LENGTHS, seed=0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("budget", list(BUDGETS))
+def test_cached_decoding_equals_full_forward_at_every_position(generator, budget):
+    dec = generator.decoder(budget)
+    batch = prompts()
+    new = 10
+    logits_now, state = dec.prefill(batch, new)
+    steps, seqs = [logits_now], [list(p) for p in batch]
+    for _ in range(new):
+        nxt = steps[-1].argmax(-1)
+        for seq, token in zip(seqs, nxt.tolist()):
+            seq.append(token)
+        steps.append(dec.step(nxt, state))
+    cached = torch.stack(steps, dim=1)  # [b, new + 1, vocab]
+    for i, (prompt, seq) in enumerate(zip(batch, seqs)):
+        ids = torch.tensor([seq])
+        full = logits(dec.model, ids, torch.arange(len(seq))[None])[0, len(prompt) - 1:]
+        rel = (cached[i, :len(full)] - full).abs().max() / full.abs().max()
+        assert rel <= 1e-5, (budget, len(prompt), rel.item())
+
+
+def test_prefill_of_a_padded_batch_equals_each_prompt_alone(generator):
+    dec = generator.decoder("small")
+    batch = prompts()
+    together, _ = dec.prefill(batch, 0, all_logits=True)
+    for i, p in enumerate(batch):
+        alone, _ = dec.prefill([p], 0, all_logits=True)
+        torch.testing.assert_close(together[i, -len(p):], alone[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", ["medium", "small"])
+def test_view_model_equals_hard_masked_parent_and_sliced_checkpoint(elastic_run, generator, budget, tmp_path):
+    run_dir, parent = elastic_run
+    view = generator.decoder(budget).model
+    ids, pos = token_batch(CFG.vocab_size, batch=2, seq=40, seed=4)
+    ours = logits(view, ids, pos)
+    masked = masked_logits(parent, CFG, BUDGETS[budget], ids, pos)
+    sliced_dir = slice_checkpoint(run_dir, tmp_path / budget, budget, precision="fp32")
+    sub_cfg, _ = metadata.checkpoint_model_config(sliced_dir)
+    sliced = build_model(sub_cfg)
+    store.load_model_weights(sliced_dir, sliced)
+    assert (ours - masked).abs().max().item() <= 1e-5
+    assert (ours - logits(sliced.eval(), ids, pos)).abs().max().item() <= 1e-5
+
+
+def test_budgets_share_the_parents_weights(generator):
+    """One copy of the weights in memory: a hidden/MoE-FFN budget is views only; a budget
+    that drops heads per group copies just those rows."""
+    for name in BUDGETS:
+        generator.decoder(name)
+    medium, small = generator.view_stats["medium"], generator.view_stats["small"]
+    parent_bytes = sum(p.numel() * p.element_size() for p in generator.parent.parameters())
+    assert medium.copied_bytes == 0 and medium.shared_bytes > 0
+    assert 0 < small.copied_bytes < 0.25 * parent_bytes
+    shared = {p.untyped_storage().data_ptr() for p in generator.parent.parameters()}
+    view_params = list(generator.decoder("medium").model.parameters())
+    assert all(p.untyped_storage().data_ptr() in shared for p in view_params)
+
+
+def test_greedy_generation_matches_transformers_on_the_hf_export_of_the_slice(elastic_run, generator, tmp_path):
+    from transformers import NemotronHForCausalLM
+
+    run_dir, _ = elastic_run
+    hf_dir = slice_checkpoint(run_dir, tmp_path / "hf", "medium", precision="fp32", fmt="hf")
+    reference = NemotronHForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    prompt = prompts((23,), seed=9)[0]
+    ours, _ = generator.generate_ids([prompt], "medium", 64)
+    with torch.no_grad():
+        theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False, eos_token_id=256,
+                                    suppress_tokens=list(range(257, CFG.vocab_size)), pad_token_id=0)
+    assert ours[0] == theirs[0, len(prompt):].tolist()
+    assert len(ours[0]) == 64
+
+
+def test_budget_control_answer_equals_the_answer_budget_from_scratch(generator):
+    prompt = "def main(args):\n"
+    ids = generator.encode(prompt)
+    # A delimiter the think budget does write (two printable bytes of its own greedy trace),
+    # so thinking ends at it rather than at the cap.
+    free, _ = generator.generate_ids([ids], "small", 48)
+    trace = free[0]
+    cut = next(j for j in range(2, len(trace)) if all(32 <= t < 127 for t in trace[j - 1:j + 1])
+               and bytes(trace[j - 1:j + 1]).decode() not in bytes(trace[:j - 1]).decode("utf-8", "replace"))
+    delimiter = bytes(trace[cut - 1:cut + 1]).decode()
+    out = generator.budget_control(prompt, "small", "full", delimiter, max_think_tokens=48, max_answer_tokens=12)
+    assert out.token_ids[0] == trace[:cut + 1] and out.texts[0].endswith(delimiter)
+    scratch, _ = generator.generate_ids([ids + out.token_ids[0]], "full", 12, Sampling(seed=1))
+    assert out.token_ids[1] == scratch[0]
+    assert [p.budget for p in out.phases] == ["small", "full"]
+    assert out.phases[1].prompt_tokens == len(ids) + len(out.token_ids[0])
+    # The cap: no delimiter within 5 thinking tokens -> forced, then the answer.
+    capped = generator.budget_control(prompt, "small", "full", "\x01\x02", max_think_tokens=5, max_answer_tokens=4)
+    assert capped.token_ids[0] == trace[:5] + [1, 2]
+
+
+def test_sampling_is_reproducible_for_a_seed(generator):
+    batch = prompts((12, 30), seed=3)
+    runs = [generator.generate_ids(batch, "small", 24, Sampling(temperature=1.0, top_k=50, top_p=0.9, seed=s))[0]
+            for s in (5, 5, 6)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_generate_tool_streams_and_reports_budget_control(elastic_run, tmp_path):
+    run_dir, _ = elastic_run
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "generate.py"), "--checkpoint", str(run_dir), "--think-budget",
+                           "small", "--answer-budget", "full", "--prompt", "x = ", "--max-think-tokens", "6",
+                           "--max-new-tokens", "6", "--report", str(report)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("x = ") and "[small] prompt" in proc.stderr and "[full] prompt" in proc.stderr
+    import json
+
+    phases = json.loads(report.read_text())["phases"]
+    assert [p["budget"] for p in phases] == ["small", "full"] and phases[0]["new_tokens"] <= 6
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--budget", "tiny"], "allowed: ['full', 'medium', 'small']"),
+    (["--prompt", ""], "must not be empty"),
+    (["--max-new-tokens", "2000"], "model.max_sequence_length=1024"),
+    (["--checkpoint", "nowhere"], "no checkpoint there"),
+    (["--temperature", "-1"], "--temperature"),
+])
+def test_generate_tool_refuses_bad_input(elastic_run, args, says):
+    base = {"--checkpoint": str(elastic_run[0]), "--prompt": "a", "--max-new-tokens": "4"}
+    for key, value in zip(args[::2], args[1::2]):
+        base[key] = value
+    argv = [x for kv in base.items() for x in kv]
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "generate.py"), *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr[-2000:]
+
+
+def test_budget_on_a_plain_checkpoint_is_refused(dist, tmp_path):
+    from elastic_megatron.config.errors import ConfigError
+    from elastic_megatron.convert.megatron_dist import config_yaml
+
+    store.save_checkpoint(tmp_path / "plain", randomised_model(CFG, seed=2), None, None, 1, 0,
+                          {"config": config_yaml(CFG), "data": {"tokenizer": {"type": "byte"}}})
+    gen = ElasticGenerator.from_checkpoint(tmp_path / "plain")
+    assert gen.budget_names() == ["full"]
+    with pytest.raises(ConfigError, match="is not an elastic checkpoint"):
+        gen.generate(["a"], budget="small", max_new_tokens=2)
+    assert len(gen.generate(["ab"], max_new_tokens=3).token_ids[0]) <= 3
+
+
+def test_decoder_refuses_a_state_past_its_length(generator):
+    dec: HybridDecoder = generator.decoder("full")
+    _, state = dec.prefill([[1, 2, 3]], 1)
+    dec.step(torch.tensor([4]), state)
+    with pytest.raises(ValueError, match="past the 4 positions"):
+        dec.step(torch.tensor([5]), state)
