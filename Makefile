@@ -25,7 +25,9 @@ $(DEMO_DATA)_text_document.idx: | $(VENV)/.installed
 # The whole method on the embedded corpus: pretrain a tiny parent, score and sort it,
 # elastic distillation stage 1 (uniform budgets) and stage 2 (0.5/0.3/0.2, longer
 # sequences), the evaluation table against the two no-training baselines, then the
-# smallest budget sliced out as a standalone Megatron + HF checkpoint, and the storage report.
+# smallest budget sliced out as a standalone Megatron + HF checkpoint, the storage report,
+# and text generated at the smallest and the full budget and with elastic budget control
+# (the small budget writes the class header, the full one its body).
 TRAIN := $(PY) -m elastic_megatron.train
 demo: install $(DEMO_DATA)_text_document.idx
 	rm -rf runs/demo-pretrain runs/demo-importance runs/demo-stage1 runs/demo-stage2 runs/demo-eval runs/demo-small
@@ -41,6 +43,11 @@ demo: install $(DEMO_DATA)_text_document.idx
 	$(PY) tools/zero_shot_slicing.py --source-checkpoint runs/demo-stage2 --target-checkpoint runs/demo-small \
 		--size small --precision bf16 --format both
 	$(PY) tools/describe_model.py storage=true checkpoint=runs/demo-stage2
+	@echo "--- generation from the elastic checkpoint: the smallest budget, the full model, then budget control"
+	$(PY) tools/generate.py --checkpoint runs/demo-stage2 --budget small --prompt "def __init__(self" --max-new-tokens 160
+	$(PY) tools/generate.py --checkpoint runs/demo-stage2 --budget full --prompt "def __init__(self" --max-new-tokens 160
+	$(PY) tools/generate.py --checkpoint runs/demo-stage2 --think-budget small --answer-budget full \
+		--prompt "class Parser" --delimiter ":" --max-think-tokens 60 --max-new-tokens 160
 
 test: install
 	$(PY) -m pytest -q
