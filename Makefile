@@ -29,6 +29,8 @@ $(DEMO_DATA)_text_document.idx: | $(VENV)/.installed
 # and text generated at the smallest and the full budget and with elastic budget control
 # (the small budget writes the class header, the full one its body).
 TRAIN := $(PY) -m elastic_megatron.train
+# A 287K-parameter byte model loops when greedy: the demo samples, with a fixed seed.
+SAMPLE := --temperature 0.8 --top-p 0.95 --seed 1
 demo: install $(DEMO_DATA)_text_document.idx
 	rm -rf runs/demo-pretrain runs/demo-importance runs/demo-stage1 runs/demo-stage2 runs/demo-eval runs/demo-small
 	$(TRAIN) --config-name=pretrain model=tiny run.dir=runs/demo-pretrain
@@ -44,10 +46,10 @@ demo: install $(DEMO_DATA)_text_document.idx
 		--size small --precision bf16 --format both
 	$(PY) tools/describe_model.py storage=true checkpoint=runs/demo-stage2
 	@echo "--- generation from the elastic checkpoint: the smallest budget, the full model, then budget control"
-	$(PY) tools/generate.py --checkpoint runs/demo-stage2 --budget small --prompt "def __init__(self" --max-new-tokens 160
-	$(PY) tools/generate.py --checkpoint runs/demo-stage2 --budget full --prompt "def __init__(self" --max-new-tokens 160
+	$(PY) tools/generate.py --checkpoint runs/demo-stage2 --budget small --prompt "def __init__(self" --max-new-tokens 160 $(SAMPLE)
+	$(PY) tools/generate.py --checkpoint runs/demo-stage2 --budget full --prompt "def __init__(self" --max-new-tokens 160 $(SAMPLE)
 	$(PY) tools/generate.py --checkpoint runs/demo-stage2 --think-budget small --answer-budget full \
-		--prompt "class Parser" --delimiter ":" --max-think-tokens 60 --max-new-tokens 160
+		--prompt "class Parser" --delimiter ":" --max-think-tokens 60 --max-new-tokens 160 $(SAMPLE)
 
 test: install
 	$(PY) -m pytest -q
