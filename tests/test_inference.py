@@ -197,6 +197,17 @@ def test_budget_on_a_plain_checkpoint_is_refused(dist, tmp_path):
     assert len(gen.generate(["ab"], max_new_tokens=3).token_ids[0]) <= 3
 
 
+def test_a_recorded_tokenizer_that_is_not_here_asks_for_tokenizer(dist, tmp_path):
+    from elastic_megatron.config.errors import ConfigError
+    from elastic_megatron.convert.megatron_dist import config_yaml
+
+    gone = {"type": "hf", "path": str(tmp_path / "elsewhere" / "tokenizer.json"), "eod_token": "</s>"}
+    store.save_checkpoint(tmp_path / "plain", randomised_model(CFG, seed=2), None, None, 1, 0,
+                          {"config": config_yaml(CFG), "data": {"tokenizer": gone}})
+    with pytest.raises(ConfigError, match="pass --tokenizer"):
+        ElasticGenerator.from_checkpoint(tmp_path / "plain")
+
+
 def test_decoder_refuses_a_state_past_its_length(generator):
     dec: HybridDecoder = generator.decoder("full")
     _, state = dec.prefill([[1, 2, 3]], 1)

@@ -292,7 +292,11 @@ def load_tokenizer(directory: Path, meta: dict, override: Optional[str] = None):
         return HFTokenizer(override)
     described = (meta.get("data") or {}).get("tokenizer")
     if described:
-        return tokenizer_from_description(described)
+        try:
+            return tokenizer_from_description(described)
+        except ConfigError as err:  # e.g. a tokenizer.json path of the machine that trained it
+            raise ConfigError("--tokenizer", None, f"the checkpoint's tokenizer {described} cannot be loaded here "
+                              f"({err.allowed}); pass --tokenizer <tokenizer.json>") from None
     run_dir = directory.parent.parent if directory.parent.name == "checkpoints" else directory
     imported = run_dir / "tokenizer" / "tokenizer.json"
     if imported.exists():
