@@ -47,6 +47,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from elastic_megatron.checkpoint.manifest import CheckpointCorrupt, write_manifest
 from elastic_megatron.checkpoint.verify import verify_checkpoint
+from elastic_megatron.parallel.collectives import any_rank
 
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -151,37 +152,38 @@ def _find_resume_step(run_dir) -> tuple[Optional[int], list[str]]:
     return None, notes
 
 
+def _checked_on_rank0(check):
+    """Run `check()` on rank 0 (the files are shared); every rank gets its result, or the
+    CheckpointCorrupt it raised."""
+    outcome: list = [None, None]
+    if _rank0():
+        try:
+            outcome[0] = check()
+        except CheckpointCorrupt as err:
+            outcome[1] = (str(err.path), err.problem)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise CheckpointCorrupt(*outcome[1])
+    return outcome[0]
+
+
 def resume_step(run_dir: str | Path) -> Optional[int]:
     """The step to resume from: the newest checkpoint of the run dir that verifies (None:
     a fresh run). Collective: rank 0 verifies and repairs, every rank gets its answer."""
-    result: list = [None, [], None]
-    if _rank0():
-        try:
-            result[0], result[1] = _find_resume_step(run_dir)
-        except CheckpointCorrupt as err:
-            result[2] = (str(err.path), err.problem)
-        for note in result[1]:
+    def find() -> Optional[int]:
+        step, notes = _find_resume_step(run_dir)
+        for note in notes:
             print(f"note: {note}", flush=True)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(result, src=0)
-    if result[2] is not None:
-        raise CheckpointCorrupt(*result[2])
-    return result[0]
+        return step
+
+    return _checked_on_rank0(find)
 
 
 def verify_for_loading(directory: Path) -> None:
     """Verify a checkpoint before reading it: on rank 0 when a process group exists (the
     files are shared), the verdict for every rank."""
-    failure: list = [None]
-    if _rank0():
-        try:
-            verify_checkpoint(directory)
-        except CheckpointCorrupt as err:
-            failure[0] = (str(err.path), err.problem)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(failure, src=0)
-    if failure[0] is not None:
-        raise CheckpointCorrupt(*failure[0])
+    _checked_on_rank0(lambda: verify_checkpoint(directory))
 
 
 def rng_state() -> dict:
@@ -296,15 +298,6 @@ def estimate_checkpoint_bytes(run_dir, model, optimizer) -> int:
     return int(total.item())
 
 
-def _any_rank(failed: bool) -> bool:
-    flag = torch.tensor([1 if failed else 0], dtype=torch.int32)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if torch.cuda.is_available():
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 def save_checkpoint(run_dir, model, optimizer, scheduler, step: int, consumed_samples: int, meta: dict, extra: Optional[dict] = None) -> Path:
     """Save step `step`; returns the final directory. Collective: call on every rank.
     Raises CheckpointSaveError (on every rank) when the save cannot be completed."""
@@ -324,7 +317,7 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, step: int, consumed_sa
                        f"needs about {need / 2**20:,.1f} MiB (+{SAVE_HEADROOM - 1:.0%} headroom); nothing was written")
         else:
             partial.mkdir()
-    if _any_rank(problem is not None):
+    if any_rank(problem is not None):
         raise CheckpointSaveError(f"cannot save step {step}: {problem or 'rank 0 refused the save'}")
     state = _sharded_state(model, optimizer, scheduler, step, consumed_samples, meta, extra or {})
     try:
@@ -334,7 +327,7 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, step: int, consumed_sa
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
         problem = " ".join(f"{type(err).__name__}: {err}".split())[-400:]
-    if not _any_rank(problem is not None) and _rank0():
+    if not any_rank(problem is not None) and _rank0():
         try:
             write_manifest(partial)
             if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
@@ -343,7 +336,7 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, step: int, consumed_sa
             _set_tracker(run_dir, step)
         except OSError as err:
             problem = f"{type(err).__name__}: {err}"
-    if _any_rank(problem is not None):
+    if any_rank(problem is not None):
         if _rank0():
             shutil.rmtree(partial, ignore_errors=True)
             free = shutil.disk_usage(root).free / 2**20

@@ -1,4 +1,5 @@
-"""Small collectives shared by the CPU optimizer, the router update and importance scores."""
+"""Small collectives shared by the CPU optimizer, the router update, importance scores, the
+stop signal and checkpoint saves."""
 
 from __future__ import annotations
 
@@ -25,6 +26,16 @@ def all_reduce_sum_(tensors: list[torch.Tensor], group, scale: float = 1.0) -> N
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank (a world of one: `flag`)."""
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if torch.cuda.is_available():
+            value = value.cuda()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def all_reduce_mean_(tensors: list[torch.Tensor], group) -> None:

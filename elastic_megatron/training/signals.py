@@ -9,8 +9,7 @@ from __future__ import annotations
 import signal
 from typing import Optional
 
-import torch
-import torch.distributed as dist
+from elastic_megatron.parallel.collectives import any_rank
 
 
 class StopSignal:
@@ -34,12 +33,7 @@ class StopSignal:
         self.received = signum
 
     def should_stop(self) -> bool:
-        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            if torch.cuda.is_available():
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.received is not None)
 
     @property
     def name(self) -> str:
