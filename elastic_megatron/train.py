@@ -61,10 +61,15 @@ def dispatch(job: JobConfig, step_fn: Optional[StepFunction] = None):
 
         return run_importance(job)
     if step_fn is None and job.elastic.enabled:
-        from elastic_megatron.elastic.step import ElasticDistillStep
-
         validate_job(job, dist_env().world_size)
-        step_fn = ElasticDistillStep(job)
+        if job.quant.format != "none":  # nested QAD: the elastic step with quantized linears
+            from elastic_megatron.quant.qad import QuantizedDistillStep
+
+            step_fn = QuantizedDistillStep(job)
+        else:
+            from elastic_megatron.elastic.step import ElasticDistillStep
+
+            step_fn = ElasticDistillStep(job)
     return train(job, step_fn=step_fn)
 
 

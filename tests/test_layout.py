@@ -16,17 +16,19 @@ PACKAGE = REPO / "elastic_megatron"
 
 # package -> packages of elastic_megatron it must never import (directly or lazily)
 FORBIDDEN = {
-    "config": {"models", "elastic", "training", "jobs", "checkpoint", "convert", "slicing", "parallel", "data", "distill", "inference"},
-    "checkpoint": {"elastic", "training", "jobs", "convert", "slicing", "models", "distill", "inference"},
-    "models": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing", "distill", "inference"},
-    "parallel": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing", "inference"},
-    "data": {"models", "elastic", "training", "jobs", "checkpoint", "convert", "slicing", "inference"},
-    "training": {"elastic", "jobs", "convert", "slicing", "inference"},
-    "convert": {"elastic", "training", "jobs", "slicing", "inference"},
+    "config": {"models", "elastic", "training", "jobs", "checkpoint", "convert", "slicing", "parallel", "data", "distill", "inference", "quant"},
+    "checkpoint": {"elastic", "training", "jobs", "convert", "slicing", "models", "distill", "inference", "quant"},
+    "models": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing", "distill", "inference", "quant"},
+    "parallel": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing", "inference", "quant"},
+    "data": {"models", "elastic", "training", "jobs", "checkpoint", "convert", "slicing", "inference", "quant"},
+    "training": {"elastic", "jobs", "convert", "slicing", "inference", "quant"},
+    "convert": {"elastic", "training", "jobs", "slicing", "inference", "quant"},
     "slicing": {"training", "jobs", "inference"},
-    "elastic": {"jobs", "slicing", "inference"},
-    "distill": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing", "inference"},
+    "elastic": {"jobs", "slicing", "inference", "quant"},
+    "distill": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing", "inference", "quant"},
     "inference": {"training", "jobs", "convert", "slicing", "distill"},
+    # Quantization is a later stage: it builds on the elastic machinery, never the reverse.
+    "quant": {"jobs", "slicing", "inference"},
 }
 # The one import of training/ from elastic/: the elastic step implements the training
 # loop's StepFunction contract.

@@ -8,6 +8,12 @@ checkpoint plus recipes/model/<name>.yaml (train it further with
 `hydra.searchpath=[file://<target>/recipes] model=<name> run.init_checkpoint=<target>`),
 `--format hf` a directory transformers' NemotronHForCausalLM loads, `--format both` the
 first with the second under hf/. Tensor by tensor, on CPU, with a progress bar.
+
+`--precision fp8|nvfp4` slices a quantized model with the parent's scales: those of a QAD
+checkpoint (recipes/qad.yaml), or post-training quantization of a BF16 elastic checkpoint
+calibrated here (`--calibration-batches` of its training data, at every budget). The HF
+export is ModelOpt's unified format (packed weights, `weight_scale`, `weight_scale_2`,
+`input_scale`, hf_quant_config.json), which vLLM and TensorRT-LLM load.
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ def main(argv=None) -> int:
     parser.add_argument("--source-checkpoint", required=True, help="elastic run dir or iter_* checkpoint dir")
     parser.add_argument("--target-checkpoint", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--size", required=True, help="budget name recorded in the checkpoint (e.g. 23B)")
-    parser.add_argument("--precision", default="bf16", help="bf16 or fp32 (fp8, nvfp4: after nested quantization)")
+    parser.add_argument("--precision", default="bf16", help="bf16, fp32, fp8 or nvfp4")
+    parser.add_argument("--recipe", default="aggressive", help="fp8/nvfp4: ModelOpt Nemotron-H recipe, aggressive or conservative")
+    parser.add_argument("--calibration-batches", type=int, default=16,
+                        help="fp8/nvfp4 from a BF16 checkpoint: micro-batches of PTQ calibration (default 16)")
     parser.add_argument("--format", default="megatron", help="megatron, hf or both")
     parser.add_argument("--name", default=None, help="model name of the slice (default <parent>_<size>)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty target")
@@ -33,9 +42,16 @@ def main(argv=None) -> int:
 
     from elastic_megatron.slicing.zero_shot import slice_checkpoint
 
-    return run_tool(args, lambda: slice_checkpoint(args.source_checkpoint, args.target_checkpoint, args.size, args.precision,
-                                             args.format, args.overwrite, name=args.name),
-                    lambda out: f"wrote {out}")
+    def job():
+        from elastic_megatron.config.errors import require_choice, require_positive_int
+        from elastic_megatron.config.quant import QUANT_RECIPES
+
+        require_choice("--recipe", args.recipe, QUANT_RECIPES)
+        require_positive_int("--calibration-batches", args.calibration_batches)
+        return slice_checkpoint(args.source_checkpoint, args.target_checkpoint, args.size, args.precision, args.format,
+                                args.overwrite, name=args.name, recipe=args.recipe, calibration_batches=args.calibration_batches)
+
+    return run_tool(args, job, lambda out: f"wrote {out}")
 
 
 if __name__ == "__main__":

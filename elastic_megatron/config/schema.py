@@ -4,7 +4,7 @@ Registered in Hydra's ConfigStore as `job_schema`; each recipe lists it first in
 defaults, so Hydra rejects unknown keys and wrongly typed values at composition time, and
 `validate_job` checks the values that depend on each other or on the world size before
 anything is allocated. Groups (recipes/<group>/*.yaml): model, data, trainer, parallel,
-logger, cluster, elastic.
+logger, cluster, elastic, quant.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from omegaconf import MISSING
 from elastic_megatron.config.elastic import ElasticConfig, validate_elastic_settings
 from elastic_megatron.config.errors import ConfigError, require_choice, require_positive_int
 from elastic_megatron.config.model import ModelConfig, validate_model_config
+from elastic_megatron.config.quant import QuantConfig, validate_quant_settings
 from elastic_megatron.config.parallel import (
     ParallelConfig, layout_data_parallel, require_batch_split, require_sequence_split, validate_parallel_layout,
 )
@@ -118,6 +119,7 @@ class JobConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
 
 def register_configs() -> None:
@@ -175,9 +177,13 @@ def validate_job(job: JobConfig, world_size: int = 1) -> None:
         validate_elastic_settings(job.elastic, job.model)
         if not job.elastic.teacher_checkpoint:
             raise ConfigError("elastic.teacher_checkpoint", None, "elastic training needs the sorted parent (the importance run dir)")
+    validate_quant_settings(job.quant)
+    if job.quant.format != "none" and not (job.run.task == "train" and job.elastic.enabled):
+        raise ConfigError("quant.format", job.quant.format, "quantization-aware training runs as an elastic stage (recipes/qad.yaml: "
+                          "elastic.enabled=true from an elastic checkpoint); allowed here: none")
 
 
 __all__ = [
     "JobConfig", "RunConfig", "DataConfig", "TrainerConfig", "ParallelConfig", "LoggerConfig",
-    "ClusterConfig", "ElasticConfig", "register_configs", "validate_job", "MISSING",
+    "ClusterConfig", "ElasticConfig", "QuantConfig", "register_configs", "validate_job", "MISSING",
 ]

@@ -320,3 +320,23 @@ def check_shapes(flat: TensorSource, cfg: ModelConfig, where: str) -> None:
         if shape != tuple(entry.shape):
             raise ConfigError("--hf-dir", where, f"{entry.name}: the safetensors hold shape {list(shape)}, config.json's sizes "
                               f"imply {list(entry.shape)} (vocab_size, hidden_size, intermediate sizes, heads?)")
+
+
+_HF_LINEARS = {"mixer.in_proj": ("mixer.in_proj",), "mixer.out_proj": ("mixer.out_proj",),
+               "self_attention.linear_qkv": ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj"),
+               "self_attention.linear_proj": ("mixer.o_proj",), "mlp.linear_fc1": ("mixer.up_proj",),
+               "mlp.linear_fc2": ("mixer.down_proj",), "mlp.shared_experts.linear_fc1": ("mixer.shared_experts.up_proj",),
+               "mlp.shared_experts.linear_fc2": ("mixer.shared_experts.down_proj",)}
+
+
+def hf_linear_names(module: str) -> list[str]:
+    """The HF module names (released `backbone.` layout) of one flat decoder linear."""
+    import re
+
+    m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", module)
+    if m is None:
+        raise KeyError(f"{module!r} is not a decoder linear")
+    i, rest = m.group(1), m.group(2)
+    e = re.match(r"^mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])$", rest)
+    parts = ((f"mixer.experts.{e.group(1)}.{'up_proj' if e.group(2) == '1' else 'down_proj'}",) if e else _HF_LINEARS[rest])
+    return [f"backbone.layers.{i}.{p}" for p in parts]

@@ -11,7 +11,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -23,17 +23,19 @@ from elastic_megatron.convert.megatron_dist import config_yaml, write_dist_check
 from elastic_megatron.convert.tensors import CastSource, TensorSource, write_safetensors
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# Accepted names that need nested quantization (a later stage of the method).
+# Quantized exports: the recipe's linears in the format, everything else in BF16.
 QUANTIZED = ("fp8", "nvfp4")
 FORMATS = ("megatron", "hf", "both")
 
 
-def precision_dtype(precision: str) -> torch.dtype:
-    if precision in QUANTIZED:
-        raise ConfigError("--precision", precision, "needs nested quantization-aware distillation, which has not landed yet; "
-                          f"allowed now: {sorted(PRECISIONS)}")
+def precision_dtype(precision: str, quantized_ok: bool = False) -> torch.dtype:
+    """The dtype of the unquantized tensors of an export in `precision`."""
+    allowed = sorted(PRECISIONS) + (list(QUANTIZED) if quantized_ok else [])
+    if precision in QUANTIZED and quantized_ok:
+        return torch.bfloat16
     if precision not in PRECISIONS:
-        raise ConfigError("--precision", precision, f"allowed: {sorted(PRECISIONS)} (and {list(QUANTIZED)} once nested quantization lands)")
+        extra = "" if quantized_ok else f" (fp8 and nvfp4: tools/zero_shot_slicing.py, which quantizes with nested scales)"
+        raise ConfigError("--precision", precision, f"allowed: {allowed}{extra}")
     return PRECISIONS[precision]
 
 
@@ -76,17 +78,23 @@ def write_megatron(directory: Path, cfg: ModelConfig, flat: TensorSource, dtype:
 
 
 def write_hf(directory: Path, cfg: ModelConfig, flat: TensorSource, dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30,
-             tokenizer_dir: Path | None = None) -> dict:
+             tokenizer_dir: Path | None = None, adapt: Optional[Callable[[TensorSource], TensorSource]] = None,
+             finish: Optional[Callable[[Path], None]] = None) -> dict:
     """An HF Nemotron-H directory (config.json + safetensors shards, the tokenizer files
     of `tokenizer_dir` when given, and manifest.json with every file's size and hash)
-    that transformers' NemotronHForCausalLM loads without custom code."""
+    that transformers' NemotronHForCausalLM loads without custom code.
+    `adapt` turns the HF view into what is written and `finish` adds to the directory
+    before the manifest (quantized exports, elastic_megatron/quant/export.py)."""
     directory.mkdir(parents=True, exist_ok=True)
     hf.hf_config_from_model(cfg, dtype)  # refuse what HF cannot express before writing tensors
-    view = CastSource(hf.flat_to_hf(flat, cfg), dtype, keep=hf.keep_fp32)
+    view = hf.flat_to_hf(flat, cfg)
+    view = CastSource(adapt(view) if adapt else view, dtype, keep=hf.keep_fp32)
     index = write_safetensors(directory, view, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
     hf.write_hf_config(directory, cfg, dtype)
     if tokenizer_dir is not None:
         copy_tokenizer(Path(tokenizer_dir), directory)
+    if finish is not None:
+        finish(directory)
     write_manifest(directory)
     return index
 

@@ -65,6 +65,10 @@ class MappedSource(TensorSource):
         return fn(*args)
 
 
+# Encoded (FP8) tensors are floating point too, but never cast.
+_CASTABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 class CastSource(TensorSource):
     """Floating-point tensors cast to `dtype`, except names for which `keep(name)`."""
 
@@ -76,7 +80,7 @@ class CastSource(TensorSource):
 
     def _get(self, name: str, meta: bool) -> torch.Tensor:
         t = self.base._get(name, meta)
-        if t.is_floating_point() and not self.keep(name) and t.dtype != self.dtype:
+        if t.dtype in _CASTABLE and not self.keep(name) and t.dtype != self.dtype:
             t = t.to(self.dtype)
         return t
 

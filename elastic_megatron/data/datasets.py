@@ -157,3 +157,20 @@ def read_tokens(prefix: str) -> np.ndarray:
 
     ds = IndexedDataset(prefix)
     return np.concatenate([ds[i] for i in range(len(ds))])
+
+
+def recorded_batches(job: dict, num_batches: int, micro_batch_size: int, split: str = "valid") -> list[dict]:
+    """`num_batches` micro-batches of the data a run was trained on (`job`: the resolved
+    config its checkpoints record), from the start of its `split` (train or valid):
+    evaluation reads the validation split, calibration the training split."""
+    from megatron.core import parallel_state
+
+    d = job["data"]
+    spec = DataSpec(prefixes=list(d["prefixes"]), weights=d["weights"], split=d["split"], seq_length=d["seq_length"],
+                    seed=job["run"]["seed"], cache_dir=d["cache_dir"] or str(Path(job["run"]["dir"]) / "data_cache"))
+    validate_data_spec(spec)
+    n = num_batches * micro_batch_size
+    train, valid = build_datasets(spec, load_tokenizer_for(spec.prefixes), train_samples=n if split == "train" else micro_batch_size,
+                                  valid_samples=n if split == "valid" else micro_batch_size)
+    loader = make_loader(train if split == "train" else valid, 0, micro_batch_size, parallel_state.get_data_parallel_rank(), 1)
+    return [next(loader) for _ in range(num_batches)]

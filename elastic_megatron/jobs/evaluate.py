@@ -22,7 +22,7 @@ from megatron.core import parallel_state
 
 from elastic_megatron.checkpoint.metadata import checkpoint_model_config, read_common_state, require_same_architecture
 from elastic_megatron.checkpoint.store import load_model_weights
-from elastic_megatron.data.datasets import DataSpec, build_datasets, load_tokenizer_for, make_loader, validate_data_spec
+from elastic_megatron.data.datasets import recorded_batches
 from elastic_megatron.elastic.budgets import checkpoint_budgets
 from elastic_megatron.elastic.masks import ElasticHooks, hard_masks
 from elastic_megatron.elastic.widths import Widths, model_cost
@@ -46,18 +46,9 @@ class BudgetRow:
                 "valid_ppl": {k: math.exp(min(v, 50)) for k, v in self.loss.items()}}
 
 
-def validation_batches(path, num_batches: int, micro_batch_size: int) -> list[dict]:
-    """Validation micro-batches of the data an elastic run was trained on."""
-    job = yaml.safe_load(read_common_state(path)["meta"]["config"])
-    d = job["data"]
-    cache = Path(job["run"]["dir"]) / "data_cache"
-    spec = DataSpec(prefixes=list(d["prefixes"]), weights=d["weights"], split=d["split"], seq_length=d["seq_length"],
-                    seed=job["run"]["seed"], cache_dir=d["cache_dir"] or str(cache))
-    validate_data_spec(spec)
-    _, valid = build_datasets(spec, load_tokenizer_for(spec.prefixes), train_samples=micro_batch_size,
-                              valid_samples=num_batches * micro_batch_size)
-    loader = make_loader(valid, 0, micro_batch_size, parallel_state.get_data_parallel_rank(), 1)
-    return [next(loader) for _ in range(num_batches)]
+def validation_batches(path, num_batches: int, micro_batch_size: int, split: str = "valid") -> list[dict]:
+    """Micro-batches of the data the run that wrote checkpoint `path` was trained on."""
+    return recorded_batches(yaml.safe_load(read_common_state(path)["meta"]["config"]), num_batches, micro_batch_size, split)
 
 
 @torch.no_grad()

@@ -5,6 +5,13 @@ and the resolved architecture of every budget (`elastic.budgets[*].widths`). Its
 are already in importance order, so a budget is the prefix of every axis: the same
 re-indexing rules as sorting (elastic/reindex.py), applied lazily tensor by tensor to a
 `DistCheckpointSource`, written with real reduced shapes and an updated config.
+
+Quantized slices (`precision` fp8 / nvfp4) use ONE set of scales, the parent's: those a
+QAD checkpoint carries, or post-training quantization of a BF16 checkpoint (calibrated
+here at every budget). The HF export quantizes each parent weight once and keeps the
+budget's sub-blocks (quant/export.py); the Megatron checkpoint keeps the BF16 master
+weights with the scales in its metadata (as ModelOpt's Megatron checkpoints do), which
+the trainer, the evaluator and a further slice read.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from typing import Optional
 
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.convert.megatron_dist import DistCheckpointSource
-from elastic_megatron.convert.output import FORMATS, check_target, precision_dtype, staged, write_hf, write_megatron
+from elastic_megatron.convert.output import FORMATS, QUANTIZED, check_target, precision_dtype, staged, write_hf, write_megatron
 from elastic_megatron.elastic.reindex import prefix_index, reindex_source
 from elastic_megatron.elastic.budgets import recorded_budget
 from elastic_megatron.elastic.widths import model_cost, sub_model_config
@@ -22,25 +29,53 @@ from elastic_megatron.elastic.widths import model_cost, sub_model_config
 
 def slice_checkpoint(source: str | Path, target: str | Path, size: str, precision: str = "bf16",
                      fmt: str = "megatron", overwrite: bool = False, max_shard_bytes: int = 5 * 2**30,
-                     name: Optional[str] = None) -> Path:
+                     name: Optional[str] = None, recipe: str = "aggressive", calibration_batches: int = 16,
+                     scales: Optional[dict] = None) -> Path:
     """Write budget `size` of elastic checkpoint `source` as a standalone checkpoint.
 
     fmt: megatron (our checkpoint + recipes/model/<name>.yaml), hf (a transformers
-    directory), or both (megatron layout with the HF export under hf/)."""
+    directory), or both (megatron layout with the HF export under hf/). precision fp8 /
+    nvfp4: `scales` (a quant record of the parent) if given, else the source's scales of
+    that format, else PTQ with `calibration_batches`."""
     if fmt not in FORMATS:
         raise ConfigError("--format", fmt, f"allowed: {list(FORMATS)}")
-    dtype = precision_dtype(precision)
+    dtype = precision_dtype(precision, quantized_ok=True)
     target = check_target(target, overwrite)
     src = DistCheckpointSource(source)
     widths = recorded_budget(src.meta, size, source)
     sub_cfg = sub_model_config(src.cfg, widths, name=name or f"{src.cfg.name}_{size}")
-    sliced = reindex_source(src.cfg, prefix_index(src.cfg, widths), src)
+    index = prefix_index(src.cfg, widths)
+    sliced = reindex_source(src.cfg, index, src)
     provenance = {"sliced_from": {"checkpoint": str(src.dir), "size": size, "widths": widths.as_dict(),
                                   "total_params": int(model_cost(src.cfg, widths, "total_params")),
                                   "active_params": int(model_cost(src.cfg, widths, "active_params"))}}
+    hf_options = {}
+    if precision in QUANTIZED:
+        from elastic_megatron.quant.export import EncodedSource, hf_quantized_view, slice_encoded, sliced_record, write_quant_configs
+
+        record = scales or source_scales(src, precision, recipe, calibration_batches)
+        provenance["quantization"] = sliced_record(src.cfg, index, record)
+        encoded = slice_encoded(src.cfg, index, EncodedSource(src, record))
+        hf_options = {"adapt": lambda view: hf_quantized_view(view, encoded, precision),
+                      "finish": lambda d: write_quant_configs(d, sub_cfg, provenance["quantization"])}
     with staged(target, overwrite) as tmp:
         if fmt in ("megatron", "both"):
             write_megatron(tmp, sub_cfg, sliced, dtype, **provenance)
         if fmt in ("hf", "both"):
-            write_hf(tmp / "hf" if fmt == "both" else tmp, sub_cfg, sliced, dtype, max_shard_bytes=max_shard_bytes)
+            write_hf(tmp / "hf" if fmt == "both" else tmp, sub_cfg, encoded if hf_options else sliced, dtype,
+                     max_shard_bytes=max_shard_bytes, **hf_options)
     return target
+
+
+def source_scales(src: DistCheckpointSource, precision: str, recipe: str, calibration_batches: int) -> dict:
+    """The scales of a quantized slice: the checkpoint's own (QAD, or an earlier PTQ)
+    when it carries that format and recipe, else post-training quantization."""
+    from elastic_megatron.quant.calibrate import ptq_scales
+
+    found = src.meta.get("quantization")
+    if found and found.get("format") == precision:
+        if found.get("recipe") != recipe:
+            raise ConfigError("--recipe", recipe, f"the checkpoint was quantization-trained with recipe {found.get('recipe')!r}; "
+                              "slice it with that recipe")
+        return found
+    return ptq_scales(src.dir, precision, recipe, calibration_batches)

@@ -113,6 +113,11 @@ class Trainer:
         train_ds, self.valid_ds = run.datasets(train_samples=t.max_steps * t.global_batch_size,
                                                valid_samples=t.eval_iters * t.micro_batch_size * run.dp_size)
         self.loader = run.loader(train_ds, self.consumed)
+        n = step_fn.calibration_batches()
+        if run.resume_step is None and n:  # e.g. QAD's quantization scales; a resume restores them
+            calibration = run.loader(train_ds)
+            step_fn.calibrate(self.model, [next(calibration) for _ in range(n)])
+            print0(f"calibrated on {n} training micro-batches")
         structured = OmegaConf.structured(job)
         self.config_yaml = OmegaConf.to_yaml(structured)
         self.logger = MetricsLogger(run.dir, job.logger, job.run.name, OmegaConf.to_container(structured, resolve=True),

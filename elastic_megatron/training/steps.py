@@ -6,6 +6,8 @@ for every stage; pretraining plugs in `LMStep`, elastic distillation
 hook has a default that does nothing, so the loop calls them all unconditionally:
 
     setup(model, dtype)         after the model and optimizer exist, before a resume
+    calibration_batches()       micro-batches a fresh run needs before its first step (0: none)
+    calibrate(model, batches)   given them (training data from its start; quantization scales)
     stage_forward(...)          one micro-batch on this pipeline stage (parallel/pipeline.py)
     after_step(step, ok)        after the optimizer step (ok: the update was applied)
     validate(model, batches, step)  validation metrics, `valid_loss` among them
@@ -36,6 +38,13 @@ class StepFunction:
 
     def setup(self, model, params_dtype: torch.dtype) -> None:
         """Called once after the model and optimizer are built, before any resume."""
+
+    def calibration_batches(self) -> int:
+        """Training micro-batches `calibrate` needs on a fresh run (not on a resume)."""
+        return 0
+
+    def calibrate(self, model, batches: list[dict]) -> None:
+        """Called once, on a fresh run, before the first step."""
 
     def stage_forward(self, model, batch: dict, step: int, received: Optional[torch.Tensor]):
         """This pipeline stage's part of one micro-batch: the tensor to send on, or

@@ -1,0 +1,192 @@
+"""Quantized checkpoints as files: the packed tensors of ModelOpt's unified HF format,
+taken from the parent and cut into a budget's sub-blocks (never re-quantized).
+
+Per quantized linear `M` (flat naming, then renamed to HF like every other tensor):
+- fp8:   M.weight (float8_e4m3fn), M.weight_scale (fp32 scalar), M.input_scale;
+- nvfp4: M.weight (uint8, two E2M1 values per byte), M.weight_scale (float8_e4m3fn, one
+         per block of 16 input channels), M.weight_scale_2 (fp32 scalar), M.input_scale.
+`encoded_source` quantizes each weight of the *parent* once, with the parent's scale;
+`slice_encoded` then applies the budget's re-indexing (elastic/reindex.py) to the
+encoded tensors: rows as they are, input columns in whole blocks (2 values per byte of
+the packed weight, 16 per block scale). `hf_quant_config.json` and config.json's
+`quantization_config` carry ModelOpt's fields, which vLLM and TensorRT-LLM read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from elastic_megatron.config.model import ModelConfig
+from elastic_megatron.convert.tensors import MappedSource, TensorSource
+from elastic_megatron.elastic.reindex import ModelIndex, reindex_rule
+from elastic_megatron.quant import formats
+from elastic_megatron.quant.recipes import linear_modules, quantized_modules
+
+SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
+
+
+def _scale_names(fmt: str) -> tuple[str, ...]:
+    return ("weight_scale", "weight_scale_2", "input_scale") if fmt == "nvfp4" else ("weight_scale", "input_scale")
+
+
+class EncodedSource(TensorSource):
+    """The parent's flat tensors with every quantized weight replaced by its encoded
+    tensors (`record` holds the scales). One weight is encoded at a time (cached for its
+    scale tensors, which the writers ask for right after it)."""
+
+    def __init__(self, base: TensorSource, record: dict):
+        self.base, self.fmt, self.amax = base, record["format"], record["amax"]
+        self.quantized = {m for m in self.amax if f"{m}.weight" in set(base.names())}
+        self._cache: tuple[Optional[str], dict] = (None, {})
+
+    def names(self) -> list[str]:
+        out = []
+        for n in self.base.names():
+            out.append(n)
+            module = n[: -len(".weight")] if n.endswith(".weight") else None
+            if module in self.quantized:
+                out.extend(f"{module}.{s}" for s in _scale_names(self.fmt))
+        return out
+
+    def _encoded(self, module: str) -> dict:
+        if self._cache[0] != module:
+            w = self.base.get(f"{module}.weight")
+            enc = formats.encode_weight(self.fmt, w, torch.tensor(self.amax[module]["weight"]))
+            enc["input_scale"] = formats.tensor_scale(self.fmt, torch.tensor(self.amax[module]["input"]))
+            self._cache = (module, enc)
+        return self._cache[1]
+
+    def _get(self, name: str, meta: bool) -> torch.Tensor:
+        module, part = _split(name, self.quantized)
+        if module is None:
+            return self.base._get(name, meta)
+        if meta:
+            spec = self.base.spec(f"{module}.weight")
+            rows, cols = spec.shape
+            shapes = {"weight": ((rows, cols // 2), torch.uint8) if self.fmt == "nvfp4" else ((rows, cols), torch.float8_e4m3fn),
+                      "weight_scale": ((rows, cols // formats.BLOCK), torch.float8_e4m3fn) if self.fmt == "nvfp4" else ((), torch.float32),
+                      "weight_scale_2": ((), torch.float32), "input_scale": ((), torch.float32)}
+            shape, dtype = shapes[part]
+            return torch.empty(shape, dtype=dtype, device="meta")
+        return self._encoded(module)[part]
+
+
+def _block_columns(cols: torch.Tensor, per_unit: int) -> torch.Tensor:
+    """Kept input columns -> kept units of `per_unit` columns (2 per packed byte, 16 per
+    block scale); the columns must be whole, ordered units (check_block_alignment)."""
+    units = cols.reshape(-1, per_unit)
+    first = units[:, 0]
+    if (first % per_unit).any() or not torch.equal(units, first[:, None] + torch.arange(per_unit)):
+        raise ValueError(f"a slice keeps input columns that are not whole blocks of {per_unit}; NVFP4 nesting needs "
+                         f"widths that are multiples of {formats.BLOCK}")
+    return first // per_unit
+
+
+def _unit_take(per_unit: int):
+    def take(t, rows=None, cols=None):
+        if rows is not None:
+            t = t.index_select(0, rows.to(t.device))
+        if cols is not None:
+            t = t.index_select(1, _block_columns(cols, per_unit).to(t.device))
+        return t.contiguous()
+    return take
+
+
+def slice_encoded(cfg: ModelConfig, index: ModelIndex, encoded: EncodedSource) -> MappedSource:
+    """The budget `index` of an encoded parent: every tensor re-indexed by the slicing
+    rules, encoded weights and block scales in whole units, per-tensor scales as they are."""
+    fmt, rules = encoded.fmt, {}
+    from elastic_megatron.elastic.reindex import _expert_slots
+
+    slots = _expert_slots(index)
+    for name in encoded.names():
+        module, part = _split(name, encoded.quantized)
+        if module is None:
+            rule = reindex_rule(cfg, index, name, slots)
+            if rule is not None:
+                rules[rule[0]] = ((name,), rule[1])
+            continue
+        if part in ("weight", "weight_scale") and not (fmt == "fp8" and part == "weight_scale"):
+            per_unit = 1 if fmt == "fp8" else (2 if part == "weight" else formats.BLOCK)
+            rule = reindex_rule(cfg, index, f"{module}.weight", slots, take=_unit_take(per_unit))
+        else:
+            rule = reindex_rule(cfg, index, f"{module}.weight", slots)
+            rule = None if rule is None else (rule[0], lambda t: t)
+        if rule is not None:
+            new_module = rule[0][: -len(".weight")]
+            rules[f"{new_module}.{part}"] = ((name,), rule[1])
+    return MappedSource(encoded, rules)
+
+
+def _split(name: str, quantized: set[str]) -> tuple[Optional[str], Optional[str]]:
+    for suffix in ("weight",) + SCALE_SUFFIXES:
+        if name.endswith("." + suffix) and name[: -len(suffix) - 1] in quantized:
+            return name[: -len(suffix) - 1], suffix
+    return None, None
+
+
+def sliced_record(cfg: ModelConfig, index: ModelIndex, record: dict) -> dict:
+    """The parent's scales under the slice's module names (experts renumbered or dropped)."""
+    from elastic_megatron.elastic.reindex import _expert_slots
+
+    slots, amax = _expert_slots(index), {}
+    for module, a in record["amax"].items():
+        rule = reindex_rule(cfg, index, f"{module}.weight", slots)
+        if rule is not None:
+            amax[rule[0][: -len(".weight")]] = dict(a)
+    return {**record, "amax": dict(sorted(amax.items()))}
+
+
+def hf_quantized_view(hf_view: MappedSource, flat: MappedSource, fmt: str) -> MappedSource:
+    """Add the scale tensors to an HF view (convert/hf_nemotron_h.flat_to_hf) of an encoded
+    flat source: each quantized HF weight `X.weight` reads flat `M.weight`, so `X.<scale>`
+    reads `M.<scale>`."""
+    flat_names = set(flat.names())
+    rules = dict(hf_view.rules)
+    for hf_name, (inputs, fn) in hf_view.rules.items():
+        if len(inputs) == 1 and inputs[0].endswith(".weight") and hf_name.endswith(".weight"):
+            module = inputs[0][: -len(".weight")]
+            for s in _scale_names(fmt):
+                if f"{module}.{s}" in flat_names:
+                    rules[f"{hf_name[: -len('.weight')]}.{s}"] = ((f"{module}.{s}",), lambda t: t)
+    return MappedSource(flat, rules)
+
+
+def is_encoded(name: str) -> bool:
+    """Encoded tensors and scales keep their dtype when an export casts the rest."""
+    return name.endswith(SCALE_SUFFIXES)
+
+
+def quant_config_fields(cfg: ModelConfig, record: dict) -> tuple[dict, dict]:
+    """(hf_quant_config.json, config.json's quantization_config) as ModelOpt's unified
+    exporter writes them: the algorithm, the group size, and the excluded (BF16) linears
+    under their HF names."""
+    from elastic_megatron.convert.hf_nemotron_h import hf_linear_names
+
+    fmt, recipe = record["format"], record["recipe"]
+    linears = linear_modules(cfg)
+    on = set(quantized_modules(linears, fmt, recipe))
+    kept = sorted(n for m in linears if m not in on for n in hf_linear_names(m))
+    excluded = ["lm_head"] + kept
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+    quantization = {"quant_algo": "NVFP4" if fmt == "nvfp4" else "FP8", "kv_cache_quant_algo": None}
+    if fmt == "nvfp4":
+        quantization["group_size"] = formats.BLOCK
+    quantization["exclude_modules"] = excluded
+    hf_quant = {"producer": {"name": "modelopt", "version": record.get("modelopt", "")}, "quantization": quantization}
+    # config.json's form is ModelOpt's own conversion of the first.
+    return hf_quant, convert_hf_quant_config_format(hf_quant)
+
+
+def write_quant_configs(directory: Path, cfg: ModelConfig, record: dict) -> None:
+    hf_quant, qc = quant_config_fields(cfg, record)
+    (directory / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2) + "\n")
+    path = directory / "config.json"
+    conf = json.loads(path.read_text())
+    conf["quantization_config"] = qc
+    path.write_text(json.dumps(conf, indent=2, allow_nan=False) + "\n")
