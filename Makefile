@@ -24,15 +24,17 @@ $(DEMO_DATA)_text_document.idx: | $(VENV)/.installed
 
 # The whole method on the embedded corpus: pretrain a tiny parent, score and sort it,
 # elastic distillation stage 1 (uniform budgets) and stage 2 (0.5/0.3/0.2, longer
-# sequences), the evaluation table against the two no-training baselines, then the
-# smallest budget sliced out as a standalone Megatron + HF checkpoint, the storage report,
+# sequences), a short nested NVFP4 QAD, the evaluation tables (against the two
+# no-training baselines; per budget x precision: BF16, FP8/NVFP4 PTQ, NVFP4 after QAD), then
+# the smallest budget sliced out as a standalone Megatron + HF checkpoint in BF16 and in
+# NVFP4 (ModelOpt's unified HF format), the storage report,
 # and text generated at the smallest and the full budget and with elastic budget control
 # (the small budget writes the class header, the full one its body).
 TRAIN := $(PY) -m elastic_megatron.train
 # A 287K-parameter byte model loops when greedy: the demo samples, with a fixed seed.
 SAMPLE := --temperature 0.8 --top-p 0.95 --seed 1
 demo: install $(DEMO_DATA)_text_document.idx
-	rm -rf runs/demo-pretrain runs/demo-importance runs/demo-stage1 runs/demo-stage2 runs/demo-eval runs/demo-small
+	rm -rf runs/demo-pretrain runs/demo-importance runs/demo-stage1 runs/demo-stage2 runs/demo-qad runs/demo-eval runs/demo-small runs/demo-small-nvfp4
 	$(TRAIN) --config-name=pretrain model=tiny run.dir=runs/demo-pretrain
 	$(PY) -c "import torch; from elastic_megatron.data.datasets import read_tokens; from elastic_megatron.data.stdlib_corpus import unigram_entropy_nats as h; \
 	print(f'unigram entropy of the demo corpus: {h(torch.from_numpy(read_tokens(\"$(DEMO_DATA)_text_document\").astype(\"int64\")), 257):.4f} nats (validation loss above should be well below it)')"
@@ -40,10 +42,13 @@ demo: install $(DEMO_DATA)_text_document.idx
 	$(TRAIN) --config-name=stage1_tiny elastic.teacher_checkpoint=runs/demo-importance run.dir=runs/demo-stage1
 	$(TRAIN) --config-name=stage2_tiny elastic.teacher_checkpoint=runs/demo-importance \
 		elastic.init_checkpoint=runs/demo-stage1 run.dir=runs/demo-stage2
+	$(TRAIN) --config-name=qad_tiny elastic.teacher_checkpoint=runs/demo-stage2 run.dir=runs/demo-qad
 	$(PY) tools/evaluate_elastic.py --elastic runs/demo-stage2 --sorted runs/demo-importance \
-		--unsorted runs/demo-pretrain --out runs/demo-eval
+		--unsorted runs/demo-pretrain --out runs/demo-eval --qad runs/demo-qad
 	$(PY) tools/zero_shot_slicing.py --source-checkpoint runs/demo-stage2 --target-checkpoint runs/demo-small \
 		--size small --precision bf16 --format both
+	$(PY) tools/zero_shot_slicing.py --source-checkpoint runs/demo-qad --target-checkpoint runs/demo-small-nvfp4 \
+		--size small --precision nvfp4 --format both
 	$(PY) tools/describe_model.py storage=true checkpoint=runs/demo-stage2
 	@echo "--- generation from the elastic checkpoint: the smallest budget, the full model, then budget control"
 	$(PY) tools/generate.py --checkpoint runs/demo-stage2 --budget small --prompt "def __init__(self" --max-new-tokens 160 $(SAMPLE)

@@ -16,6 +16,7 @@ from conftest import preset, small_config, token_batch
 from elastic_helpers import logits, randomised_model
 
 from elastic_megatron.config.elastic import BudgetConfig, ElasticConfig
+from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.elastic.budgets import resolve_budgets
 from elastic_megatron.distill.losses import kd_loss, kl_from_logits
 from elastic_megatron.elastic.importance import ImportanceCollector, sorting_index
@@ -305,8 +306,6 @@ def test_teacher_checkpoint_mismatch_is_refused_before_training(sorted_parent):
     )
     for overrides, message in cases:
         run_dir = root / "refused"
-        from elastic_megatron.config.errors import ConfigError
-
         with pytest.raises(ConfigError, match=message):
             dispatch(compose_job("stage1_tiny", _common(prefix, run_dir, **overrides)))
         assert not run_dir.exists()  # nothing written
@@ -371,3 +370,45 @@ def test_per_layer_router_trains_and_records_heterogeneous_budgets(dist, sorted_
     batch = {"tokens": ids, "position_ids": pos, "labels": torch.roll(ids, -1, 1), "loss_mask": torch.ones(ids.shape)}
     losses = budget_losses(model, job.model, checkpoint_budgets(root / "per_layer"), [batch])
     assert set(losses) == {"full", "medium", "small"} and all(torch.isfinite(torch.tensor(list(losses.values()))))
+
+
+def test_nested_qad_resumes_exactly_and_keeps_one_set_of_scales(sorted_parent):
+    """QAD (recipes/qad_tiny.yaml) from a stage-1 checkpoint: calibrated once, scales in
+    every checkpoint, N steps straight == N/2, a signal, a resume and N/2 steps."""
+    from elastic_megatron.quant.qad import QuantizedDistillStep
+
+    root, prefix = sorted_parent
+    run("stage1_tiny", _common(prefix, root / "q-s1", **{"elastic.teacher_checkpoint": str(root / "sorted"), "trainer.max_steps": 2}))
+
+    def job(name):
+        return compose_job("qad_tiny", _common(prefix, root / name, **{
+            "elastic.teacher_checkpoint": str(root / "q-s1"), "trainer.max_steps": 4, "trainer.eval_interval": 4,
+            "quant.calibration_batches": 2}))
+
+    class QSignalAt(QuantizedDistillStep):
+        def __call__(self, model, batch, step):
+            if step == 2 and model.training:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return super().__call__(model, batch, step)
+
+    straight = train(job("q-straight"), step_fn=QuantizedDistillStep(job("q-straight")))
+    first = train(job("q-split"), step_fn=QSignalAt(job("q-split")))
+    assert first.last_step == 2 and first.stop_signal == "SIGUSR1"
+    second = train(job("q-split"), step_fn=QuantizedDistillStep(job("q-split")))
+    assert second.start_step == 2 and second.completed
+    assert {**first.losses, **second.losses} == straight.losses
+    assert second.valid_loss == straight.valid_loss
+    a, b = (metadata.read_common_state(root / n)["meta"]["quantization"] for n in ("q-straight", "q-split"))
+    assert a == b and a["format"] == "nvfp4" and len(a["amax"]) > 20
+    # The budgets are stage 1's resolved architectures; the BF16 elastic model is the teacher.
+    meta = metadata.read_common_state(root / "q-split")["meta"]
+    s1 = metadata.read_common_state(root / "q-s1")["meta"]
+    assert [b["widths"] for b in meta["elastic"]["budgets"]] == [b["widths"] for b in s1["elastic"]["budgets"]]
+
+
+def test_nested_qad_refuses_a_non_elastic_start(sorted_parent):
+    root, prefix = sorted_parent
+    job = compose_job("qad_tiny", _common(prefix, root / "q-refused", **{"elastic.teacher_checkpoint": str(root / "sorted")}))
+    with pytest.raises(ConfigError, match="elastic.teacher_checkpoint.*elastic checkpoint"):
+        dispatch(job)
+    assert not (root / "q-refused" / "checkpoints").exists()

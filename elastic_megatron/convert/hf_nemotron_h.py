@@ -292,9 +292,10 @@ def _zero_bias(router_weight: torch.Tensor) -> torch.Tensor:
 
 
 def keep_fp32(name: str) -> bool:
-    """Tensors kept in fp32 whatever the export precision (as in the released checkpoint
-    and Megatron: the router's correction bias)."""
-    return name.endswith(("e_score_correction_bias", "router.expert_bias"))
+    """Tensors kept in fp32 whatever the export precision: the router's correction bias (as
+    in the released checkpoint and Megatron) and the per-tensor scales of a quantized
+    export (ModelOpt's unified format stores them in fp32)."""
+    return name.endswith(("e_score_correction_bias", "router.expert_bias", ".weight_scale_2", ".input_scale", ".weight_scale"))
 
 
 def write_hf_config(directory: str | Path, cfg: ModelConfig, dtype: torch.dtype) -> None:

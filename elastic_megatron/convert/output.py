@@ -34,7 +34,7 @@ def precision_dtype(precision: str, quantized_ok: bool = False) -> torch.dtype:
     if precision in QUANTIZED and quantized_ok:
         return torch.bfloat16
     if precision not in PRECISIONS:
-        extra = "" if quantized_ok else f" (fp8 and nvfp4: tools/zero_shot_slicing.py, which quantizes with nested scales)"
+        extra = "" if quantized_ok else " (fp8 and nvfp4: tools/zero_shot_slicing.py, which quantizes with nested scales)"
         raise ConfigError("--precision", precision, f"allowed: {allowed}{extra}")
     return PRECISIONS[precision]
 

@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron.core import parallel_state
-
 from elastic_megatron.checkpoint.metadata import checkpoint_model_config, read_common_state, require_same_architecture
 from elastic_megatron.checkpoint.store import load_model_weights
+from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.data.datasets import recorded_batches
 from elastic_megatron.elastic.budgets import checkpoint_budgets
 from elastic_megatron.elastic.masks import ElasticHooks, hard_masks
@@ -117,6 +116,82 @@ def write_outputs(rows: list[BudgetRow], out_dir) -> tuple[Path, Path]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     png_path = out_dir / "evaluation.png"
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return json_path, png_path
+
+
+# ---- budget x precision -----------------------------------------------------------------
+
+PRECISION_COLUMNS = ("bf16", "fp8 PTQ", "nvfp4 PTQ", "nvfp4 QAD")
+
+
+def evaluate_precisions(elastic_ckpt, qad_ckpt=None, num_batches: int = 16, micro_batch_size: int = 8,
+                        calibration_batches: int = 16) -> dict[str, dict[str, float]]:
+    """budget -> column -> validation loss: the BF16 elastic checkpoint, FP8 and NVFP4
+    post-training quantization of it (one set of scales calibrated at every budget on its
+    training data), and the NVFP4 QAD checkpoint `qad_ckpt` with its own scales."""
+    from elastic_megatron.quant.calibrate import calibrate_budgets
+    from elastic_megatron.quant.hooks import QuantHooks, attach
+
+    cfg, _ = checkpoint_model_config(elastic_ckpt)
+    budgets = checkpoint_budgets(elastic_ckpt)
+    batches = validation_batches(elastic_ckpt, num_batches, micro_batch_size)
+    calibration = validation_batches(elastic_ckpt, calibration_batches, micro_batch_size, split="train")
+    model = build_model(cfg)
+    load_model_weights(elastic_ckpt, model)
+    columns = {"bf16": budget_losses(model, cfg, budgets, batches)}
+    for fmt in ("fp8", "nvfp4"):
+        quant = QuantHooks(model, fmt, "aggressive")
+        calibrate_budgets(model, cfg, quant, budgets, calibration)
+        columns[f"{fmt} PTQ"] = budget_losses(model, cfg, budgets, batches)
+        quant.remove()
+    if qad_ckpt is not None:
+        meta = require_same_architecture(cfg, qad_ckpt, "--qad")
+        record = meta.get("quantization")
+        if not record:
+            raise ConfigError("--qad", str(qad_ckpt), "has no quantization scales: give the run dir of a QAD run (recipes/qad.yaml)")
+        qad = build_model(cfg)
+        load_model_weights(qad_ckpt, qad)
+        attach(qad, record, record["format"], record["recipe"])
+        columns[f"{record['format']} QAD"] = budget_losses(qad, cfg, budgets, batches)
+    return {name: {c: columns[c][name] for c in columns} for name, _ in budgets}
+
+
+def render_precision_table(table: dict[str, dict[str, float]]) -> str:
+    cols = list(next(iter(table.values())))
+    gaps = [c for c in ("nvfp4 PTQ", "nvfp4 QAD") if c in cols]
+    head = f"{'budget':<10}" + "".join(f"{c + ' loss':>16}" for c in cols) + "".join(f"{c + ' - bf16':>18}" for c in gaps)
+    lines = ["validation loss per budget and precision (one set of scales for every budget)", head, "-" * len(head)]
+    for name, row in table.items():
+        lines.append(f"{name:<10}" + "".join(f"{row[c]:>16.4f}" for c in cols) + "".join(f"{row[c] - row['bf16']:>+18.4f}" for c in gaps))
+    return "\n".join(lines)
+
+
+def write_precision_outputs(table: dict[str, dict[str, float]], out_dir) -> tuple[Path, Path]:
+    """precision.json and precision.png (validation loss per budget, one bar per precision)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "precision.json"
+    json_path.write_text(json.dumps({"valid_loss": table}, indent=2))
+    cols = list(next(iter(table.values())))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(cols)
+    for j, c in enumerate(cols):
+        ax.bar([i + j * width for i in range(len(table))], [row[c] for row in table.values()], width, label=c)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(table))], list(table))
+    lo = min(v for row in table.values() for v in row.values())
+    ax.set_ylim(bottom=lo * 0.95)
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("nested budgets x precision")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png_path = out_dir / "precision.png"
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return json_path, png_path

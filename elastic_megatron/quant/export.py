@@ -156,11 +156,6 @@ def hf_quantized_view(hf_view: MappedSource, flat: MappedSource, fmt: str) -> Ma
     return MappedSource(flat, rules)
 
 
-def is_encoded(name: str) -> bool:
-    """Encoded tensors and scales keep their dtype when an export casts the rest."""
-    return name.endswith(SCALE_SUFFIXES)
-
-
 def quant_config_fields(cfg: ModelConfig, record: dict) -> tuple[dict, dict]:
     """(hf_quant_config.json, config.json's quantization_config) as ModelOpt's unified
     exporter writes them: the algorithm, the group size, and the excluded (BF16) linears
