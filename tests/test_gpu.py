@@ -59,3 +59,18 @@ def test_decode_step_triton_matches_pytorch_fp32(dist):
             steps.append(dec.step(steps[-1].argmax(-1), state))
         runs[kernel] = torch.stack(steps)
     torch.testing.assert_close(runs["triton"], runs["torch"], atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_modelopt_gpu_fake_quant_equals_the_cpu_path(fmt):
+    """ModelOpt's CUDA fake quantization (its dynamic-block NVFP4 kernel) gives the values
+    of the CPU path (NVFP4QTensor round trip) for the same tensor and per-tensor amax."""
+    from elastic_megatron.quant import formats
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 256) * 3
+    amax = x.abs().max()
+    cpu, gpu = formats.new_quantizer(fmt, torch.device("cpu")), formats.new_quantizer(fmt, torch.device("cuda"))
+    formats.set_amax(cpu, float(amax), torch.device("cpu"))
+    formats.set_amax(gpu, float(amax), torch.device("cuda"))
+    assert torch.equal(gpu(x.cuda()).cpu(), cpu(x))
