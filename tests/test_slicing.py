@@ -81,7 +81,7 @@ def test_slicing_refusals_write_nothing(elastic_ckpt, tmp_path, dist):
     run_dir, cfg, model, _ = elastic_ckpt
     cases = [
         (dict(size="13B"), "allowed: \\['full', 'medium', 'small'\\]"),
-        (dict(size="small", precision="fp8"), "training data"),  # PTQ needs the run's data
+        (dict(size="small", precision="fp8"), "nested quantization"),
         (dict(size="small", precision="int3"), "allowed"),
         (dict(size="small", fmt="onnx"), "allowed"),
     ]
@@ -128,34 +128,118 @@ def test_truncated_source_shard_fails_without_a_half_written_target(elastic_ckpt
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_storage_report_measures_the_files(elastic_ckpt, tmp_path):
-    from safetensors import safe_open
+def _safetensors_headers(directory) -> dict:
+    """tensor name -> its safetensors header entry (dtype, shape, data_offsets), read from
+    the files' headers (an 8-byte little-endian length, then JSON), no tensor loaded."""
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        header.pop("__metadata__", None)
+        out.update(header)
+    return out
 
-    run_dir, cfg, _, budgets = elastic_ckpt
-    report = measured_storage(run_dir, workdir=tmp_path)
-    m = report.measured
-    # The reported bytes are the files on disk, file by file and in total ...
-    on_disk = {str(p.relative_to(tmp_path)): p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()}
-    assert m["files"] == on_disk
-    assert m["elastic"] == sum(v for k, v in on_disk.items() if k.startswith("elastic/"))
-    assert m["per_budget"]["small"] == sum(v for k, v in on_disk.items() if k.startswith("budget-small/"))
+
+def _nbytes(entry: dict) -> int:
+    begin, end = entry["data_offsets"]
+    return end - begin
+
+
+def _check_measured_files(m: dict, workdir, precision: str, budgets: dict, cfg) -> None:
+    """The reported bytes of `precision` are its files on disk, file by file and in total."""
+    on_disk = {p.relative_to(workdir).as_posix(): p.stat().st_size for p in (workdir / precision).rglob("*") if p.is_file()}
+    assert on_disk and m["files"] == on_disk
+    assert m["elastic"] == sum(v for k, v in on_disk.items() if k.startswith(f"{precision}/elastic/"))
+    for name, w in budgets.items():
+        # The full budget's standalone checkpoint is the full export itself, not a second copy.
+        written = sum(v for k, v in on_disk.items() if k.startswith(f"{precision}/budget-{name}/"))
+        assert m["per_budget"][name] == (m["elastic"] if w == full_widths(cfg) else written) > 0
+        assert (written == 0) == (w == full_widths(cfg))
     assert m["separate"] == sum(m["per_budget"].values()) > m["elastic"]
-    # ... and their tensor payloads are the analytic bf16 bytes, plus the router's fp32
-    # correction bias, which is a buffer, not a parameter.
-    def payload(directory):
-        total = 0
-        for f in (tmp_path / directory).glob("*.safetensors"):
-            with safe_open(f, "pt") as st:
-                for k in st.keys():
-                    t = st.get_slice(k)
-                    total += torch.Size(t.get_shape()).numel() * (4 if t.get_dtype() == "F32" else 2)
-        return total
 
+
+def _check_tensor_bytes(directory, cfg, precision: str, analytic: int) -> None:
+    """The tensors of an HF directory (sizes from the safetensors headers) are the counter's
+    bytes of `cfg` in `precision` plus the router's fp32 correction bias, a buffer the
+    counter (parameters only) leaves out; each quantized linear's packed weight and scales
+    are exactly the counter's `tensor_bytes`, and the export quantizes exactly the linears
+    the counter counts as quantized (attention stays bf16, as ModelOpt's recipe has it)."""
+    from elastic_megatron.convert.hf_nemotron_h import hf_linear_names
+    from elastic_megatron.models.counter import parameter_inventory, tensor_bytes
+
+    headers = _safetensors_headers(directory)
     bias = 4 * cfg.moe_num_experts * cfg.hybrid_pattern.count("E")
-    assert payload("elastic") == report.elastic_bytes["bf16"] + bias
+    assert sum(_nbytes(h) for h in headers.values()) == analytic + bias
+    if precision == "bf16":
+        assert {h["dtype"] for h in headers.values()} == {"BF16", "F32"}
+        return
+    packed = {"fp8": "F8_E4M3", "nvfp4": "U8"}[precision]
+    parts = {"fp8": {"weight", "weight_scale", "input_scale"},
+             "nvfp4": {"weight", "weight_scale", "weight_scale_2", "input_scale"}}[precision]
+    found = {n[: -len(".weight")] for n, h in headers.items() if n.endswith(".weight") and h["dtype"] == packed}
+    counted = {}
+    for e in parameter_inventory(cfg):
+        if e.quantizable:
+            (hf_module,) = hf_linear_names(e.name[: -len(".weight")])
+            counted[hf_module] = e
+    assert found == set(counted) and len(found) > 10
+    assert not any("self_attention" in e.name for e in counted.values())
+    for module, e in counted.items():
+        assert {n[len(module) + 1:] for n in headers if n.startswith(module + ".")} == parts
+        assert sum(_nbytes(headers[f"{module}.{s}"]) for s in parts) == tensor_bytes(e, precision), module
+    assert json.loads((directory / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == precision.upper()
+
+
+def test_storage_report_measures_the_files(elastic_ckpt, stdlib_prefix, tmp_path, monkeypatch):
+    from elastic_megatron.models.counter import PRECISIONS
+    from elastic_megatron.quant import calibrate
+    from elastic_megatron.slicing.storage import render_storage
+
+    run_dir, cfg, model, budgets = elastic_ckpt
+    # The fixture's run recorded no training data, so it has no post-training scales: bf16
+    # is measured, fp8 and nvfp4 are not, and the report says why.
+    plain = measured_storage(run_dir, workdir=tmp_path / "plain", calibration_batches=1)
+    assert list(plain.measured) == ["bf16"] and set(plain.unmeasured) == {"fp8", "nvfp4"}
+    assert "training data" in plain.unmeasured["fp8"]
+    # (its budgets, hidden 56 and Mamba head dim 8, cannot nest NVFP4 blocks either)
+    assert any(why in plain.unmeasured["nvfp4"] for why in ("multiple of 16", "training data"))
+    assert "not measured" in render_storage(plain) and plain.unmeasured["fp8"] in render_storage(plain)
+    _check_measured_files(plain.measured["bf16"], tmp_path / "plain", "bf16", budgets, cfg)
+    _check_tensor_bytes(tmp_path / "plain" / "bf16" / "elastic", cfg, "bf16", plain.elastic_bytes["bf16"])
     small = sub_model_config(cfg, budgets["small"])
-    assert payload("budget-small") == report.per_budget_bytes["small"]["bf16"] + 4 * small.moe_num_experts * small.hybrid_pattern.count("E")
-    assert report.separate_bytes["bf16"] == sum(model_size(sub_model_config(cfg, w)).total_bytes["bf16"] for w in budgets.values())
+    _check_tensor_bytes(tmp_path / "plain" / "bf16" / "budget-small", small, "bf16", plain.per_budget_bytes["small"]["bf16"])
+    assert plain.separate_bytes["bf16"] == sum(model_size(sub_model_config(cfg, w)).total_bytes["bf16"] for w in budgets.values())
+
+    # The same weights as a run that recorded its training data, with budgets whose
+    # quantized input widths are multiples of 16 (NVFP4 blocks nest): every precision.
+    full = full_widths(cfg)
+    nested = {"full": full, "medium": full.replace(hidden=48, moe_ffn=48, attn_heads=2),
+              "small": full.replace(hidden=32, ffn=64, moe_ffn=32, shared_ffn=32, mamba_heads=4, moe_experts=4)}
+    job = config_yaml(cfg, run={"seed": 5, "dir": str(tmp_path / "run")},
+                      data={"prefixes": [stdlib_prefix], "weights": None, "split": "98,2,0", "seq_length": 32,
+                            "cache_dir": str(tmp_path / "data_cache")})
+    store.save_checkpoint(tmp_path / "run", model, None, None, 10, 0, elastic_meta(cfg, nested, config=job))
+    calls = []
+    ptq = calibrate.ptq_scales
+    monkeypatch.setattr(calibrate, "ptq_scales", lambda *a, **kw: calls.append(a[1]) or ptq(*a, **kw))
+    work = tmp_path / "measured"
+    report = measured_storage(tmp_path / "run", workdir=work, calibration_batches=1)
+    assert report.unmeasured == {} and list(report.measured) == list(PRECISIONS)
+    assert sorted(calls) == ["fp8", "nvfp4"]  # one set of scales per format, shared by all its exports
+    for p in PRECISIONS:
+        m = report.measured[p]
+        _check_measured_files(m, work, p, nested, cfg)
+        _check_tensor_bytes(work / p / "elastic", cfg, p, report.elastic_bytes[p])
+        for name, w in nested.items():
+            if w != full:
+                _check_tensor_bytes(work / p / f"budget-{name}", sub_model_config(cfg, w), p, report.per_budget_bytes[name][p])
+        assert (m["scales"] is None) == (p == "bf16")
+    for key in ("elastic", "separate"):
+        assert report.measured["nvfp4"][key] < report.measured["fp8"][key] < report.measured["bf16"][key]
+    assert json.loads(json.dumps(report.as_dict())) == report.as_dict()
+    text = render_storage(report)
+    assert "not measured" not in text
+    assert all(f"{report.measured[p]['elastic']:,} B" in text for p in PRECISIONS)
 
 
 def test_storage_report_cli_analytic_for_the_30b_preset():

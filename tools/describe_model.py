@@ -5,7 +5,9 @@
 
 Storage report (one elastic checkpoint vs separate checkpoints of every size, per
 precision): analytic from a preset and an elastic spec, or measured on the files of a
-real elastic checkpoint (written as bf16 HF safetensors in a temporary directory):
+real elastic checkpoint next to the analytic figures (its full model and every budget
+written in a temporary directory as bf16, fp8 and nvfp4 HF exports; the quantized ones
+with one set of post-training scales per format, or the checkpoint's own):
 
     python tools/describe_model.py model=nemotron_nano_v3_30b elastic=star_elastic_nano_v3 storage=true
     python tools/describe_model.py storage=true checkpoint=runs/demo-stage2
@@ -64,6 +66,15 @@ def render_table(cfg, size) -> str:
     return "\n".join(lines)
 
 
+# Published storage figures of elastic checkpoints, printed under the analytic report of
+# that preset for comparison (the Star Elastic paper, Nemotron Nano v3 30B with nested 23B
+# and 12B models).
+PAPER_STORAGE = {
+    "nemotron_nano_v3_30b": "paper (Star Elastic, 30B/23B/12B): elastic BF16 58.9 GiB vs separate BF16 126.1 GiB; "
+                            "elastic NVFP4 18.7 GB",
+}
+
+
 def storage_report(cfg: DictConfig) -> str:
     from omegaconf import OmegaConf
 
@@ -83,7 +94,12 @@ def storage_report(cfg: DictConfig) -> str:
             raise ConfigError("elastic", spec.name, f"every budget is router-chosen ({routed}): pass checkpoint=<elastic run> for resolved widths")
         report = analytic_storage(model_cfg, fixed)
         report.skipped = routed
-    return json.dumps(report.as_dict()) if cfg.format == "json" else render_storage(report)
+    if cfg.format == "json":
+        return json.dumps(report.as_dict())
+    text = render_storage(report)
+    if not cfg.checkpoint and report.model in PAPER_STORAGE:
+        text += "\n\n" + PAPER_STORAGE[report.model]
+    return text
 
 
 def memory_report(cfg: DictConfig) -> str:

@@ -5,15 +5,19 @@ Megatron name and shape, without allocating anything; totals, active parameters
 (what one token touches: the top-k routed experts instead of all of them) and bytes per
 precision are sums over that list. Elastic budgets and slicing reuse it on sub-configs.
 
-Precision accounting (bytes of a checkpoint):
+Precision accounting (tensor bytes of a checkpoint in ModelOpt's unified HF format, as
+quant/export.py writes it):
 - bf16: 2 bytes for every tensor.
 - fp8:  quantised linear weights at 1 byte per element plus two fp32 per-tensor scales
-        (weight and input); everything else bf16.
-- nvfp4: quantised linear weights at 4 bits per element, one FP8 (E4M3) scale per block
-        of 16 input channels, plus two fp32 per-tensor scales; everything else bf16.
-Quantised: the linear weights of the decoder layers (Mamba in/out projections,
-attention QKV/output, dense MLP, routed and shared experts). Kept in bf16: embeddings,
-output layer, norms, MoE router, conv1d, A_log, D, dt_bias.
+        (weight_scale, input_scale); everything else bf16.
+- nvfp4: quantised linear weights at 4 bits per element, one FP8 (E4M3) weight_scale per
+        block of 16 input channels, plus two fp32 per-tensor scales (weight_scale_2,
+        input_scale); everything else bf16.
+Quantised (the default, `aggressive`, recipe of ModelOpt for Nemotron-H, which
+elastic_megatron/quant/recipes.py applies and the quantized exports write): the Mamba
+in/out projections, dense MLP, routed and shared experts. Kept in bf16: attention
+(linear_qkv, linear_proj), embeddings, output layer, norms, MoE router, conv1d, A_log,
+D, dt_bias. The `conservative` recipe (Mamba projections in bf16 too) is not counted.
 """
 
 from __future__ import annotations
@@ -64,8 +68,12 @@ def _layer_entries(cfg: ModelConfig, i: int, symbol: str) -> Iterable[ParamEntry
     elif symbol == ATTENTION:
         hd, nh, ng = cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups
         yield e("input_layernorm.weight", (h,), "norm")
-        yield e("self_attention.linear_qkv.weight", ((nh + 2 * ng) * hd, h), "attention", quantizable=True)
-        yield e("self_attention.linear_proj.weight", (h, nh * hd), "attention", quantizable=True)
+        # Not quantized: ModelOpt's MAMBA_MOE_FP8_AGGRESSIVE_CFG and MAMBA_MOE_NVFP4_AGGRESSIVE_CFG
+        # (like their CONSERVATIVE variants) disable the quantizers of linear_qkv and
+        # linear_proj, so attention stays bf16 in a quantized checkpoint. The rule lives
+        # here rather than through quant/recipes.py: models/ does not import quant/.
+        yield e("self_attention.linear_qkv.weight", ((nh + 2 * ng) * hd, h), "attention")
+        yield e("self_attention.linear_proj.weight", (h, nh * hd), "attention")
     elif symbol == MLP:
         yield e("pre_mlp_layernorm.weight", (h,), "norm")
         yield e("mlp.linear_fc1.weight", (cfg.ffn_hidden_size, h), "mlp", quantizable=True)
