@@ -182,8 +182,8 @@ def test_dequantized_slice_gives_the_fake_quantized_elastic_models_logits(quant_
     conf = json.loads((out / "config.json").read_text())
     assert conf["quantization_config"]["quant_method"] == "modelopt" and (out / "hf_quant_config.json").exists()
     sliced = build_model(sub_cfg).eval()
-    sliced.load_state_dict({k: v for k, v in ((n, hf.hf_to_flat(Dequantized(files, fmt), sub_cfg).get(n))
-                                               for n in hf.hf_to_flat(Dequantized(files, fmt), sub_cfg).names())}, strict=False)
+    flat = hf.hf_to_flat(Dequantized(files, fmt), sub_cfg)
+    sliced.load_state_dict({n: flat.get(n) for n in flat.names()}, strict=False)
     from elastic_megatron.quant.export import sliced_record
 
     hooks = attach(sliced, sliced_record(cfg, prefix_index(cfg, w), record), fmt, "aggressive")

@@ -146,7 +146,7 @@ def _proj_cols(cfg: ModelConfig, li: LayerIndex) -> torch.Tensor:
     return _head_channels(heads, cfg.head_dim, torch.arange(cfg.head_dim))
 
 
-def _take(t: torch.Tensor, rows=None, cols=None) -> torch.Tensor:
+def copy_take(t: torch.Tensor, rows=None, cols=None) -> torch.Tensor:
     if rows is not None:
         t = t.index_select(0, rows.to(t.device))
     if cols is not None:
@@ -155,7 +155,7 @@ def _take(t: torch.Tensor, rows=None, cols=None) -> torch.Tensor:
 
 
 def view_or_take(t: torch.Tensor, rows=None, cols=None) -> torch.Tensor:
-    """`_take` without copying where it can: kept positions that form one contiguous run
+    """`copy_take` without copying where it can: kept positions that form one contiguous run
     (a prefix of a sorted axis) become a narrowed view of `t`; only scattered positions
     (per-group head prefixes that leave gaps) are gathered into a new tensor."""
     for dim, idx in ((0, rows), (1, cols)):
@@ -174,7 +174,7 @@ _NORMS = ("norm.weight", "input_layernorm.weight", "pre_mlp_layernorm.weight")
 
 def _layer_tensor(cfg: ModelConfig, symbol: str, rest: str, t: torch.Tensor, h: torch.Tensor, li: LayerIndex,
                   expert: Optional[int], take=None):
-    take = take or _take
+    take = take or copy_take
     if rest in _NORMS:
         return take(t, h)
     if symbol == MAMBA:
@@ -215,7 +215,7 @@ def _layer_tensor(cfg: ModelConfig, symbol: str, rest: str, t: torch.Tensor, h: 
     _no_rule(symbol, rest)
 
 
-def _expert_slots(index: ModelIndex) -> dict[int, dict[int, int]]:
+def expert_slots(index: ModelIndex) -> dict[int, dict[int, int]]:
     return {i: {int(src): new for new, src in enumerate(li.moe_experts.tolist())}
             for i, li in enumerate(index.layers) if li.moe_experts is not None}
 
@@ -242,11 +242,11 @@ def _no_rule(symbol: str, rest: str):
     raise KeyError(f"reindex: no rule for tensor {rest!r} of a {symbol!r} layer (unknown parameter; update elastic/reindex.py)")
 
 
-def reindex_rule(cfg: ModelConfig, index: ModelIndex, name: str, slots: Optional[dict] = None, take=_take):
+def reindex_rule(cfg: ModelConfig, index: ModelIndex, name: str, slots: Optional[dict] = None, take=copy_take):
     """(new name, fn) for source tensor `name`: fn(tensor) gives the re-indexed tensor
     (it also runs on meta tensors, giving the new shape). None: an expert the index drops.
     `take(t, rows, cols)` cuts a tensor: a contiguous copy (default) or `view_or_take`."""
-    slots = _expert_slots(index) if slots is None else slots
+    slots = expert_slots(index) if slots is None else slots
     h = index.hidden
     m = _LAYER.match(name)
     if m is None:
@@ -278,7 +278,7 @@ def reindex_items(cfg: ModelConfig, index: ModelIndex, items: Iterable[tuple[str
     """Yield (new name, new tensor) for each (name, tensor) of a source state dict of
     `cfg`, one tensor at a time (streaming: a whole model never has to be in memory).
     Experts that the index drops are skipped; kept experts are renumbered."""
-    slots = _expert_slots(index)
+    slots = expert_slots(index)
     for name, t in items:
         rule = reindex_rule(cfg, index, name, slots)
         if rule is not None:
@@ -290,7 +290,7 @@ def reindex_source(cfg: ModelConfig, index: ModelIndex, source):
     cut only when asked for (slicing a checkpoint one tensor at a time)."""
     from elastic_megatron.convert.tensors import MappedSource
 
-    slots = _expert_slots(index)
+    slots = expert_slots(index)
     rules = {}
     for name in source.names():
         rule = reindex_rule(cfg, index, name, slots)

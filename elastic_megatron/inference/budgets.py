@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from elastic_megatron.config.model import ModelConfig
-from elastic_megatron.elastic.reindex import _expert_slots, prefix_index, reindex_rule, view_or_take
+from elastic_megatron.elastic.reindex import expert_slots, prefix_index, reindex_rule, view_or_take
 from elastic_megatron.elastic.widths import Widths, sub_model_config
 from elastic_megatron.models.forward import unwrap
 from elastic_megatron.models.hybrid import build_model
@@ -48,7 +48,7 @@ def budget_model(parent, cfg: ModelConfig, widths: Widths, name: str = "budget")
     dtype = next(parent.parameters()).dtype
     model = build_model(sub_cfg, params_dtype=dtype, meta=True)
     index = prefix_index(cfg, widths)
-    slots = _expert_slots(index)
+    slots = expert_slots(index)
     owned = {_storage_of(t) for t in parent.state_dict().values() if torch.is_tensor(t)}
     wanted = {k for k, v in model.state_dict(keep_vars=True).items() if torch.is_tensor(v)}
     stats = ViewStats()

@@ -93,8 +93,8 @@ def render_table(rows: list[BudgetRow]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(rows: list[BudgetRow], out_dir) -> tuple[Path, Path]:
-    """evaluation.json and evaluation.png (validation loss vs total parameters)."""
+def _write_json_and_png(out_dir, stem: str, payload: dict, draw, figsize=(6, 4)) -> tuple[Path, Path]:
+    """<out_dir>/<stem>.json with `payload` and <stem>.png drawn by `draw(ax)` (Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,23 +102,32 @@ def write_outputs(rows: list[BudgetRow], out_dir) -> tuple[Path, Path]:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "evaluation.json"
-    json_path.write_text(json.dumps({"rows": [r.as_dict() for r in rows]}, indent=2))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    labels = {"elastic": "elastic (stage 1 + 2)", "sorted": "(a) sliced from sorted parent", "unsorted": "(b) prefix of unsorted parent"}
-    for b in BASELINES:
-        ax.plot([r.total_params for r in rows], [r.loss[b] for r in rows], marker="o", label=labels[b])
-    for r in rows:
-        ax.annotate(r.name, (r.total_params, r.loss["elastic"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
-    ax.set_xlabel("total parameters")
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(payload, indent=2))
+    fig, ax = plt.subplots(figsize=figsize)
+    draw(ax)
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("nested budgets: validation loss vs size")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    png_path = out_dir / "evaluation.png"
+    png_path = out_dir / f"{stem}.png"
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return json_path, png_path
+
+
+def write_outputs(rows: list[BudgetRow], out_dir) -> tuple[Path, Path]:
+    """evaluation.json and evaluation.png (validation loss vs total parameters)."""
+    labels = {"elastic": "elastic (stage 1 + 2)", "sorted": "(a) sliced from sorted parent", "unsorted": "(b) prefix of unsorted parent"}
+
+    def draw(ax):
+        for b in BASELINES:
+            ax.plot([r.total_params for r in rows], [r.loss[b] for r in rows], marker="o", label=labels[b])
+        for r in rows:
+            ax.annotate(r.name, (r.total_params, r.loss["elastic"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        ax.set_xlabel("total parameters")
+        ax.set_title("nested budgets: validation loss vs size")
+
+    return _write_json_and_png(out_dir, "evaluation", {"rows": [r.as_dict() for r in rows]}, draw)
 
 
 # ---- budget x precision -----------------------------------------------------------------
@@ -170,28 +179,14 @@ def render_precision_table(table: dict[str, dict[str, float]]) -> str:
 
 def write_precision_outputs(table: dict[str, dict[str, float]], out_dir) -> tuple[Path, Path]:
     """precision.json and precision.png (validation loss per budget, one bar per precision)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "precision.json"
-    json_path.write_text(json.dumps({"valid_loss": table}, indent=2))
     cols = list(next(iter(table.values())))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(cols)
-    for j, c in enumerate(cols):
-        ax.bar([i + j * width for i in range(len(table))], [row[c] for row in table.values()], width, label=c)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(table))], list(table))
-    lo = min(v for row in table.values() for v in row.values())
-    ax.set_ylim(bottom=lo * 0.95)
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("nested budgets x precision")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    png_path = out_dir / "precision.png"
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return json_path, png_path
+
+    def draw(ax):
+        width = 0.8 / len(cols)
+        for j, c in enumerate(cols):
+            ax.bar([i + j * width for i in range(len(table))], [row[c] for row in table.values()], width, label=c)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(table))], list(table))
+        ax.set_ylim(bottom=min(v for row in table.values() for v in row.values()) * 0.95)
+        ax.set_title("nested budgets x precision")
+
+    return _write_json_and_png(out_dir, "precision", {"valid_loss": table}, draw, figsize=(7, 4))

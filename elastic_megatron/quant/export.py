@@ -22,7 +22,7 @@ import torch
 
 from elastic_megatron.config.model import ModelConfig
 from elastic_megatron.convert.tensors import MappedSource, TensorSource
-from elastic_megatron.elastic.reindex import ModelIndex, reindex_rule
+from elastic_megatron.elastic.reindex import ModelIndex, copy_take, expert_slots, reindex_rule
 from elastic_megatron.quant import formats
 from elastic_megatron.quant.recipes import linear_modules, quantized_modules
 
@@ -30,7 +30,15 @@ SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
 
 
 def _scale_names(fmt: str) -> tuple[str, ...]:
-    return ("weight_scale", "weight_scale_2", "input_scale") if fmt == "nvfp4" else ("weight_scale", "input_scale")
+    return SCALE_SUFFIXES if fmt == "nvfp4" else ("weight_scale", "input_scale")
+
+
+# (format, encoded tensor) -> input columns per stored column: packed NVFP4 bytes hold 2,
+# block scales cover 16, FP8 weights 1. Per-tensor scales have no columns.
+_COLUMNS_PER_UNIT = {("nvfp4", "weight"): 2, ("nvfp4", "weight_scale"): formats.BLOCK, ("fp8", "weight"): 1}
+# Their dtypes (as formats.encode_weight writes them); per-tensor scales are fp32.
+_ENCODED_DTYPES = {("nvfp4", "weight"): torch.uint8, ("nvfp4", "weight_scale"): torch.float8_e4m3fn,
+                   ("fp8", "weight"): torch.float8_e4m3fn}
 
 
 class EncodedSource(TensorSource):
@@ -40,7 +48,8 @@ class EncodedSource(TensorSource):
 
     def __init__(self, base: TensorSource, record: dict):
         self.base, self.fmt, self.amax = base, record["format"], record["amax"]
-        self.quantized = {m for m in self.amax if f"{m}.weight" in set(base.names())}
+        present = set(base.names())
+        self.quantized = {m for m in self.amax if f"{m}.weight" in present}
         self._cache: tuple[Optional[str], dict] = (None, {})
 
     def names(self) -> list[str]:
@@ -65,13 +74,10 @@ class EncodedSource(TensorSource):
         if module is None:
             return self.base._get(name, meta)
         if meta:
-            spec = self.base.spec(f"{module}.weight")
-            rows, cols = spec.shape
-            shapes = {"weight": ((rows, cols // 2), torch.uint8) if self.fmt == "nvfp4" else ((rows, cols), torch.float8_e4m3fn),
-                      "weight_scale": ((rows, cols // formats.BLOCK), torch.float8_e4m3fn) if self.fmt == "nvfp4" else ((), torch.float32),
-                      "weight_scale_2": ((), torch.float32), "input_scale": ((), torch.float32)}
-            shape, dtype = shapes[part]
-            return torch.empty(shape, dtype=dtype, device="meta")
+            rows, cols = self.base.spec(f"{module}.weight").shape
+            per_unit = _COLUMNS_PER_UNIT.get((self.fmt, part))
+            dtype = _ENCODED_DTYPES.get((self.fmt, part), torch.float32)
+            return torch.empty((rows, cols // per_unit) if per_unit else (), dtype=dtype, device="meta")
         return self._encoded(module)[part]
 
 
@@ -87,22 +93,15 @@ def _block_columns(cols: torch.Tensor, per_unit: int) -> torch.Tensor:
 
 
 def _unit_take(per_unit: int):
-    def take(t, rows=None, cols=None):
-        if rows is not None:
-            t = t.index_select(0, rows.to(t.device))
-        if cols is not None:
-            t = t.index_select(1, _block_columns(cols, per_unit).to(t.device))
-        return t.contiguous()
-    return take
+    """The slicing cut, with input columns turned into whole stored units."""
+    return lambda t, rows=None, cols=None: copy_take(t, rows, None if cols is None else _block_columns(cols, per_unit))
 
 
 def slice_encoded(cfg: ModelConfig, index: ModelIndex, encoded: EncodedSource) -> MappedSource:
     """The budget `index` of an encoded parent: every tensor re-indexed by the slicing
     rules, encoded weights and block scales in whole units, per-tensor scales as they are."""
-    fmt, rules = encoded.fmt, {}
-    from elastic_megatron.elastic.reindex import _expert_slots
-
-    slots = _expert_slots(index)
+    rules = {}
+    slots = expert_slots(index)
     for name in encoded.names():
         module, part = _split(name, encoded.quantized)
         if module is None:
@@ -110,10 +109,10 @@ def slice_encoded(cfg: ModelConfig, index: ModelIndex, encoded: EncodedSource) -
             if rule is not None:
                 rules[rule[0]] = ((name,), rule[1])
             continue
-        if part in ("weight", "weight_scale") and not (fmt == "fp8" and part == "weight_scale"):
-            per_unit = 1 if fmt == "fp8" else (2 if part == "weight" else formats.BLOCK)
+        per_unit = _COLUMNS_PER_UNIT.get((encoded.fmt, part))
+        if per_unit is not None:
             rule = reindex_rule(cfg, index, f"{module}.weight", slots, take=_unit_take(per_unit))
-        else:
+        else:  # a per-tensor scale: only its name follows the slice
             rule = reindex_rule(cfg, index, f"{module}.weight", slots)
             rule = None if rule is None else (rule[0], lambda t: t)
         if rule is not None:
@@ -131,9 +130,7 @@ def _split(name: str, quantized: set[str]) -> tuple[Optional[str], Optional[str]
 
 def sliced_record(cfg: ModelConfig, index: ModelIndex, record: dict) -> dict:
     """The parent's scales under the slice's module names (experts renumbered or dropped)."""
-    from elastic_megatron.elastic.reindex import _expert_slots
-
-    slots, amax = _expert_slots(index), {}
+    slots, amax = expert_slots(index), {}
     for module, a in record["amax"].items():
         rule = reindex_rule(cfg, index, f"{module}.weight", slots)
         if rule is not None:
