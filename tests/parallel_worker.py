@@ -17,6 +17,7 @@ router's gradient reductions), and writes to OUT:
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,13 +29,17 @@ from megatron.core import parallel_state
 from elastic_megatron.convert.megatron_dist import config_yaml
 from elastic_megatron.elastic.step import ElasticDistillStep
 from elastic_megatron.models.hybrid import build_model
+from elastic_megatron.parallel.context import split_batch
 from elastic_megatron.parallel.pipeline import forward_backward, from_last_stage
 from elastic_megatron.parallel.setup import distributed
 from elastic_megatron.train import compose_job
 from elastic_megatron.checkpoint import store
 from elastic_megatron.training.optim import build_optimizer
 
-GLOBAL_BATCH, SEQ = 4, 32
+GLOBAL_BATCH = 4
+# Sequence length of the fixed batch; the context-parallel layouts use one that is not a
+# multiple of the Mamba chunk on any rank.
+SEQ = int(os.environ.get("PARALLEL_WORKER_SEQ", "32"))
 
 
 def global_batch(vocab: int, start: int, count: int) -> dict:
@@ -60,7 +65,7 @@ def identical_on_all_ranks(t: torch.Tensor) -> bool:
 def main(out: Path, overrides: list[str]) -> None:
     job = compose_job("stage1_tiny", overrides)
     p = job.parallel
-    with distributed(p.tp, p.pp, p.ep, seed=job.run.seed, expert_tensor_parallel=p.etp):
+    with distributed(p.tp, p.pp, p.ep, seed=job.run.seed, expert_tensor_parallel=p.etp, context_parallel=p.cp):
         step_fn = ElasticDistillStep(job)
         model = build_model(job.model, torch.float32, parallel=p)
         _, optimizer = build_optimizer(model, job.trainer, p, torch.float32)
@@ -69,7 +74,8 @@ def main(out: Path, overrides: list[str]) -> None:
         # One micro-batch per DP rank: each rank draws the step's budget and Gumbel noise
         # once, as the single process does for the whole batch.
         share = GLOBAL_BATCH // dp
-        batches = [global_batch(job.model.vocab_size, dp_rank * share, share)]
+        # Context-parallel ranks of a DP rank take their chunks of the same sequences.
+        batches = [split_batch(global_batch(job.model.vocab_size, dp_rank * share, share))]
 
         # The router's output for the budget, before any update.
         inp, weights = step_fn.router.budget_input(len(step_fn.budgets) - 1)

@@ -35,8 +35,9 @@ LAYOUTS = {
 }
 
 
-def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *args: str, timeout: int = 300, **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env.update(extra_env)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--standalone", *args]
@@ -54,11 +55,11 @@ def teacher(tmp_path_factory, dist) -> Path:
     return path
 
 
-def run_worker(teacher: Path, out: Path, nproc: int, layout: list[str]) -> dict:
+def run_worker(teacher: Path, out: Path, nproc: int, layout: list[str], seq: int = 32) -> dict:
     proc = torchrun(nproc, str(REPO / "tests" / "parallel_worker.py"), str(out),
                     "elastic=tiny_router", f"elastic.teacher_checkpoint={teacher}",
                     "elastic.curriculum.budget_probs=[0,0,1]", "elastic.curriculum.budgets_per_batch=1",
-                    f"run.dir={out / 'run'}", *layout)
+                    f"run.dir={out / 'run'}", *layout, PARALLEL_WORKER_SEQ=str(seq))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((out / "result.json").read_text())
 
@@ -69,24 +70,54 @@ def reference(teacher, tmp_path_factory):
     return run_worker(teacher, out, 1, []), DistCheckpointSource(out / "grads")
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_the_single_process_run(name, teacher, reference, tmp_path):
-    ref, ref_grads = reference
-    got = run_worker(teacher, tmp_path, 2, LAYOUTS[name])
-    assert got["world"] == 2
+def assert_same_step(ref, ref_grads, got, got_dir: Path, grad_rel: float = 2e-5, router_rel: float = 1e-5) -> None:
+    """A layout's loss, gradients and router against the single-process run's."""
     assert abs(got["loss"] - ref["loss"]) <= 1e-6 * abs(ref["loss"]) + 1e-7
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
     router_ref, router_got = torch.tensor(ref["router_grad"]), torch.tensor(got["router_grad"])
     assert router_ref.norm() > 1e-3  # the budget is routed: the router does receive a gradient
-    assert (router_got - router_ref).abs().max() <= 1e-5 * router_ref.abs().max()
+    assert (router_got - router_ref).abs().max() <= router_rel * router_ref.abs().max()
     assert got["router_logits_identical"] and got["router_grad_identical"] and got["router_params_identical_after_step"]
-    grads = DistCheckpointSource(tmp_path / "grads")
+    grads = DistCheckpointSource(got_dir / "grads")
     names = ref_grads.names()
     assert sorted(grads.names()) == sorted(names)
     for n in names:
         a, b = ref_grads.get(n), grads.get(n)
         assert a.shape == b.shape, n
-        assert (a - b).abs().max() <= 2e-5 * a.abs().max() + 1e-9, n
+        assert (a - b).abs().max() <= grad_rel * a.abs().max() + 1e-9, n
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_the_single_process_run(name, teacher, reference, tmp_path):
+    ref, ref_grads = reference
+    got = run_worker(teacher, tmp_path, 2, LAYOUTS[name])
+    assert got["world"] == 2
+    assert_same_step(ref, ref_grads, got, tmp_path)
+
+
+# Context parallelism: 44 tokens per sequence, 22 per CP rank: a multiple of the Mamba
+# chunk (32) neither in the whole sequence nor on a rank, and under SP 11 rows per rank.
+CP_SEQ = 44
+CP_LAYOUTS = {
+    "cp2": (2, ["parallel.cp=2"]),
+    "cp2_tp2_sp": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "cp2_pp2": (4, ["parallel.cp=2", "parallel.pp=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def cp_reference(teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single_cp_seq")
+    return run_worker(teacher, out, 1, [], seq=CP_SEQ), DistCheckpointSource(out / "grads")
+
+
+@pytest.mark.parametrize("name", list(CP_LAYOUTS))
+def test_context_parallel_layout_matches_the_single_process_run(name, teacher, cp_reference, tmp_path):
+    nproc, layout = CP_LAYOUTS[name]
+    ref, ref_grads = cp_reference
+    got = run_worker(teacher, tmp_path, nproc, layout, seq=CP_SEQ)
+    assert got["world"] == nproc and got["dp"] == 1
+    assert_same_step(ref, ref_grads, got, tmp_path, grad_rel=2e-6, router_rel=1e-6)
 
 
 INVALID = [
@@ -102,6 +133,13 @@ INVALID = [
     # The routed candidates of tiny_router's small budget include 2 experts: not splittable over 4 EP ranks.
     (["parallel.ep=4", "parallel.etp=1", "trainer.micro_batch_size=1", "trainer.global_batch_size=8"], 4, "elastic.budgets[1].candidates.moe_experts", "breaks per-shard balance"),
     (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_length=33"], 2, "data.seq_length", "divisible by parallel.tp=2"),
+    (["parallel.cp=2", "data.seq_length=258"], 2, "data.seq_length", "divisible by 2 x parallel.cp = 4"),
+    (["parallel.cp=2", "parallel.tp=4", "parallel.sequence_parallel=true", "model.num_query_groups=4", "model.mamba_num_groups=4",
+      "data.seq_length=260"], 8, "data.seq_length", "divisible by parallel.tp=4 x parallel.cp=2"),
+    (["parallel.cp=3"], 3, "parallel.cp", "must divide the Mamba heads per tensor-parallel rank"),
+    (["parallel.cp=6", "model.mamba_num_heads=12", "model.mamba_num_groups=4", "data.seq_length=252"], 6, "parallel.cp",
+     "must divide, or be a multiple of, the Mamba groups"),
+    (["parallel.cp=2"], 3, "parallel.tp", "tp * cp * pp = 2 must divide the world size 3"),
 ]
 
 

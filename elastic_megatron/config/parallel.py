@@ -28,6 +28,10 @@ class ParallelConfig:
     pp_layout: Optional[str] = None
     # Megatron's distributed optimizer when DP > 1 (GPU runs).
     distributed_optimizer: bool = True
+    # Context parallel size: every sequence is cut into 2 * cp chunks and CP rank r holds
+    # chunks r and 2 * cp - 1 - r (Megatron's load-balanced causal split). Mamba layers
+    # switch to head parallelism inside the mixer (all-to-all), attention gathers K/V.
+    cp: int = 1
 
 
 def pipeline_stages(cfg: ModelConfig, pipeline_parallel: int = 1, layout: Optional[str] = None) -> list[str]:
@@ -60,8 +64,9 @@ def validate_parallel_layout(cfg: ModelConfig, parallel) -> list[str]:
     """Checks that depend on the parallel layout (`parallel`: tp, pp, ep, etp,
     sequence_parallel, pp_layout); returns each pipeline stage's pattern."""
     tp, pp, ep = parallel.tp, parallel.pp, parallel.ep
-    for key in ("tp", "pp", "ep"):
+    for key in ("tp", "pp", "ep", "cp"):
         require_positive_int(f"parallel.{key}", getattr(parallel, key))
+    validate_context_parallel(cfg, parallel)
     etp = expert_tensor_parallel(parallel)
     require_positive_int("parallel.etp", etp)
     has_moe = cfg.count(MOE) > 0
@@ -94,17 +99,34 @@ def validate_parallel_layout(cfg: ModelConfig, parallel) -> list[str]:
     return pipeline_stages(cfg, pp, parallel.pp_layout)
 
 
+def validate_context_parallel(cfg: ModelConfig, parallel) -> None:
+    """What context parallelism needs of the model: the Mamba mixer hands each CP rank
+    whole heads (and whole groups, or one group's heads split evenly) of its TP shard, as
+    Megatron-Core's MambaContextParallel does."""
+    cp, tp = parallel.cp, parallel.tp
+    if cp == 1 or not cfg.count(MAMBA):
+        return
+    heads, groups = cfg.mamba_num_heads // tp, cfg.mamba_num_groups // tp
+    if heads % cp:
+        raise ConfigError("parallel.cp", cp, f"must divide the Mamba heads per tensor-parallel rank "
+                          f"(model.mamba_num_heads / parallel.tp = {heads}): each CP rank scans whole heads")
+    if groups % cp and cp % groups:
+        raise ConfigError("parallel.cp", cp, f"must divide, or be a multiple of, the Mamba groups per tensor-parallel rank "
+                          f"(model.mamba_num_groups / parallel.tp = {groups})")
+
+
 def layout_data_parallel(p: ParallelConfig, world_size: int) -> int:
     """The data-parallel size of layout `p` on `world_size` ranks; ConfigError when the
-    layout does not tile the world (model parallel ranks, experts over a stage's ranks)."""
-    model_parallel = p.tp * p.pp
+    layout does not tile the world (model parallel ranks, experts over a stage's ranks).
+    Context-parallel ranks share a batch: DP = world / (tp x cp x pp)."""
+    model_parallel = p.tp * p.pp * p.cp
     if world_size % model_parallel:
-        raise ConfigError("parallel.tp", p.tp, f"tp * pp = {model_parallel} must divide the world size {world_size}")
+        raise ConfigError("parallel.tp", p.tp, f"tp * cp * pp = {model_parallel} must divide the world size {world_size}")
     dp = world_size // model_parallel
     experts = p.ep * expert_tensor_parallel(p)
-    if p.ep > 1 and (dp * p.tp) % experts:
-        raise ConfigError("parallel.ep", p.ep, f"ep x etp = {experts} must divide dp x tp = {dp * p.tp} "
-                          "(experts are spread over the data- and tensor-parallel ranks of a stage)")
+    if p.ep > 1 and (dp * p.cp * p.tp) % experts:
+        raise ConfigError("parallel.ep", p.ep, f"ep x etp = {experts} must divide dp x cp x tp = {dp * p.cp * p.tp} "
+                          "(experts are spread over the data-, context- and tensor-parallel ranks of a stage)")
     return dp
 
 
@@ -118,6 +140,12 @@ def require_batch_split(global_batch_size: int, micro_batch_size: int, dp: int, 
 
 
 def require_sequence_split(seq_length: int, p: ParallelConfig, key: str = "data.seq_length") -> None:
-    """Sequence parallelism cuts every sequence into tp equal parts."""
-    if p.sequence_parallel and seq_length % p.tp:
-        raise ConfigError(key, seq_length, f"must be divisible by parallel.tp={p.tp} under sequence parallelism")
+    """Context parallelism cuts every sequence into 2 * cp equal chunks; sequence
+    parallelism then cuts each CP rank's part into tp equal parts."""
+    cp = getattr(p, "cp", 1)
+    if cp > 1 and seq_length % (2 * cp):
+        raise ConfigError(key, seq_length, f"must be divisible by 2 x parallel.cp = {2 * cp} (each CP rank holds two "
+                          "chunks of every sequence, balancing causal attention)")
+    if p.sequence_parallel and (seq_length // cp) % p.tp:
+        raise ConfigError(key, seq_length, f"must be divisible by parallel.tp={p.tp}" + (f" x parallel.cp={cp}" if cp > 1 else "")
+                          + " under sequence parallelism")

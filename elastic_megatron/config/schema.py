@@ -91,6 +91,15 @@ class TrainerConfig:
     # Stop the run (non-zero exit, no COMPLETED) after this many consecutive steps whose
     # update was skipped for a non-finite loss or gradient.
     max_skipped_steps: int = 5
+    # Activation recomputation (models/recompute.py), as Megatron-LM's --recompute-*:
+    # none | selective (the parts in recompute_modules) | full (whole hybrid layers).
+    recompute: str = "none"
+    # full: uniform (every group of recompute_num_layers layers) | block (the first
+    # recompute_num_layers layers of each pipeline stage).
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
+    # selective: any of core_attn, mamba_scan, moe (routed experts), mlp (dense MLP and shared expert).
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn", "mamba_scan"])
 
 
 @dataclass
@@ -126,6 +135,22 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="job_schema", node=JobConfig)
 
 
+RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+RECOMPUTE_MODULES = ("core_attn", "mamba_scan", "moe", "mlp")
+
+
+def validate_recompute(t: "TrainerConfig") -> None:
+    require_choice("trainer.recompute", t.recompute, RECOMPUTE_GRANULARITIES)
+    require_choice("trainer.recompute_method", t.recompute_method, RECOMPUTE_METHODS)
+    require_positive_int("trainer.recompute_num_layers", t.recompute_num_layers)
+    unknown = [m for m in t.recompute_modules if m not in RECOMPUTE_MODULES]
+    if unknown:
+        raise ConfigError("trainer.recompute_modules", list(t.recompute_modules), f"unknown {unknown}; allowed: {list(RECOMPUTE_MODULES)}")
+    if t.recompute == "selective" and not t.recompute_modules:
+        raise ConfigError("trainer.recompute_modules", [], f"selective recompute needs at least one of {list(RECOMPUTE_MODULES)}")
+
+
 def validate_job(job: JobConfig, world_size: int = 1) -> None:
     """Every check that does not need data on disk; raises ConfigError."""
     validate_model_config(job.model)
@@ -159,6 +184,7 @@ def validate_job(job: JobConfig, world_size: int = 1) -> None:
     if t.step_sleep_s < 0:
         raise ConfigError("trainer.step_sleep_s", t.step_sleep_s, "must be >= 0")
     require_choice("trainer.precision", t.precision, PRECISIONS)
+    validate_recompute(t)
     require_choice("trainer.lr_decay_style", t.lr_decay_style, DECAY_STYLES)
     require_choice("logger.type", job.logger.type, LOGGERS)
     require_choice("logger.mode", job.logger.mode, WANDB_MODES)

@@ -24,6 +24,8 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
+from elastic_megatron.parallel.context import token_count
+
 
 def _tp_group():
     return parallel_state.get_tensor_model_parallel_group()
@@ -82,6 +84,8 @@ def kd_loss(
     labels: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Masked-mean KD loss over tokens (and the student's LM loss when `labels` is given).
+Under context parallelism the mean divides by the whole sequences' token count: each CP
+rank returns its share, and the shares add up to the loss.
 
     hidden: [s, b, h] final hidden states (after the final norm), or this rank's
     [s / tp, b, h] sequence shard under sequence parallelism (the output layers then
@@ -123,7 +127,7 @@ def kd_loss(
         if ce is not None:
             ce_parts.append(ce)
     mask = torch.cat(mask_parts)
-    denom = mask.sum().clamp(min=1)
+    denom = token_count(mask)
     kd = (torch.cat(kl_parts) * mask).sum() / denom
     lm = (torch.cat(ce_parts) * mask).sum() / denom if ce_parts else None
     return kd, lm

@@ -59,6 +59,7 @@ from elastic_megatron.config.model import ModelConfig
 from elastic_megatron.elastic.sites import hidden_norms, layer_sites
 from elastic_megatron.elastic.widths import Widths, axis_group_count, full_widths
 from elastic_megatron.models.mamba_mixer import HybridMambaMixer
+from elastic_megatron.models.recompute import register_state
 from elastic_megatron.models.norms import RMSNorm
 
 
@@ -277,6 +278,8 @@ class ElasticHooks:
 
     def __init__(self, model, cfg: ModelConfig):
         self.state = ElasticState()
+        # A recomputed layer (trainer.recompute) must see the masks of its forward.
+        register_state(model, self.state, "masks")
         self.sharding = ShardedMasks(bool(getattr(model.config, "sequence_parallel", False)))
         self.norms = NormMasker(self.state)
         self.attention = AttentionHeadMasker(self.state)

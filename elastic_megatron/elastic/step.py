@@ -32,6 +32,7 @@ from elastic_megatron.elastic.widths import Widths, model_cost
 from elastic_megatron.models.forward import output_layer, stage_hidden, unwrap
 from elastic_megatron.models.hybrid import build_model
 from elastic_megatron.parallel.collectives import all_reduce_mean_, all_reduce_sum_
+from elastic_megatron.parallel.context import cp_size, sum_over_cp
 from elastic_megatron.parallel.pipeline import forward_only, from_last_stage
 from elastic_megatron.training.steps import StepFunction
 
@@ -151,6 +152,7 @@ class ElasticDistillStep(StepFunction):
             return torch.stack([teacher_hidden, *hiddens])
         total = 0.0
         metrics: dict = {"temperature": self.temperature(step)}
+        shares: dict[str, torch.Tensor] = {}  # per-token losses: this CP rank's share of the sequences'
         for hidden, (budget, r_loss, info) in zip(hiddens, sampled):
             kd, lm = kd_loss(hidden, teacher_hidden, output_layer(model), output_layer(self.teacher),
                              batch["loss_mask"], d.temperature, d.chunk_tokens, d.top_k,
@@ -158,17 +160,18 @@ class ElasticDistillStep(StepFunction):
             loss = kd
             if lm is not None:
                 loss = loss + d.lm_loss_weight * lm
-                metrics[f"{budget.name}/lm_loss"] = lm.item()
-            if r_loss is not None:  # once, on the last stage
-                loss = loss + self.spec.router.loss_weight * r_loss
+                shares[f"{budget.name}/lm_loss"] = lm.detach()
+            if r_loss is not None:  # once per sequence: on the last stage, split over the CP ranks
+                loss = loss + self.spec.router.loss_weight * r_loss / cp_size()
                 metrics[f"{budget.name}/router_loss"] = r_loss.item()
-            metrics[f"{budget.name}/kd_loss"] = kd.item()
+            shares[f"{budget.name}/kd_loss"] = kd.detach()
             metrics[f"{budget.name}/expected_cost"] = info["expected_cost"]
             metrics[f"{budget.name}/target"] = budget.target
             for a, v in info["widths"].items():
                 if a in budget.candidates:
                     metrics[f"{budget.name}/width/{a}"] = v
             total = total + loss
+        metrics.update(zip(shares, sum_over_cp(torch.stack(list(shares.values()))).tolist()))
         return total / len(indices), metrics
 
     def reduce_router_gradients(self) -> None:
@@ -181,7 +184,9 @@ class ElasticDistillStep(StepFunction):
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
         all_reduce_sum_(grads, parallel_state.get_pipeline_model_parallel_group())
-        all_reduce_mean_(grads, parallel_state.get_data_parallel_group())
+        # Context-parallel ranks hold shares of the sequences' loss, scaled by cp for
+        # backward (parallel/pipeline.py): averaged together with the DP ranks.
+        all_reduce_mean_(grads, parallel_state.get_data_parallel_group(with_context_parallel=True))
 
     def after_step(self, step: int, ok: bool) -> None:
         """Reduce the router's gradients over the layout and update it (identically on
@@ -219,8 +224,9 @@ class ElasticDistillStep(StepFunction):
                         kd, lm = kd_loss(hidden[1], hidden[0], output_layer(model), output_layer(self.teacher),
                                          batch["loss_mask"], self.spec.distill.temperature, self.spec.distill.chunk_tokens,
                                          labels=batch["labels"])
-                        lm_sum += lm.item()
-                        kd_sum += kd.item()
+                        lm_share, kd_share = sum_over_cp(torch.stack([lm, kd])).tolist()
+                        lm_sum += lm_share
+                        kd_sum += kd_share
                 out[f"{name}/valid_loss"] = lm_sum / len(batches)
                 out[f"{name}/valid_kd"] = kd_sum / len(batches)
         finally:

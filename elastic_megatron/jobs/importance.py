@@ -42,10 +42,10 @@ def _dp_average(scores: ImportanceScores) -> None:
 
 def run_importance(job: JobConfig) -> Path:
     """Run the importance task; returns the sorted checkpoint's directory."""
-    for key in ("tp", "pp", "ep"):
+    for key in ("tp", "pp", "ep", "cp"):
         if getattr(job.parallel, key) > 1:
             raise ConfigError(f"parallel.{key}", getattr(job.parallel, key),
-                              "importance sorting runs with tp=pp=ep=1 (any data-parallel size); the sorted parent then loads under any layout")
+                              "importance sorting runs with tp=pp=ep=cp=1 (any data-parallel size); the sorted parent then loads under any layout")
     run_dir = Path(job.run.dir)
     if store.latest_step(run_dir) is not None:
         raise ConfigError("run.dir", str(run_dir), "already holds a checkpoint; choose a new run.dir for the sorted parent")

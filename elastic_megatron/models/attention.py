@@ -6,6 +6,11 @@ constructor and forward signature, same tensor layout ([s, b, heads, head_dim] i
 `torch.cuda.current_device()`, so it cannot run on CPU; this one runs anywhere and uses
 the fused SDPA kernels on GPU. Causal, no positional embedding, grouped query attention.
 
+Under context parallelism (parallel/context.py) each rank holds two chunks of
+every sequence: it gathers the keys and values of all CP ranks (GQA keeps them small)
+and attends each of its query chunks to the keys up to that chunk's end, causal by true
+position (lower-right aligned), which is exactly the single-rank result.
+
 With a `decode_cache` attached (models/cache.py, set by the decoder) it appends the chunk's
 keys and values to the cache and attends over everything cached: prefill, then one token
 at a time, left-padded batches included.
@@ -17,9 +22,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+
+from elastic_megatron.parallel.context import chunk_order, gather_sequence
 
 
 class SDPACoreAttention(MegatronModule):
@@ -35,8 +43,7 @@ class SDPACoreAttention(MegatronModule):
         pg_collection=None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size > 1:
-            raise NotImplementedError("SDPACoreAttention does not support context parallelism; use the te backend")
+        self.cp = config.context_parallel_size
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask, AttnMaskType.padding):
             raise NotImplementedError(f"SDPACoreAttention: unsupported mask type {attn_mask_type}")
         self.attn_mask_type = attn_mask_type
@@ -59,6 +66,10 @@ class SDPACoreAttention(MegatronModule):
         if self.decode_cache is not None:
             return self._cached(query, key, value)
         mask_type = attn_mask_type or self.attn_mask_type
+        if self.cp > 1:
+            if mask_type != AttnMaskType.causal or attention_mask is not None:
+                raise NotImplementedError("SDPACoreAttention: context parallelism supports the causal mask only")
+            return self._context_parallel(query, key, value)
         sq, b, nh, hd = query.shape
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -77,6 +88,25 @@ class SDPACoreAttention(MegatronModule):
         )
         # [b, h, s, d] -> [s, b, h*d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, nh * hd)
+
+    def _context_parallel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Causal attention of this CP rank's two query chunks over the gathered keys."""
+        from megatron.core import parallel_state
+
+        sq, b, nh, hd = query.shape
+        keys, values = gather_sequence(key), gather_sequence(value)  # [s, b, groups, hd], sequence order
+        half = sq // 2
+        outs = []
+        for i, c in enumerate(chunk_order(self.cp, parallel_state.get_context_parallel_rank())):
+            q = query[i * half:(i + 1) * half].permute(1, 2, 0, 3)
+            end = (c + 1) * half  # the chunk sees every key up to its own last position
+            k, v = (t[:end].permute(1, 2, 0, 3) for t in (keys, values))
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=causal_lower_right(half, end),
+                dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale, enable_gqa=k.shape[1] != nh,
+            )
+            outs.append(out.permute(2, 0, 1, 3).reshape(half, b, nh * hd))
+        return torch.cat(outs, dim=0)
 
     def _cached(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Causal attention of a chunk over the cache (which the chunk's keys extend)."""

@@ -79,6 +79,7 @@ def to_transformer_config(
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=expert_tensor_parallel(layout),
         sequence_parallel=layout.sequence_parallel,
+        context_parallel_size=layout.cp,
         persist_layer_norm=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,

@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Union
 
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.ssm.mamba_context_parallel import MambaContextParallel
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -202,6 +203,18 @@ class HybridMambaMixer(MegatronModule):
             dtype=config.params_dtype,
             tp_group=self.tp_group,
         )
+        # Context parallelism: which heads, groups and parameter slices this CP rank scans
+        # (Megatron-Core's helper; it slices the parameters in forward, so gradients reach
+        # the whole tensors and checkpoints do not change with cp).
+        cp_group = getattr(pg_collection, "cp", None)
+        if cp_group is None:
+            from megatron.core import parallel_state
+
+            cp_group = parallel_state.get_context_parallel_group()
+        self.cp = MambaContextParallel(
+            cp_group, self.d_inner_local_tp, self.nheads_local_tp, self.ngroups_local_tp, self.d_state,
+            conv1d_cp1=self.conv1d, dt_bias_cp1=self.dt_bias, A_log_cp1=self.A_log, D_cp1=self.D, D_has_hdim=False,
+        )
         self.out_proj = build_module(
             submodules.out_proj,
             self.d_inner,
@@ -256,35 +269,49 @@ class HybridMambaMixer(MegatronModule):
             raise NotImplementedError("HybridMambaMixer: packed sequences are not supported yet")
         zxbcdt, _ = self.in_proj(hidden_states)
         if self.decode_cache is not None:
+            if self.cp.cp_size > 1:
+                raise NotImplementedError("HybridMambaMixer: decoding runs without context parallelism")
             y = self.mix_cached(zxbcdt.transpose(0, 1))
         else:
             y = self.mix(zxbcdt.transpose(0, 1))
         return self.out_proj(y.transpose(0, 1))
 
     def mix(self, zxbcdt: torch.Tensor) -> torch.Tensor:
-        """[batch, seq, in_proj_out] -> gated, normalised SSD output [batch, seq, d_inner_local]."""
-        seqlen = zxbcdt.shape[1]
-        z, xbc, dt = torch.split(
-            zxbcdt,
-            [self.d_inner_local_tp, self.d_inner_local_tp + 2 * self.ngroups_local_tp * self.d_state, self.nheads_local_tp],
-            dim=-1,
-        )
-        # Causal depthwise conv over time: pad both sides, keep the first seqlen outputs.
-        xbc = F.silu(self.conv1d(xbc.transpose(1, 2))[..., :seqlen].transpose(1, 2))
-        x, B, C = torch.split(
-            xbc, [self.d_inner_local_tp, self.ngroups_local_tp * self.d_state, self.ngroups_local_tp * self.d_state], dim=-1
-        )
-        x = x.unflatten(-1, (self.nheads_local_tp, self.headdim))
-        B = B.unflatten(-1, (self.ngroups_local_tp, self.d_state))
-        C = C.unflatten(-1, (self.ngroups_local_tp, self.d_state))
-        A = -torch.exp(self.A_log.float())
-        scan = mamba_chunk_scan_combined if self.use_triton(x) else ssd_chunk_scan
-        y = scan(
-            x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(), self.chunk_size,
-            D=self.D, z=None, dt_bias=self.dt_bias.float(), dt_softplus=True, dt_limit=self.dt_limit,
-        )
-        y = y.flatten(-2)
+        """[batch, seq, in_proj_out] -> gated, normalised SSD output [batch, seq, d_inner_local].
+
+        Under context parallelism the rank holds part of the sequence: x, B, C and dt go
+        to head parallelism (all-to-all over CP: the whole sequence, 1/cp of the heads),
+        through the convolution and the scan, and back; z and the gated norm stay local."""
+        z, xbc, dt = self._split(zxbcdt)
+        if self.cp.cp_size == 1:
+            y = self._conv_scan(xbc, dt, self.conv1d, self.A_log, self.D, self.dt_bias,
+                                self.nheads_local_tp, self.ngroups_local_tp)
+            return self.norm(y.flatten(-2), z)
+        cp = self.cp
+        heads = cp.pre_conv_ssm(zxbcdt.transpose(0, 1)).transpose(0, 1)  # [b, s, z|x|B|C|dt of this rank's heads]
+        _, xbc, dt = torch.split(heads, [cp.d_inner_local_tpcp, cp.d_inner_local_tpcp + 2 * cp.ngroups_local_tpcp * self.d_state,
+                                         cp.nheads_local_tpcp], dim=-1)
+        y = self._conv_scan(xbc, dt, cp.conv1d, cp.get_A_log(), cp.get_D(), cp.get_dt_bias(),
+                            cp.nheads_local_tpcp, cp.ngroups_local_tpcp)
+        y = cp.post_conv_ssm(y.flatten(-2).transpose(0, 1)).transpose(0, 1)  # [b, s / cp, d_inner_local]
         return self.norm(y, z)
+
+    def _conv_scan(self, xbc, dt, conv, A_log, D, dt_bias, nheads: int, ngroups: int) -> torch.Tensor:
+        """Causal depthwise conv + SiLU, then the SSD scan: [b, s, heads, head_dim]."""
+        seqlen = xbc.shape[1]
+        # Causal depthwise conv over time: pad both sides, keep the first seqlen outputs.
+        xbc = F.silu(conv(xbc.transpose(1, 2))[..., :seqlen].transpose(1, 2))
+        gd = ngroups * self.d_state
+        x, B, C = torch.split(xbc, [xbc.shape[-1] - 2 * gd, gd, gd], dim=-1)
+        x = x.unflatten(-1, (nheads, self.headdim))
+        B = B.unflatten(-1, (ngroups, self.d_state))
+        C = C.unflatten(-1, (ngroups, self.d_state))
+        A = -torch.exp(A_log.float())
+        scan = mamba_chunk_scan_combined if self.use_triton(x) else ssd_chunk_scan
+        return scan(
+            x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(), self.chunk_size,
+            D=D, z=None, dt_bias=dt_bias.float(), dt_softplus=True, dt_limit=self.dt_limit,
+        )
 
     def _split(self, zxbcdt: torch.Tensor):
         return torch.split(

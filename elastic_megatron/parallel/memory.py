@@ -143,3 +143,4 @@ def render_memory(cfg: ModelConfig, parallel, world_size: int, gpus_per_node: in
                  + (f"fits with {headroom:.1f} GiB for allocator and communication buffers" if headroom > 0.1 * gpu_gib
                     else "does NOT fit with a 10% margin: raise tp/ep/pp or the node count, or lower the micro batch"))
     return "\n".join(lines)
+

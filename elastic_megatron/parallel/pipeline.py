@@ -27,6 +27,8 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 
+from elastic_megatron.parallel.context import cp_size, sum_over_cp
+
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -73,16 +75,22 @@ def _prev_rank() -> int:
 def forward_backward(step_fn, model, batches: list[dict], step: int) -> tuple[list[torch.Tensor], list[dict]]:
     """Forward and backward of every micro-batch in `batches`; gradients accumulate in
     the model (and the router) scaled by 1 / len(batches). Returns each micro-batch's
-    loss and metrics on the last stage (empty lists elsewhere)."""
+    loss and metrics on the last stage (empty lists elsewhere).
+
+    Under context parallelism a step's loss is this rank's share of the sequences' loss;
+    backward scales it by cp, because the gradient reductions average over the data-
+    and context-parallel ranks together (Megatron's convention); the returned losses
+    are the whole sequences' (shares summed over CP)."""
     n = len(batches)
+    scale = cp_size() / n
     if pipeline_size() == 1:
         losses, metrics = [], []
         for batch in batches:
             loss, m = step_fn(model, batch, step)
-            (loss / n).backward()
+            (loss * scale).backward()
             losses.append(loss.detach().float())
             metrics.append(m)
-        return losses, metrics
+        return _whole_sequence(losses), metrics
 
     first, last = is_first_stage(), is_last_stage()
     saved: list[tuple[Optional[torch.Tensor], torch.Tensor]] = []
@@ -94,7 +102,7 @@ def forward_backward(step_fn, model, batches: list[dict], step: int) -> tuple[li
             loss, m = out
             losses.append(loss.detach().float())
             metrics.append(m)
-            saved.append((received, loss / n))
+            saved.append((received, loss * scale))
         else:
             _send(out.detach(), _next_rank())
             saved.append((received, out))
@@ -107,7 +115,14 @@ def forward_backward(step_fn, model, batches: list[dict], step: int) -> tuple[li
         if not first:
             grad_in = received.grad if received.grad is not None else torch.zeros_like(received)
             _send(grad_in, _prev_rank())
-    return losses, metrics
+    return _whole_sequence(losses), metrics
+
+
+def _whole_sequence(losses: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-micro-batch loss shares summed over the CP ranks (one collective)."""
+    if cp_size() == 1 or not losses:
+        return losses
+    return list(sum_over_cp(torch.stack(losses)).unbind())
 
 
 def forward_only(stage_fn: Callable[[Optional[torch.Tensor]], torch.Tensor]) -> Optional[torch.Tensor]:

@@ -45,6 +45,7 @@ def initialize_distributed(
     expert_parallel: int = 1,
     seed: int = 1234,
     expert_tensor_parallel: int | None = None,
+    context_parallel: int = 1,
 ) -> DistEnv:
     """Initialise torch.distributed and Megatron's parallel state once per process."""
     from megatron.core import parallel_state, tensor_parallel as mcore_tp
@@ -66,6 +67,7 @@ def initialize_distributed(
             pipeline_model_parallel_size=pipeline_parallel,
             expert_model_parallel_size=expert_parallel,
             expert_tensor_parallel_size=expert_tensor_parallel,
+            context_parallel_size=context_parallel,
         )
     torch.manual_seed(seed)
     if torch.cuda.is_available():
@@ -75,11 +77,12 @@ def initialize_distributed(
 
 @contextlib.contextmanager
 def distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, expert_parallel: int = 1, seed: int = 1234,
-                expert_tensor_parallel: int | None = None):
+                expert_tensor_parallel: int | None = None, context_parallel: int = 1):
     """Initialise for the duration of a job; tear down only what this call set up, so a
     job run inside an already-initialised process (tests, notebooks) leaves it intact."""
     owns = not dist.is_initialized()
-    env = initialize_distributed(tensor_parallel, pipeline_parallel, expert_parallel, seed, expert_tensor_parallel)
+    env = initialize_distributed(tensor_parallel, pipeline_parallel, expert_parallel, seed, expert_tensor_parallel,
+                                 context_parallel)
     try:
         yield env
     finally:

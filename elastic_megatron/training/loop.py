@@ -31,6 +31,7 @@ from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.config.schema import JobConfig
 from elastic_megatron.models.counter import model_size
 from elastic_megatron.models.hybrid import build_model
+from elastic_megatron.models.recompute import apply_recompute
 from elastic_megatron.parallel.collectives import all_reduce_mean_
 from elastic_megatron.parallel.pipeline import forward_backward, from_last_stage
 from elastic_megatron.training.flops import flops_per_token
@@ -95,6 +96,7 @@ class Trainer:
         self.run, self.job, self.t, self.step_fn = run, job, t, step_fn
         if run.initial_state is not None:
             print0(f"initialised the model from {job.run.init_checkpoint} (weights only: step, optimizer and data start fresh)")
+        apply_recompute(run.model, t.recompute, t.recompute_method, t.recompute_num_layers, t.recompute_modules)
         self.model, self.optimizer = build_optimizer(run.model, t, job.parallel, run.dtype)
         self.scheduler = build_scheduler(self.optimizer, t)
         step_fn.setup(self.model, run.dtype)

@@ -71,9 +71,10 @@ class CpuDataParallelAdam:
             all_reduce_sum_(sp, tp)
         dense = [p.grad for p in self.params if not is_expert_param(p)]
         experts = [p.grad for p in self.params if is_expert_param(p)]
-        dp = parallel_state.get_data_parallel_world_size()
-        all_reduce_mean_(dense, parallel_state.get_data_parallel_group())
-        all_reduce_sum_(experts, parallel_state.get_expert_data_parallel_group(), 1.0 / dp)
+        # Context-parallel ranks are data-parallel for the weights (the loss was scaled by cp).
+        dp_cp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+        all_reduce_mean_(dense, parallel_state.get_data_parallel_group(with_context_parallel=True))
+        all_reduce_sum_(experts, parallel_state.get_expert_data_parallel_group(), 1.0 / dp_cp)
 
     def grad_norm(self) -> float:
         """L2 norm of the whole model's gradient: each shard counted once (replicas on

@@ -36,6 +36,7 @@ from elastic_megatron.data.datasets import (
     DataSpec, build_datasets, data_fingerprints, load_tokenizer_for, make_loader, validate_data_spec,
 )
 from elastic_megatron.models.hybrid import build_model
+from elastic_megatron.parallel.context import split_batch
 from elastic_megatron.parallel.setup import DistEnv, dist_env, distributed
 from elastic_megatron.training.logging import is_rank0, print0
 from elastic_megatron.training.resume import check_resume_config, data_identity
@@ -97,7 +98,8 @@ class Run:
         on the training device."""
         source = make_loader(dataset, consumed_samples, self.job.trainer.micro_batch_size,
                              parallel_state.get_data_parallel_rank(), self.dp_size)
-        return (to_device(batch) for batch in source)
+        # Context-parallel ranks of a DP rank read the same samples and keep their chunks.
+        return (to_device(split_batch(batch)) for batch in source)
 
 
 @contextlib.contextmanager
@@ -121,7 +123,7 @@ def prepare_run(job: JobConfig, initial_weights: Optional[str] = None, initial_k
     dp_size = layout_data_parallel(job.parallel, env.world_size)
     p = job.parallel
     verify.set_level(job.run.verify_checkpoints)
-    with distributed(p.tp, p.pp, p.ep, seed=job.run.seed, expert_tensor_parallel=p.etp), _run_dir_lock(run_dir):
+    with distributed(p.tp, p.pp, p.ep, seed=job.run.seed, expert_tensor_parallel=p.etp, context_parallel=p.cp), _run_dir_lock(run_dir):
         resume_step = store.resume_step(run_dir)
         if resume_step is not None:  # before config.yaml is rewritten
             where = str(store.iteration_dir(run_dir, resume_step))

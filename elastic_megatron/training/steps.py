@@ -25,12 +25,15 @@ import torch
 
 from megatron.core import parallel_state
 
+from elastic_megatron.parallel.context import sum_over_cp, token_count
 from elastic_megatron.parallel.pipeline import forward_only, from_last_stage
 
 
 def masked_token_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens `loss_mask` keeps, of the whole sequences: under context
+    parallelism this rank's share (the shares over CP ranks add up to the mean)."""
     mask = loss_mask.to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    return (per_token * mask).sum() / token_count(loss_mask).to(per_token.dtype)
 
 
 class StepFunction:
@@ -67,8 +70,8 @@ class StepFunction:
             losses = [forward_only(lambda received, b=batch: self.stage_forward(model, b, step, received)) for batch in batches]
         finally:
             model.train()
-        losses = from_last_stage([loss[0].float() for loss in losses] if losses[0] is not None else None)
-        return {"valid_loss": torch.stack(losses).mean().item()}
+        losses = from_last_stage(sum_over_cp(torch.stack([loss[0].float() for loss in losses])) if losses[0] is not None else None)
+        return {"valid_loss": losses.mean().item()}
 
     def progress_lines(self, metrics: dict) -> list[str]:
         """Extra console lines under a logged training step."""
@@ -100,4 +103,4 @@ class LMStep(StepFunction):
         if not parallel_state.is_pipeline_last_stage():
             return out
         loss = masked_token_mean(out.float(), batch["loss_mask"])
-        return loss, {"lm_loss": loss.item()}
+        return loss, {"lm_loss": sum_over_cp(loss).item()}
