@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # GPU machines (nvidia-smi present) keep whatever torch the environment provides.
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast bench-recompute clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not slurm"
+
+# Step time and kept activations of each trainer.recompute mode, one run (the script's docstring);
+# e.g. make bench-recompute BENCH_ARGS="model=small seq=4096 --json runs/recompute.json"
+bench-recompute: install
+	$(PY) benchmarks/activation_recompute.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .cache runs/demo-*

@@ -224,3 +224,39 @@ def test_memory_estimate_follows_the_layout_and_the_recipe_fits_an_h100():
     bad = subprocess.run([sys.executable, "tools/describe_model.py", "model=nemotron_nano_v3_30b", "memory=true",
                           "parallel=nano_h100", "parallel.ep=5"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "model.moe_num_experts" in bad.stderr + bad.stdout
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_stage2_under_cp2_resumes_at_cp1_and_at_cp2_with_the_same_losses(tmp_path, stdlib_prefix, teacher):
+    """Stage 2 (tiny, routed budgets, full recompute) trained 4 steps by the real trainer
+    under torchrun at CP=2; its step-2 checkpoint resumed to step 4 at CP=2 gives the same
+    losses bit for bit, and at CP=1 the same within fp32 reduction-order noise.
+    Checkpoints do not depend on cp, so the resume reshards nothing."""
+    import shutil
+
+    common = [f"data.prefixes=[{stdlib_prefix}]", f"elastic.teacher_checkpoint={teacher}", f"elastic.init_checkpoint={teacher}",
+              "elastic=tiny_router", "data.seq_length=92", "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
+              "trainer.eval_iters=1", "trainer.eval_interval=2", "trainer.save_interval=2", "trainer.log_interval=1",
+              "trainer.recompute=full", "trainer.max_steps=4"]
+
+    def stage2(run_dir: Path, nproc: int, cp: int) -> dict[int, float]:
+        proc = torchrun(nproc, "-m", "elastic_megatron.train", "--config-name=stage2_tiny", f"run.dir={run_dir}", *common,
+                        f"parallel.cp={cp}")
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return logged_losses(run_dir)
+
+    straight = stage2(tmp_path / "straight", 2, 2)
+    assert sorted(straight) == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(v)) for v in straight.values())
+    for name in ("cp2", "cp1"):  # the run as it stood at step 2
+        shutil.copytree(tmp_path / "straight", tmp_path / name)
+        shutil.rmtree(store.iteration_dir(tmp_path / name, 4))
+        (tmp_path / name / "COMPLETED").unlink()
+    at_cp2 = stage2(tmp_path / "cp2", 2, 2)
+    at_cp1 = stage2(tmp_path / "cp1", 1, 1)
+    assert at_cp2 == straight, (at_cp2, straight)
+    for step in (3, 4):
+        assert at_cp1[step] == pytest.approx(straight[step], rel=1e-6), (step, at_cp1, straight)

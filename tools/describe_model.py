@@ -106,7 +106,10 @@ def memory_report(cfg: DictConfig) -> str:
     from omegaconf import OmegaConf
 
     from elastic_megatron.config.errors import require_positive_int
-    from elastic_megatron.config.parallel import ParallelConfig, layout_data_parallel, require_batch_split, validate_parallel_layout
+    from elastic_megatron.config.parallel import (
+        ParallelConfig, layout_data_parallel, require_batch_split, require_sequence_split, validate_parallel_layout,
+    )
+    from elastic_megatron.config.schema import TrainerConfig, validate_recompute
     from elastic_megatron.parallel.memory import estimate_memory, render_memory
 
     model_cfg = load_model_config(cfg.model)
@@ -117,12 +120,19 @@ def memory_report(cfg: DictConfig) -> str:
     validate_parallel_layout(model_cfg, parallel)
     dp = layout_data_parallel(parallel, world)
     require_batch_split(cfg.global_batch_size, cfg.micro_batch_size, dp, prefix="")
+    require_sequence_split(cfg.seq_length, parallel, key="seq_length")
+    trainer = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainerConfig), {
+        k: cfg[k] for k in ("recompute", "recompute_method", "recompute_num_layers", "recompute_modules")}))
+    validate_recompute(trainer)
     est = estimate_memory(model_cfg, parallel, world, cfg.seq_length, cfg.micro_batch_size, cfg.global_batch_size,
-                          cfg.budgets_per_batch)
+                          cfg.budgets_per_batch, recompute=trainer.recompute, recompute_method=trainer.recompute_method,
+                          recompute_num_layers=trainer.recompute_num_layers, recompute_modules=trainer.recompute_modules)
+    recompute = trainer.recompute + (f" ({trainer.recompute_method}, {trainer.recompute_num_layers} layer(s))" if trainer.recompute == "full"
+                                     else f" ({', '.join(trainer.recompute_modules)})" if trainer.recompute == "selective" else "")
     if cfg.format == "json":
-        return json.dumps({"model": model_cfg.name, "world": world, "dp": dp, **est.as_dict()})
+        return json.dumps({"model": model_cfg.name, "world": world, "dp": dp, "cp": parallel.cp, "recompute": recompute, **est.as_dict()})
     return render_memory(model_cfg, parallel, world, cfg.gpus_per_node, est, cfg.seq_length, cfg.micro_batch_size,
-                         cfg.global_batch_size, cfg.gpu_memory_gib)
+                         cfg.global_batch_size, cfg.gpu_memory_gib, recompute)
 
 
 def describe(cfg: DictConfig) -> str:

@@ -177,7 +177,8 @@ class ElasticDistillStep(StepFunction):
     def reduce_router_gradients(self) -> None:
         """The router's gradient of the global loss on every rank: TP shards are already
         whole (masks/ShardedMasks), pipeline stages each hold their layers' part (summed),
-        data-parallel ranks their batches' (averaged)."""
+        data- and context-parallel ranks their batches' and sequence chunks' (averaged;
+        a CP rank's share was scaled by cp for backward)."""
         grads = []
         for p in self.router.parameters():
             if p.grad is None:

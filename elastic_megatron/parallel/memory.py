@@ -7,17 +7,21 @@ optimizer):
 
 - student weights (bf16, 2 B/param) and gradients (fp32, 4 B/param);
 - optimizer state (fp32 main weights + two moments, 12 B/param), sharded over the
-  data-parallel ranks holding the same shard (DP for dense, expert-DP for experts);
+  data-parallel ranks holding the same shard (DP x CP for dense, as Megatron's
+  distributed optimizer does, expert-DP for experts);
 - the frozen teacher (bf16, 2 B/param, no gradients or optimizer state);
 - activations of the micro-batches in flight: this project's pipeline schedule keeps
-  every micro-batch of a step until its backward (GPipe), one when PP = 1;
+  every micro-batch of a step until its backward (GPipe), one when PP = 1; each holds
+  this CP rank's 1/cp of the sequence, and with activation recomputation
+  (trainer.recompute) only what the checkpoints keep, plus one recomputed group;
 - the KD logits chunk of both models (fp32, vocabulary shard).
 
 Dense weights are split over TP (and stages); routed experts over EP x expert-TP (and
-stages). Activation bytes per token and layer follow the usual Megatron accounting
-(bf16 tensors saved for backward), divided by TP under sequence parallelism; they are
-an estimate, not a measurement: allocator fragmentation and communication buffers come
-on top (a margin is reported).
+stages). Activation elements per token and layer (`layer_activation_elements`) count
+what this project's layers keep for backward, divided by TP under sequence parallelism;
+tests/test_memory.py measures them on CPU (autograd's saved tensors) against this
+count. They are an estimate, not a measurement of a GPU: allocator fragmentation and
+communication buffers come on top (a margin is reported).
 """
 
 from __future__ import annotations
@@ -64,34 +68,83 @@ def _layer_params(cfg: ModelConfig) -> tuple[dict[str, tuple[float, float]], flo
     return per_type, full.get("embedding", 0), full.get("output", 0)
 
 
-def _activation_bytes_per_token(cfg: ModelConfig, layer_type: str, tp: int, sp: bool) -> float:
-    """bf16 bytes saved for backward per token by one layer (an estimate)."""
+# Elements kept per token on the residual stream by one layer: the pre-norm's input, its
+# normalised input and output (3 h, measured on this project's RMSNorm and bias-dropout-
+# add: tests/test_memory.py).
+RESIDUAL = 3.0
+
+
+def layer_activation_elements(cfg: ModelConfig, layer_type: str, tp: int = 1, sp: bool = False, cp: int = 1,
+                              recompute: str = "none", modules=()) -> float:
+    """Activation elements one layer keeps for backward per token of this rank's
+    sequence part (multiply by the activation dtype's bytes).
+
+    `recompute='full'`: the layer's input only. `selective`: the parts in `modules` keep
+    only their inputs (already counted with the layer). Without recompute the Mamba scan
+    is counted as the Triton kernel keeps it (its inputs, y and the gated norm) and core
+    attention as flash attention does (q, k, v, output; no s x s scores); under context
+    parallelism attention also keeps the gathered keys and values of the whole sequence.
+    """
     h = cfg.hidden_size
     shard = tp if sp else 1  # tensors on the residual stream are split only under SP
-    norm_and_residual = 4 * h / shard
+    if recompute == "full":
+        return h / shard
+    selective = set(modules) if recompute == "selective" else set()
+    out = RESIDUAL * h / shard
     if layer_type == MAMBA:
-        d_inner = cfg.mamba_num_heads * cfg.mamba_head_dim
-        in_proj = 2 * d_inner + 2 * cfg.mamba_num_groups * cfg.mamba_state_dim + cfg.mamba_num_heads
-        return norm_and_residual + 2 * (2 * in_proj + 3 * d_inner) / tp
-    if layer_type == ATTENTION:
+        d = cfg.mamba_num_heads * cfg.mamba_head_dim
+        gs = cfg.mamba_num_groups * cfg.mamba_state_dim
+        in_proj = 2 * d + 2 * gs + cfg.mamba_num_heads
+        out += (in_proj + d) / tp  # in_proj output (the scan's input), out_proj input
+        if "mamba_scan" not in selective:
+            out += (d + 2 * gs + 2 * d) / tp  # conv output, scan output, gated-norm input/statistics
+    elif layer_type == ATTENTION:
         q = cfg.num_attention_heads * cfg.head_dim
         kv = 2 * cfg.num_query_groups * cfg.head_dim
-        return norm_and_residual + 2 * (2 * (q + kv) + 2 * q) / tp  # flash attention: no s^2 scores
-    if layer_type == MLP:
-        return norm_and_residual + 2 * 3 * cfg.ffn_hidden_size / tp
-    # MoE: routed tokens (top-k copies) through expert fc1/act/fc2, plus the shared expert.
-    routed = cfg.moe_router_topk * (2 * h + 3 * cfg.moe_ffn_hidden_size) * 2 / shard
-    shared = 2 * 3 * cfg.moe_shared_expert_ffn_hidden_size / tp
-    return norm_and_residual + routed + shared + 4 * cfg.moe_num_experts / shard
+        out += (q + kv + 2 * q) / tp  # q, k, v (linear_qkv output), core attention output, linear_proj input
+        if "core_attn" not in selective:
+            out += (cp - 1) * kv / tp  # keys and values gathered from the other CP ranks
+    elif layer_type == MLP:
+        if "mlp" not in selective:
+            out += 2 * cfg.ffn_hidden_size / tp  # fc1 output, activation output
+    else:  # MoE: router logits and probabilities (fp32), the routed tokens' copies, the shared expert
+        out += 4 * cfg.moe_num_experts / shard
+        out += cfg.moe_router_topk * h / shard  # the permuted tokens (the experts' input)
+        if "moe" not in selective:  # fc1 output, activation output, times the routing probability
+            out += cfg.moe_router_topk * 3 * cfg.moe_ffn_hidden_size / shard
+        if cfg.moe_shared_expert_ffn_hidden_size and "mlp" not in selective:
+            out += 2 * cfg.moe_shared_expert_ffn_hidden_size / tp
+    return out
+
+
+def stage_activation_elements(cfg: ModelConfig, stage: str, tp: int = 1, sp: bool = False, cp: int = 1,
+                              recompute: str = "none", method: str = "uniform", num_layers: int = 1,
+                              modules=()) -> tuple[float, float]:
+    """(elements per token kept until backward by a pipeline stage's layers, elements
+    per token alive on top while one recomputed group is rebuilt in backward)."""
+    def full(t):
+        return layer_activation_elements(cfg, t, tp, sp, cp)
+
+    if recompute != "full":
+        return sum(layer_activation_elements(cfg, t, tp, sp, cp, recompute, modules) for t in stage), 0.0
+    h = cfg.hidden_size / (tp if sp else 1)
+    if method == "block":
+        first, rest = stage[:num_layers], stage[num_layers:]
+        return len(first) * h + sum(full(t) for t in rest), max((full(t) for t in first), default=0.0)
+    groups = [stage[i:i + num_layers] for i in range(0, len(stage), num_layers)]
+    return len(groups) * h, max(sum(full(t) for t in g) for g in groups)
 
 
 def estimate_memory(cfg: ModelConfig, parallel, world_size: int, seq_length: int, micro_batch_size: int,
                     global_batch_size: int, budgets_per_batch: int = 1, kd_chunk_tokens: int = 1024,
-                    elastic: bool = True) -> MemoryEstimate:
+                    elastic: bool = True, recompute: str = "none", recompute_method: str = "uniform",
+                    recompute_num_layers: int = 1, recompute_modules=("core_attn", "mamba_scan"),
+                    activation_bytes: int = 2) -> MemoryEstimate:
     """Bytes per GPU on the heaviest stage (see the module doc)."""
     tp, pp, ep = parallel.tp, parallel.pp, parallel.ep
+    cp = getattr(parallel, "cp", 1)
     etp = expert_tensor_parallel(parallel)
-    dp = world_size // (tp * pp)
+    dp = world_size // (tp * pp * cp)
     edp = world_size // (etp * ep * pp)
     micro_per_step = global_batch_size // (micro_batch_size * dp)
     in_flight = micro_per_step if pp > 1 else 1
@@ -103,16 +156,19 @@ def estimate_memory(cfg: ModelConfig, parallel, world_size: int, seq_length: int
         expert = sum(stage.count(t) * e for t, (_, e) in per_type.items())
         dense += (embedding if i == 0 else 0) + (output if i == len(stages) - 1 else 0)
         dense_gpu, expert_gpu = dense / tp, expert / (ep * etp)
-        tokens = seq_length * micro_batch_size
-        act = sum(_activation_bytes_per_token(cfg, t, tp, parallel.sequence_parallel) for t in stage) * tokens
+        tokens = seq_length // cp * micro_batch_size  # this CP rank's part of each sequence
+        kept, rebuilt = stage_activation_elements(cfg, stage, tp, parallel.sequence_parallel, cp, recompute,
+                                                  recompute_method, recompute_num_layers, recompute_modules)
         # One student pass per budget in the micro-batch keeps its activations; the
-        # teacher runs without grad (only its current layer's output is alive).
-        act *= in_flight * (budgets_per_batch if elastic else 1)
+        # teacher runs without grad (only its current layer's output is alive). A
+        # recomputed group is rebuilt one at a time.
+        act = kept * tokens * activation_bytes * in_flight * (budgets_per_batch if elastic else 1)
+        act += rebuilt * tokens * activation_bytes
         logits = 2 * 4 * kd_chunk_tokens * cfg.vocab_size / tp if i == len(stages) - 1 else 0
         est = MemoryEstimate(
             weights=2 * (dense_gpu + expert_gpu),
             gradients=4 * (dense_gpu + expert_gpu),
-            optimizer=12 * (dense_gpu / dp + expert_gpu / edp),
+            optimizer=12 * (dense_gpu / (dp * cp) + expert_gpu / edp),
             teacher=2 * (dense_gpu + expert_gpu) if elastic else 0.0,
             activations=act,
             logits=logits,
@@ -123,15 +179,17 @@ def estimate_memory(cfg: ModelConfig, parallel, world_size: int, seq_length: int
 
 
 def render_memory(cfg: ModelConfig, parallel, world_size: int, gpus_per_node: int, est: MemoryEstimate,
-                  seq_length: int, micro_batch_size: int, global_batch_size: int, gpu_gib: float) -> str:
-    tp, pp, ep = parallel.tp, parallel.pp, parallel.ep
+                  seq_length: int, micro_batch_size: int, global_batch_size: int, gpu_gib: float,
+                  recompute: str = "none") -> str:
+    tp, pp, ep, cp = parallel.tp, parallel.pp, parallel.ep, getattr(parallel, "cp", 1)
     etp = expert_tensor_parallel(parallel)
-    dp = world_size // (tp * pp)
+    dp = world_size // (tp * pp * cp)
     lines = [
         f"model {cfg.name} on {world_size} GPUs ({world_size // gpus_per_node} nodes x {gpus_per_node}): "
-        f"tp {tp}{' +sp' if parallel.sequence_parallel else ''}, pp {pp}, ep {ep}, etp {etp}, dp {dp}",
+        f"tp {tp}{' +sp' if parallel.sequence_parallel else ''}, cp {cp}, pp {pp}, ep {ep}, etp {etp}, dp {dp}",
         f"seq {seq_length}, micro batch {micro_batch_size}, global batch {global_batch_size} "
-        f"({global_batch_size // (micro_batch_size * dp)} micro-batches per step per DP rank)",
+        f"({global_batch_size // (micro_batch_size * dp)} micro-batches per step per DP rank), "
+        f"{seq_length // cp} tokens per sequence per CP rank, activation recompute: {recompute}",
         "",
         "per-GPU memory, heaviest pipeline stage (estimate):",
     ]
