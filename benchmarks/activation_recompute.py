@@ -1,24 +1,22 @@
-"""Cost and saving of activation recomputation (trainer.recompute) in the elastic
-distillation step, every mode measured in one run on one device (CUDA when available).
+"""Step time and activation memory of activation recomputation (trainer.recompute) in the
+elastic distillation step, every mode in one run on one device (CUDA when available).
 
-    python benchmarks/activation_recompute.py                      # tiny, seq 1024, batch 2, 5 steps
+    python benchmarks/activation_recompute.py               # tiny, seq 1024, batch 2, 5 steps
     python benchmarks/activation_recompute.py model=small seq=4096 --json runs/recompute.json
 
-Modes: none; selective with the default modules (core_attn + mamba_scan), with each module
-alone and with all four; full (uniform, 1 layer). Every mode builds a fresh student with the
-same seed (recompute applied before `ElasticDistillStep.setup`, as the trainer does) and
-trains the last budget (`small`: routed for tiny_router). Timed: zero_grad + forward_backward,
-no optimizer step; the modes' steps are interleaved, each round in a rotated order, after the
-warm-up rounds, the memory measurement (two steps per mode) and one more untimed round.
+Modes: none; selective with the default modules (core_attn + mamba_scan), each module alone,
+all four; full (uniform, 1 layer). Each mode builds a fresh student (same seed, recompute
+applied before `ElasticDistillStep.setup`) and trains the last budget (routed for
+elastic=tiny_router, pinned for elastic=small). Timed: zero_grad + forward_backward, no
+optimizer step; after warm-up the modes' steps are interleaved, each round in a rotated order
+(interleave=0: one mode after another, one model resident). Other arguments: steps=,
+warmup=, batch=, elastic=, dotted job overrides.
 
-Figures: step time, the median of the timed steps, and its ratio to `none`; saved, the
-bytes autograd keeps for backward (`SavedActivations`: exact, on any device; the primary
-memory figure), and its ratio; peak, on CUDA max_memory_allocated over the step minus what
-was allocated before it, on CPU the RSS high-water mark minus RSS before the step (noisy:
-the allocator reuses freed memory). Expectation (the issue): full <= 1.4x the step time of
-none, selective <= 1.1x; PASS/MISS per row, printed, never asserted. Teacher weights are
-random: the timings do not depend on them. Other arguments: steps=, warmup=, batch=,
-elastic=, and dotted job overrides (e.g. elastic.distill.chunk_tokens=1024).
+Figures: the median step time and its ratio to none; saved, the bytes autograd keeps for
+backward (`SavedActivations`, device-independent: the primary memory figure) and its ratio;
+peak, on CUDA max_memory_allocated over one step minus what was allocated before it, on CPU
+the RSS high-water mark minus RSS before it (noisy). PASS/MISS: the issue's expectation,
+step time <= 1.4x none for full, <= 1.1x for selective (printed, never asserted).
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -112,9 +111,10 @@ class _CpuPeak:
 
 
 class Run:
-    """One recompute mode: its own student (same seed), step function and teacher."""
+    """One recompute mode: its own student (same seed) and step function; the frozen
+    teacher can be shared (`teacher`: that of another run)."""
 
-    def __init__(self, name: str, mode: dict, job, dtype, micro_cpu: dict):
+    def __init__(self, name: str, mode: dict, job, dtype, micro_cpu: dict, teacher=None):
         self.name, self.mode = name, mode
         self.kind = mode["granularity"]
         self.step_fn = ElasticDistillStep(job)
@@ -122,6 +122,8 @@ class Run:
         self.model = build_model(job.model, dtype, parallel=job.parallel)
         apply_recompute(self.model, **mode)
         self.step_fn.setup(self.model, dtype)
+        if teacher is not None:  # the same weights: keep one copy
+            self.step_fn.teacher = teacher
         device = next(self.model.parameters()).device
         self.micro = {k: v.to(device) for k, v in micro_cpu.items()}
         self.times: list[float] = []
@@ -162,9 +164,38 @@ class Run:
                 forward_backward(self.step_fn, self.model, [self.micro], step=i + 2)
             self.peak = cpu.delta
 
+    def release(self) -> None:
+        """Drop the models, keep the figures."""
+        self.model = self.step_fn = self.micro = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     @property
     def median(self) -> float:
         return sorted(self.times)[len(self.times) // 2]
+
+
+def bench(runs: list[Run], steps: int, warmup: int, gpu: bool) -> None:
+    """Warm-up rounds, the memory measurement, one untimed round (what the measurement
+    gave back is faulted in again), then the timed rounds, each in a rotated order."""
+    i = 0  # every run takes the same steps (same Gumbel draws, same temperature)
+    for _ in range(warmup):
+        for r in runs:
+            r.step(i)
+        i += 1
+    for r in runs:
+        r.measure(i, gpu)
+    i += 2
+    for r in runs:
+        r.step(i)
+    i += 1
+    for s in range(steps):
+        k = s % len(runs)
+        for r in runs[k:] + runs[:k]:
+            r.step(i)
+            r.times.append(r.last_time)
+        i += 1
 
 
 def parse(argv: list[str]) -> tuple[dict, list[str], str | None]:
@@ -180,13 +211,13 @@ def parse(argv: list[str]) -> tuple[dict, list[str], str | None]:
             json_path = a.split("=", 1)[1]
         elif "=" not in a:
             raise SystemExit(f"{a!r}: arguments are key=value (model, elastic, seq, batch, steps, warmup, "
-                             "dotted job overrides) or --json PATH")
+                             "interleave, dotted job overrides) or --json PATH")
         elif "." in a.split("=", 1)[0]:
             overrides.append(a)
         else:
             k, v = a.split("=", 1)
             args[k] = v
-    unknown = set(args) - {"model", "elastic", "seq", "batch", "steps", "warmup"}
+    unknown = set(args) - {"model", "elastic", "seq", "batch", "steps", "warmup", "interleave"}
     if unknown:
         raise SystemExit(f"unknown arguments {sorted(unknown)}")
     return args, overrides, json_path
@@ -194,6 +225,7 @@ def parse(argv: list[str]) -> tuple[dict, list[str], str | None]:
 
 def main(argv: list[str]) -> None:
     wall = time.perf_counter()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     args, extra, json_path = parse(argv)
     gpu = torch.cuda.is_available()
     model = args.get("model", "tiny")
@@ -202,6 +234,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"model={model}: name an elastic spec of that model (elastic=<recipes/elastic/*.yaml>)")
     steps, warmup = int(args.get("steps", 20 if gpu else 5)), int(args.get("warmup", 3 if gpu else 1))
     seq, batch = int(args.get("seq", 1024)), int(args.get("batch", 2))
+    interleave = args.get("interleave", "1").lower() not in ("0", "false", "no")
     dtype = params_dtype("auto")
     with tempfile.TemporaryDirectory() as tmp, distributed():
         base = compose_job("stage1_tiny", [f"model={model}", f"elastic={elastic}", "elastic.teacher_checkpoint=unused"])
@@ -219,31 +252,24 @@ def main(argv: list[str]) -> None:
         micro = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(batch, seq),
                  "position_ids": torch.arange(seq).expand(batch, seq)}
 
-        runs = [Run(name, mode, job, dtype, micro) for name, mode in MODES.items()]
-        last = runs[0].step_fn.budgets[-1]
         device = f"GPU {torch.cuda.get_device_name()}" if gpu else f"CPU, {torch.get_num_threads()} threads"
-        print(f"model {model} ({device}, {dtype}), dispatcher {resolve_token_dispatcher(job.model)}, "
-              f"elastic {elastic}: budget {last.name} ({'routed' if last.routed else 'pinned'}), "
-              f"batch {batch} x {seq} tokens; median of {steps} steps after {warmup} warm-up, "
-              f"{len(runs)} modes interleaved; timed: zero_grad + forward_backward")
-
-        i = 0  # every run takes the same steps (same Gumbel draws, same temperature)
-        for _ in range(warmup):
+        runs: list[Run] = []
+        for name, mode in MODES.items():
+            runs.append(Run(name, mode, job, dtype, micro, teacher=runs[0].step_fn.teacher if interleave and runs else None))
+            if len(runs) == 1:
+                last = runs[0].step_fn.budgets[-1]
+                print(f"model {model} ({device}, {dtype}), dispatcher {resolve_token_dispatcher(job.model)}, "
+                      f"elastic {elastic}: budget {last.name} ({'routed' if last.routed else 'pinned'}), "
+                      f"batch {batch} x {seq} tokens; median of {steps} steps after {warmup} warm-up, "
+                      f"{len(MODES)} modes {'interleaved' if interleave else 'one after another'}; "
+                      "timed: zero_grad + forward_backward")
+            if not interleave:
+                bench(runs[-1:], steps, warmup, gpu)
+                runs[-1].release()
+        if interleave:
+            bench(runs, steps, warmup, gpu)
             for r in runs:
-                r.step(i)
-            i += 1
-        for r in runs:
-            r.measure(i, gpu)
-        i += 2
-        for r in runs:  # untimed: memory given back for the measurement is faulted in again
-            r.step(i)
-        i += 1
-        for s in range(steps):
-            k = s % len(runs)
-            for r in runs[k:] + runs[:k]:
-                r.step(i)
-                r.times.append(r.last_time)
-            i += 1
+                r.release()
 
     ref = runs[0]
     peak_label = "peak MiB" if gpu else "RSS+ MiB"
@@ -261,21 +287,22 @@ def main(argv: list[str]) -> None:
         print(f"{r.name:<22}{r.median * 1e3:>10.1f}{t_ratio:>8.2f}{r.saved / MiB:>11.1f}{s_ratio:>8.2f}"
               f"{r.peak / MiB:>10.1f}{p_ratio:>8.2f}  {expect:<7}  {verdict}")
         rows.append({"mode": r.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in r.mode.items()},
-                     "step_times_s": r.times, "median_s": r.median, "time_ratio": t_ratio,
+                     "step_times_s": r.times, "median_s": r.median, "min_s": min(r.times), "time_ratio": t_ratio,
                      "saved_bytes": r.saved, "saved_ratio": s_ratio, "peak_bytes": r.peak, "peak_ratio": p_ratio,
                      "time_limit": limit, "result": verdict, "loss": r.loss})
     diff = max(abs(r.loss - ref.loss) for r in runs)
     print(f"loss of the measured step, largest difference to none: {diff:.3g} ({ref.loss:.6f} with none)")
     if not gpu:
+        print(f"load average at start {load:.2f} on {os.cpu_count()} cores (other processes make CPU timings noisy)")
         print("RSS+ is the RSS high-water mark over one step minus RSS before it (noisy on CPU); "
               "saved is the primary memory figure")
     wall = time.perf_counter() - wall
     print(f"wall time {wall:.1f} s")
     if json_path:
         out = {"model": model, "elastic": elastic, "budget": last.name, "routed": last.routed, "device": device,
-               "dtype": str(dtype), "seq": seq, "batch": batch, "steps": steps, "warmup": warmup,
+               "dtype": str(dtype), "seq": seq, "batch": batch, "steps": steps, "warmup": warmup, "interleave": interleave,
                "timed": "zero_grad + forward_backward", "peak_kind": "cuda_max_allocated" if gpu else "rss_high_water_delta",
-               "overrides": extra, "rows": rows, "wall_s": wall}
+               "overrides": extra, "load_average_at_start": load, "rows": rows, "wall_s": wall}
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {json_path}")

@@ -12,6 +12,9 @@ router's gradient reductions), and writes to OUT:
 - grads/: the model gradients as a dist checkpoint (so any layout reads back flat);
 - result.json: global loss, router gradient, and whether router logits, gradients and
   parameters after an update are identical on every rank.
+
+With PARALLEL_WORKER_STEP=lm it runs pretraining's step (LMStep) instead, on the
+teacher checkpoint's weights (no router fields then).
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ from megatron.core import parallel_state
 from elastic_megatron.convert.megatron_dist import config_yaml
 from elastic_megatron.elastic.step import ElasticDistillStep
 from elastic_megatron.models.hybrid import build_model
+from elastic_megatron.models.recompute import apply_recompute
 from elastic_megatron.parallel.context import split_batch
 from elastic_megatron.parallel.pipeline import forward_backward, from_last_stage
 from elastic_megatron.parallel.setup import distributed
 from elastic_megatron.train import compose_job
 from elastic_megatron.checkpoint import store
 from elastic_megatron.training.optim import build_optimizer
+from elastic_megatron.training.steps import LMStep
 
 GLOBAL_BATCH = 4
 # Sequence length of the fixed batch; the context-parallel layouts use one that is not a
@@ -65,11 +70,18 @@ def identical_on_all_ranks(t: torch.Tensor) -> bool:
 def main(out: Path, overrides: list[str]) -> None:
     job = compose_job("stage1_tiny", overrides)
     p = job.parallel
+    # PARALLEL_WORKER_STEP=lm: pretraining's step (LMStep) on the teacher's weights instead.
+    lm = os.environ.get("PARALLEL_WORKER_STEP") == "lm"
     with distributed(p.tp, p.pp, p.ep, seed=job.run.seed, expert_tensor_parallel=p.etp, context_parallel=p.cp):
-        step_fn = ElasticDistillStep(job)
+        step_fn = LMStep() if lm else ElasticDistillStep(job)
         model = build_model(job.model, torch.float32, parallel=p)
+        t = job.trainer
+        apply_recompute(model, t.recompute, t.recompute_method, t.recompute_num_layers, t.recompute_modules)
         _, optimizer = build_optimizer(model, job.trainer, p, torch.float32)
-        step_fn.setup(model, torch.float32)
+        if lm:
+            store.load_model_weights(job.elastic.teacher_checkpoint, model)
+        else:
+            step_fn.setup(model, torch.float32)
         dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         # One micro-batch per DP rank: each rank draws the step's budget and Gumbel noise
         # once, as the single process does for the whole batch.
@@ -77,9 +89,9 @@ def main(out: Path, overrides: list[str]) -> None:
         # Context-parallel ranks of a DP rank take their chunks of the same sequences.
         batches = [split_batch(global_batch(job.model.vocab_size, dp_rank * share, share))]
 
-        # The router's output for the budget, before any update.
-        inp, weights = step_fn.router.budget_input(len(step_fn.budgets) - 1)
-        logits = torch.cat([v.reshape(-1) for v in step_fn.router.logits(inp, weights).values()]).detach()
+        if not lm:  # the router's output for the budget, before any update
+            inp, weights = step_fn.router.budget_input(len(step_fn.budgets) - 1)
+            logits = torch.cat([v.reshape(-1) for v in step_fn.router.logits(inp, weights).values()]).detach()
 
         losses, _ = forward_backward(step_fn, model, batches, step=1)
         losses = from_last_stage(losses)
@@ -87,8 +99,6 @@ def main(out: Path, overrides: list[str]) -> None:
         dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
         loss /= dp
         optimizer.reduce_gradients()
-        step_fn.reduce_router_gradients()
-        router_grad = torch.cat([q.grad.reshape(-1) for q in step_fn.router.parameters()])
         grad_norm = optimizer.grad_norm()
 
         # Gradients in the parameters' place, saved like a checkpoint: the test reads
@@ -101,18 +111,18 @@ def main(out: Path, overrides: list[str]) -> None:
         for q, data in zip(params, saved):
             q.data = data
 
-        step_fn.router_optimizer.step()
-        router_after = torch.cat([q.detach().reshape(-1) for q in step_fn.router.parameters()])
-        result = {
-            "loss": loss.item(),
-            "grad_norm": grad_norm,
-            "router_grad": router_grad.tolist(),
-            "router_logits_identical": identical_on_all_ranks(logits),
-            "router_grad_identical": identical_on_all_ranks(router_grad),
-            "router_params_identical_after_step": identical_on_all_ranks(router_after),
-            "world": dist.get_world_size(),
-            "dp": dp,
-        }
+        result = {"loss": loss.item(), "grad_norm": grad_norm, "world": dist.get_world_size(), "dp": dp}
+        if not lm:
+            step_fn.reduce_router_gradients()
+            router_grad = torch.cat([q.grad.reshape(-1) for q in step_fn.router.parameters()])
+            step_fn.router_optimizer.step()
+            router_after = torch.cat([q.detach().reshape(-1) for q in step_fn.router.parameters()])
+            result.update({
+                "router_grad": router_grad.tolist(),
+                "router_logits_identical": identical_on_all_ranks(logits),
+                "router_grad_identical": identical_on_all_ranks(router_grad),
+                "router_params_identical_after_step": identical_on_all_ranks(router_after),
+            })
         if dist.get_rank() == 0:
             (out / "result.json").write_text(json.dumps(result))
 
