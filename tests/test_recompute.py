@@ -37,12 +37,13 @@ def teacher(tmp_path_factory, dist):
     return path
 
 
-def elastic_step(teacher, tmp_path, mode: dict | None):
+def elastic_step(teacher, tmp_path, mode: dict | None, budgets: tuple[str, str] = ("[0,0,1]", "1")):
     """(loss, model gradients, router gradient, saved activation bytes) of one elastic
-    micro-step on the routed `small` budget of tiny_router."""
+    micro-step on the routed `small` budget of tiny_router (or `budgets`: the curriculum's
+    probabilities and budgets per micro-batch)."""
     job = compose_job("stage1_tiny", ["elastic=tiny_router", f"elastic.teacher_checkpoint={teacher}",
-                                      "elastic.curriculum.budget_probs=[0,0,1]", "elastic.curriculum.budgets_per_batch=1",
-                                      f"run.dir={tmp_path}"])
+                                      f"elastic.curriculum.budget_probs={budgets[0]}",
+                                      f"elastic.curriculum.budgets_per_batch={budgets[1]}", f"run.dir={tmp_path}"])
     step_fn = ElasticDistillStep(job)
     torch.manual_seed(0)
     model = build_model(job.model)
@@ -79,6 +80,18 @@ def test_recompute_gives_the_same_loss_and_gradients_and_saves_less(name, teache
     if MODES[name]["granularity"] == "full" and MODES[name].get("method") == "uniform":
         # Whole layers keep only their inputs: most of the activations are gone.
         assert saved < 0.5 * saved0, (saved, saved0)
+
+
+def test_each_budget_of_a_micro_batch_is_recomputed_with_its_own_masks(teacher, tmp_path):
+    """Two routed budgets share one teacher pass: each student pass's checkpoints must
+    restore that pass's masks (the second budget's, or none, would give other gradients)."""
+    two = ("[0,0.5,0.5]", "2")
+    loss0, grads0, router0, _ = elastic_step(teacher, tmp_path / "none", None, two)
+    loss, grads, router, _ = elastic_step(teacher, tmp_path / "full", MODES["full_uniform_1"], two)
+    assert loss == loss0
+    for n, g in grads.items():
+        assert (g - grads0[n]).abs().max() <= 1e-7 * grads0[n].abs().max(), n
+    assert (router - router0).abs().max() <= 1e-7 * router0.abs().max()
 
 
 def test_recompute_settings_are_refused_by_name():
