@@ -4,7 +4,7 @@ elastic distillation step, every mode in one run on one device (CUDA when availa
     python benchmarks/activation_recompute.py               # tiny, seq 1024, batch 2, 5 steps
     python benchmarks/activation_recompute.py model=small seq=4096 --json runs/recompute.json
 
-Modes: none; selective with the default modules (core_attn + mamba_scan), each module alone,
+Modes: none; selective with the default modules (mamba_scan + moe), each module alone,
 all four; full (uniform, 1 layer). Each mode builds a fresh student (same seed, recompute
 applied before `ElasticDistillStep.setup`) and trains the last budget (routed for
 elastic=tiny_router, pinned for elastic=small). Timed: zero_grad + forward_backward, no
@@ -50,7 +50,7 @@ ALL_MODULES = ("core_attn", "mamba_scan", "moe", "mlp")
 # name -> apply_recompute arguments
 MODES = {
     "none": dict(granularity="none"),
-    "selective (default)": dict(granularity="selective", modules=("core_attn", "mamba_scan")),
+    "selective (default)": dict(granularity="selective", modules=("mamba_scan", "moe")),
     **{f"selective {m}": dict(granularity="selective", modules=(m,)) for m in ALL_MODULES},
     "selective all four": dict(granularity="selective", modules=ALL_MODULES),
     "full uniform 1": dict(granularity="full", method="uniform", num_layers=1),
@@ -63,6 +63,17 @@ MiB = 2**20
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def _free():
+    """Collect garbage and give freed memory back (CUDA cache; glibc heap on CPU)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class _CpuPeak:
@@ -78,17 +89,13 @@ class _CpuPeak:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            return lambda: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
-                                if line.startswith("VmHWM"))
+            return lambda: next(int(line.split()[1]) * 1024 for line in
+                                Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
         except OSError:
             return None
 
     def __enter__(self):
-        gc.collect()
-        try:  # give freed heap back to the system, so the step's growth shows
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+        _free()  # so that the step's growth shows
         self.base = self.proc.memory_info().rss
         self.read = self._reset_hwm()
         if self.read is None:
@@ -167,9 +174,7 @@ class Run:
     def release(self) -> None:
         """Drop the models, keep the figures."""
         self.model = self.step_fn = self.micro = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _free()
 
     @property
     def median(self) -> float:

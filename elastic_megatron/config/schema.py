@@ -98,8 +98,11 @@ class TrainerConfig:
     # recompute_num_layers layers of each pipeline stage).
     recompute_method: str = "uniform"
     recompute_num_layers: int = 1
-    # selective: any of core_attn, mamba_scan, moe (routed experts), mlp (dense MLP and shared expert).
-    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn", "mamba_scan"])
+    # selective: any of core_attn, mamba_scan, moe (routed experts), mlp (dense MLP and shared
+    # expert). Default: what saves most per recompute cost (benchmarks/activation_recompute.py):
+    # the scan's intermediates and the experts' activations; core attention through SDPA or
+    # flash attention keeps little beyond its inputs, so recomputing it saves ~nothing.
+    recompute_modules: list[str] = field(default_factory=lambda: ["mamba_scan", "moe"])
 
 
 @dataclass

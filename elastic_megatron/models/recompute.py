@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -48,10 +49,11 @@ _MEASURING: list = []  # active SavedActivations, told what checkpoints keep
 
 
 class SavedActivations:
-    """Bytes of the tensors autograd keeps for backward while the block runs (parameters
-    and their views excluded, each storage counted once): what activation memory is,
-    measured exactly on any device. With activation recomputation, what a checkpoint
-    keeps (its inputs) is counted, its inner tensors are not (they are recomputed).
+    """Peak bytes of the tensors autograd keeps for backward while the block runs
+    (parameters and their views excluded, each storage counted once while any saved
+    tensor holds it): what activation memory is, measured exactly on any device. With
+    activation recomputation, what a checkpoint keeps (its inputs) is counted, its inner
+    tensors are not (they are recomputed).
 
         with SavedActivations(model) as saved:
             loss = step(...)
@@ -60,19 +62,41 @@ class SavedActivations:
 
     def __init__(self, *modules: torch.nn.Module):
         self.params = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
-        self.storages: dict[int, int] = {}
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}  # storage address -> bytes, while a saved tensor holds it
+        self._holders: dict[int, int] = {}
         self._hooks = None
 
-    def _pack(self, t: torch.Tensor):
-        self.keep(t)
-        return t
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        # A new tensor object for the graph to hold: returning `t` itself would make a
+        # reference cycle the garbage collector cannot see (graphs never backpropagated
+        # would stay alive), and its lifetime tells when autograd lets go of it.
+        saved = t.detach()
+        self.keep(saved)
+        return saved
 
     def keep(self, t: torch.Tensor) -> None:
-        if t.device.type != "meta":
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr not in self.params:
-                self.storages[ptr] = storage.nbytes()
+        """Count `t`'s storage while `t` is alive."""
+        if t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self.params:
+            return
+        if ptr not in self._holders:
+            self._holders[ptr] = 0
+            self._sizes[ptr] = storage.nbytes()
+            self.live += self._sizes[ptr]
+            self.peak = max(self.peak, self.live)
+        self._holders[ptr] += 1
+        weakref.finalize(t, self._release, ptr)
+
+    def _release(self, ptr: int) -> None:
+        self._holders[ptr] -= 1
+        if not self._holders[ptr]:
+            del self._holders[ptr]
+            self.live -= self._sizes.pop(ptr)
 
     def __enter__(self) -> "SavedActivations":
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
@@ -86,7 +110,8 @@ class SavedActivations:
 
     @property
     def bytes(self) -> int:
-        return sum(self.storages.values())
+        """The peak (reached at the end of the forward pass when backward follows)."""
+        return self.peak
 
 
 def _states(model) -> list:
@@ -192,7 +217,7 @@ def _wrap(obj, name: str, states: list) -> None:
 
 
 def apply_recompute(model, granularity: str, method: str = "uniform", num_layers: int = 1,
-                    modules: Sequence[str] = ("core_attn", "mamba_scan")) -> None:
+                    modules: Sequence[str] = ("mamba_scan", "moe")) -> None:
     """Turn on recomputation in this rank's `model` (a MambaModel; call once, before
     training). Values were validated with the job (config/schema.py)."""
     if granularity == "none":

@@ -138,7 +138,7 @@ def stage_activation_elements(cfg: ModelConfig, stage: str, tp: int = 1, sp: boo
 def estimate_memory(cfg: ModelConfig, parallel, world_size: int, seq_length: int, micro_batch_size: int,
                     global_batch_size: int, budgets_per_batch: int = 1, kd_chunk_tokens: int = 1024,
                     elastic: bool = True, recompute: str = "none", recompute_method: str = "uniform",
-                    recompute_num_layers: int = 1, recompute_modules=("core_attn", "mamba_scan"),
+                    recompute_num_layers: int = 1, recompute_modules=("mamba_scan", "moe"),
                     activation_bytes: int = 2) -> MemoryEstimate:
     """Bytes per GPU on the heaviest stage (see the module doc)."""
     tp, pp, ep = parallel.tp, parallel.pp, parallel.ep
