@@ -11,7 +11,8 @@ router's gradient reductions), and writes to OUT:
 
 - grads/: the model gradients as a dist checkpoint (so any layout reads back flat);
 - result.json: global loss, router gradient, and whether router logits, gradients and
-  parameters after an update are identical on every rank.
+  parameters after an update are identical on every rank; the most activation bytes a
+  rank kept for backward.
 
 With PARALLEL_WORKER_STEP=lm it runs pretraining's step (LMStep) instead, on the
 teacher checkpoint's weights (no router fields then).
@@ -32,7 +33,7 @@ from megatron.core import parallel_state
 from elastic_megatron.convert.megatron_dist import config_yaml
 from elastic_megatron.elastic.step import ElasticDistillStep
 from elastic_megatron.models.hybrid import build_model
-from elastic_megatron.models.recompute import apply_recompute
+from elastic_megatron.models.recompute import SavedActivations, apply_recompute
 from elastic_megatron.parallel.context import split_batch
 from elastic_megatron.parallel.pipeline import forward_backward, from_last_stage
 from elastic_megatron.parallel.setup import distributed
@@ -93,7 +94,11 @@ def main(out: Path, overrides: list[str]) -> None:
             inp, weights = step_fn.router.budget_input(len(step_fn.budgets) - 1)
             logits = torch.cat([v.reshape(-1) for v in step_fn.router.logits(inp, weights).values()]).detach()
 
-        losses, _ = forward_backward(step_fn, model, batches, step=1)
+        # What autograd keeps for backward on this rank (the memory estimate's activations).
+        with SavedActivations(model, *([] if lm else [step_fn.teacher])) as saved:
+            losses, _ = forward_backward(step_fn, model, batches, step=1)
+        saved_bytes = torch.tensor([float(saved.bytes)])
+        dist.all_reduce(saved_bytes, op=dist.ReduceOp.MAX)
         losses = from_last_stage(losses)
         loss = torch.stack(losses).mean().reshape(1)
         dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
@@ -111,7 +116,8 @@ def main(out: Path, overrides: list[str]) -> None:
         for q, data in zip(params, saved):
             q.data = data
 
-        result = {"loss": loss.item(), "grad_norm": grad_norm, "world": dist.get_world_size(), "dp": dp}
+        result = {"loss": loss.item(), "grad_norm": grad_norm, "world": dist.get_world_size(), "dp": dp,
+                  "saved_bytes": saved_bytes.item()}
         if not lm:
             step_fn.reduce_router_gradients()
             router_grad = torch.cat([q.grad.reshape(-1) for q in step_fn.router.parameters()])

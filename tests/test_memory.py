@@ -24,7 +24,7 @@ from elastic_megatron.parallel.memory import layer_activation_elements
 
 from conftest import REPO, preset
 
-SEQ, BATCH = 256, 2
+SEQ, BATCH = 128, 2
 ALL = ("core_attn", "mamba_scan", "moe", "mlp")
 SETTINGS = {"none": dict(granularity="none"), "selective": dict(granularity="selective", modules=ALL),
             "full": dict(granularity="full")}
@@ -71,10 +71,17 @@ def test_recompute_keeps_less_in_the_order_none_selective_full(measured):
 
 
 def describe(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, "tools/describe_model.py", "model=nemotron_nano_v3_30b", "memory=true",
-                           "format=json", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    """tools/describe_model.py memory=true format=json, in this process (Hydra's compose)."""
+    import importlib.util
+
+    from hydra import compose, initialize_config_dir
+
+    spec = importlib.util.spec_from_file_location("describe_model", REPO / "tools" / "describe_model.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with initialize_config_dir(str(REPO / "recipes"), version_base=None):
+        cfg = compose("describe_model", ["model=nemotron_nano_v3_30b", "memory=true", "format=json", *args])
+    return json.loads(tool.describe(cfg))
 
 
 def test_the_stage2_layout_fits_an_h100_at_49k_tokens_and_each_lever_counts():
@@ -92,11 +99,30 @@ def test_the_stage2_layout_fits_an_h100_at_49k_tokens_and_each_lever_counts():
     assert cp2["optimizer"] == pytest.approx(plain["optimizer"], rel=1e-6)
 
 
-@pytest.mark.parametrize("args, says", [
-    (["parallel=nano_h100_cp2", "seq_length=49150"], "seq_length"),
-    (["parallel=nano_h100", "recompute=sometimes"], "recompute"),
-])
-def test_describe_refuses_bad_memory_settings(args, says):
-    proc = subprocess.run([sys.executable, "tools/describe_model.py", "model=nemotron_nano_v3_30b", "memory=true", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and says in proc.stderr + proc.stdout
+def test_memory_estimate_follows_the_layout_and_the_recipe_fits_an_h100():
+    scale = describe("parallel=nano_h100", "nodes=8")
+    assert scale["world"] == 64 and scale["dp"] == 32 and scale["total"] < 0.9 * 80 * 2**30
+    # Experts dominate the weights: twice the expert parallelism nearly halves them.
+    ep4 = describe("parallel=nano_h100", "nodes=8", "parallel.ep=4")
+    assert 1.6 < ep4["weights"] / scale["weights"] < 2.0
+    # The student's optimizer state is sharded over data parallelism, the teacher has none.
+    more_nodes = describe("parallel=nano_h100", "nodes=16", "global_batch_size=768")
+    assert more_nodes["optimizer"] < scale["optimizer"] and more_nodes["teacher"] == scale["teacher"]
+    assert scale["teacher"] == scale["weights"] and scale["gradients"] == 2 * scale["weights"]
+    single = describe("parallel=single")
+    assert single["total"] > 3 * scale["total"]
+
+
+def test_describe_refuses_bad_memory_settings():
+    """Each bad value is named before any estimate; once as a user runs the tool."""
+    from elastic_megatron.config.errors import ConfigError
+
+    for args, key in ((["parallel=nano_h100_cp2", "seq_length=49150"], "seq_length"),
+                      (["parallel=nano_h100", "parallel.ep=5"], "model.moe_num_experts"),
+                      (["parallel=nano_h100", "recompute_modules=[mamba_scan,attention]"], "recompute_modules")):
+        with pytest.raises(ConfigError) as err:
+            describe(*args)
+        assert err.value.key == key
+    proc = subprocess.run([sys.executable, "tools/describe_model.py", "model=nemotron_nano_v3_30b", "memory=true",
+                           "parallel=nano_h100", "recompute=sometimes"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "invalid config recompute='sometimes': allowed" in proc.stderr, proc.stderr

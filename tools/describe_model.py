@@ -123,7 +123,10 @@ def memory_report(cfg: DictConfig) -> str:
     require_sequence_split(cfg.seq_length, parallel, key="seq_length")
     trainer = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainerConfig), {
         k: cfg[k] for k in ("recompute", "recompute_method", "recompute_num_layers", "recompute_modules")}))
-    validate_recompute(trainer)
+    try:
+        validate_recompute(trainer)
+    except ConfigError as err:  # name the key as this tool takes it (recompute=, not trainer.recompute=)
+        raise ConfigError(err.key.removeprefix("trainer."), err.value, err.allowed) from None
     est = estimate_memory(model_cfg, parallel, world, cfg.seq_length, cfg.micro_batch_size, cfg.global_batch_size,
                           cfg.budgets_per_batch, recompute=trainer.recompute, recompute_method=trainer.recompute_method,
                           recompute_num_layers=trainer.recompute_num_layers, recompute_modules=trainer.recompute_modules)
