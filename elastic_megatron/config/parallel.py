@@ -142,7 +142,7 @@ def require_batch_split(global_batch_size: int, micro_batch_size: int, dp: int, 
 def require_sequence_split(seq_length: int, p: ParallelConfig, key: str = "data.seq_length") -> None:
     """Context parallelism cuts every sequence into 2 * cp equal chunks; sequence
     parallelism then cuts each CP rank's part into tp equal parts."""
-    cp = getattr(p, "cp", 1)
+    cp = p.cp
     if cp > 1 and seq_length % (2 * cp):
         raise ConfigError(key, seq_length, f"must be divisible by 2 x parallel.cp = {2 * cp} (each CP rank holds two "
                           "chunks of every sequence, balancing causal attention)")

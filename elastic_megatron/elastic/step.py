@@ -218,16 +218,16 @@ class ElasticDistillStep(StepFunction):
         try:
             for name, w in self.resolved_widths().items():
                 self.hooks.set(hard_masks(self.cfg, w))
-                lm_sum, kd_sum = 0.0, 0.0
+                shares = []  # [lm, kd] of each batch: this CP rank's shares (last stage)
                 for batch in batches:
                     hidden = forward_only(lambda received, b=batch: pair(b, received))
                     if last:
                         kd, lm = kd_loss(hidden[1], hidden[0], output_layer(model), output_layer(self.teacher),
                                          batch["loss_mask"], self.spec.distill.temperature, self.spec.distill.chunk_tokens,
                                          labels=batch["labels"])
-                        lm_share, kd_share = sum_over_cp(torch.stack([lm, kd])).tolist()
-                        lm_sum += lm_share
-                        kd_sum += kd_share
+                        shares.append(torch.stack([lm, kd]).double())
+                # One reduction over the CP ranks per budget (the other stages get the result below).
+                lm_sum, kd_sum = sum_over_cp(torch.stack(shares).sum(0)).tolist() if last else (0.0, 0.0)
                 out[f"{name}/valid_loss"] = lm_sum / len(batches)
                 out[f"{name}/valid_kd"] = kd_sum / len(batches)
         finally:

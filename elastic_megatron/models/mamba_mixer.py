@@ -301,11 +301,7 @@ class HybridMambaMixer(MegatronModule):
         seqlen = xbc.shape[1]
         # Causal depthwise conv over time: pad both sides, keep the first seqlen outputs.
         xbc = F.silu(conv(xbc.transpose(1, 2))[..., :seqlen].transpose(1, 2))
-        gd = ngroups * self.d_state
-        x, B, C = torch.split(xbc, [xbc.shape[-1] - 2 * gd, gd, gd], dim=-1)
-        x = x.unflatten(-1, (nheads, self.headdim))
-        B = B.unflatten(-1, (ngroups, self.d_state))
-        C = C.unflatten(-1, (ngroups, self.d_state))
+        x, B, C = self._split_xbc(xbc, nheads, ngroups)
         A = -torch.exp(A_log.float())
         scan = mamba_chunk_scan_combined if self.use_triton(x) else ssd_chunk_scan
         return scan(
@@ -320,11 +316,15 @@ class HybridMambaMixer(MegatronModule):
             dim=-1,
         )
 
-    def _split_xbc(self, xbc: torch.Tensor):
-        gd = self.ngroups_local_tp * self.d_state
-        x, B, C = torch.split(xbc, [self.d_inner_local_tp, gd, gd], dim=-1)
-        return (x.unflatten(-1, (self.nheads_local_tp, self.headdim)), B.unflatten(-1, (self.ngroups_local_tp, self.d_state)),
-                C.unflatten(-1, (self.ngroups_local_tp, self.d_state)))
+    def _split_xbc(self, xbc: torch.Tensor, nheads: Optional[int] = None, ngroups: Optional[int] = None):
+        """x [.., heads, head_dim], B and C [.., groups, state] of this rank's heads (its TP
+        shard, or `nheads`/`ngroups` of them under context parallelism)."""
+        nheads = self.nheads_local_tp if nheads is None else nheads
+        ngroups = self.ngroups_local_tp if ngroups is None else ngroups
+        gd = ngroups * self.d_state
+        x, B, C = torch.split(xbc, [nheads * self.headdim, gd, gd], dim=-1)
+        return (x.unflatten(-1, (nheads, self.headdim)), B.unflatten(-1, (ngroups, self.d_state)),
+                C.unflatten(-1, (ngroups, self.d_state)))
 
     def _dt(self, dt: torch.Tensor) -> torch.Tensor:
         """softplus(dt + dt_bias), limited to dt_limit, in fp32 (as the scan computes it)."""

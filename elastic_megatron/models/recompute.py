@@ -38,12 +38,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from megatron.core.ssm.mamba_layer import MambaLayer
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_layer import TransformerLayer
-
-
 
 _MEASURING: list = []  # active SavedActivations, told what checkpoints keep
 
@@ -130,8 +129,6 @@ def _restored(states: list, values: list, tracker_states):
     saved = [getattr(h, a) for h, a in states]
     saved_tracker = None
     if tracker_states is not None:
-        from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
         saved_tracker = get_cuda_rng_tracker().get_states()
         get_cuda_rng_tracker().set_states(tracker_states)
     for (h, a), v in zip(states, values):
@@ -142,8 +139,6 @@ def _restored(states: list, values: list, tracker_states):
         for (h, a), v in zip(states, saved):
             setattr(h, a, v)
         if saved_tracker is not None:
-            from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
             get_cuda_rng_tracker().set_states(saved_tracker)
 
 
@@ -160,11 +155,7 @@ def checkpointed(fn: Callable, states: list) -> Callable:
             for t in (*args, *kwargs.values()):
                 if torch.is_tensor(t):
                     measure.keep(t)
-        tracker = None
-        if torch.cuda.is_available():
-            from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-            tracker = get_cuda_rng_tracker().get_states()
+        tracker = get_cuda_rng_tracker().get_states() if torch.cuda.is_available() else None
 
         def context_fn():
             return contextlib.nullcontext(), _restored(states, values, tracker)

@@ -30,7 +30,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from elastic_megatron.config.model import ATTENTION, MAMBA, MLP, MOE, ModelConfig
-from elastic_megatron.config.parallel import expert_tensor_parallel, pipeline_stages
+from elastic_megatron.config.parallel import expert_tensor_parallel, layout_data_parallel, pipeline_stages
 from elastic_megatron.models.counter import model_size
 
 GIB = 2**30
@@ -127,7 +127,7 @@ def stage_activation_elements(cfg: ModelConfig, stage: str, tp: int = 1, sp: boo
 
     if recompute != "full":
         return sum(layer_activation_elements(cfg, t, tp, sp, cp, recompute, modules) for t in stage), 0.0
-    h = cfg.hidden_size / (tp if sp else 1)
+    h = layer_activation_elements(cfg, stage[0], tp, sp, cp, "full")  # a recomputed layer keeps its input
     if method == "block":
         first, rest = stage[:num_layers], stage[num_layers:]
         return len(first) * h + sum(full(t) for t in rest), max((full(t) for t in first), default=0.0)
@@ -142,9 +142,9 @@ def estimate_memory(cfg: ModelConfig, parallel, world_size: int, seq_length: int
                     activation_bytes: int = 2) -> MemoryEstimate:
     """Bytes per GPU on the heaviest stage (see the module doc)."""
     tp, pp, ep = parallel.tp, parallel.pp, parallel.ep
-    cp = getattr(parallel, "cp", 1)
+    cp = parallel.cp
     etp = expert_tensor_parallel(parallel)
-    dp = world_size // (tp * pp * cp)
+    dp = layout_data_parallel(parallel, world_size)
     edp = world_size // (etp * ep * pp)
     micro_per_step = global_batch_size // (micro_batch_size * dp)
     in_flight = micro_per_step if pp > 1 else 1
@@ -181,9 +181,9 @@ def estimate_memory(cfg: ModelConfig, parallel, world_size: int, seq_length: int
 def render_memory(cfg: ModelConfig, parallel, world_size: int, gpus_per_node: int, est: MemoryEstimate,
                   seq_length: int, micro_batch_size: int, global_batch_size: int, gpu_gib: float,
                   recompute: str = "none") -> str:
-    tp, pp, ep, cp = parallel.tp, parallel.pp, parallel.ep, getattr(parallel, "cp", 1)
+    tp, pp, ep, cp = parallel.tp, parallel.pp, parallel.ep, parallel.cp
     etp = expert_tensor_parallel(parallel)
-    dp = world_size // (tp * pp * cp)
+    dp = layout_data_parallel(parallel, world_size)
     lines = [
         f"model {cfg.name} on {world_size} GPUs ({world_size // gpus_per_node} nodes x {gpus_per_node}): "
         f"tp {tp}{' +sp' if parallel.sequence_parallel else ''}, cp {cp}, pp {pp}, ep {ep}, etp {etp}, dp {dp}",
