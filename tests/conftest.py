@@ -73,3 +73,22 @@ def stdlib_prefix(tmp_path_factory) -> str:
     )
     assert proc.returncode == 0, proc.stderr
     return f"{out}_text_document"
+
+
+@pytest.fixture(scope="session")
+def sorted_parent(stdlib_prefix, tmp_path_factory):
+    """(root, prefix): a tiny parent pretrained for 12 steps (root/parent) and its sorted
+    version (root/sorted, the importance recipe), made once per session."""
+    from elastic_helpers import train_overrides
+
+    from elastic_megatron.checkpoint import metadata
+    from elastic_megatron.train import run
+
+    root = tmp_path_factory.mktemp("elastic")
+    run("pretrain", train_overrides(stdlib_prefix, root / "parent", **{"trainer.max_steps": 12, "trainer.lr": 3e-3}))
+    path = run("importance_tiny", train_overrides(stdlib_prefix, root / "sorted", **{
+        "elastic.parent_checkpoint": str(root / "parent"), "elastic.importance.calibration_batches": 3,
+        "elastic.importance.plots": "false"}))
+    meta = metadata.read_common_state(path)["meta"]
+    assert meta["sort_index"] and meta["importance"]["max_logit_diff_after_sort"] <= 1e-4
+    return root, stdlib_prefix

@@ -51,3 +51,14 @@ def sliced_model(parent, cfg, w: Widths):
     sub.load_state_dict(sd, strict=True)
     sub.eval()
     return sub, sub_cfg
+
+
+def train_overrides(prefix, run_dir, **extra) -> list[str]:
+    """Hydra overrides for a short CPU training run of a recipe on `prefix`."""
+    values = {
+        "run.dir": str(run_dir), "data.prefixes": f"[{prefix}]", "data.seq_length": 64,
+        "trainer.micro_batch_size": 2, "trainer.global_batch_size": 4, "trainer.warmup_steps": 2,
+        "trainer.log_interval": 1, "trainer.eval_interval": 100, "trainer.eval_iters": 2, "trainer.save_interval": 100,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

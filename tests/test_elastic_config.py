@@ -31,7 +31,7 @@ def test_every_recipe_composes_and_validates(name):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "recipes" / "elastic").glob("*.yaml") if p.stem != "none"))
 def test_every_elastic_preset_validates_against_its_model(name):
-    model = "nemotron_nano_v3_30b" if name.startswith("star") else "small" if name == "small" else "tiny"
+    model = "nemotron_nano_v3_30b" if name.startswith("star") else name if name in ("small", "fidelity") else "tiny"
     job = compose_job("stage1", [f"model={model}", f"elastic={name}", "elastic.teacher_checkpoint=t"])
     budgets = validate_elastic(job.elastic, job.model)
     assert budgets[0].fixed == full_widths(job.model) and not budgets[0].routed  # the first budget is the parent

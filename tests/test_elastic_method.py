@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import preset, small_config, token_batch
-from elastic_helpers import logits, randomised_model
+from elastic_helpers import logits, randomised_model, train_overrides as _common
 
 from elastic_megatron.config.elastic import BudgetConfig, ElasticConfig
 from elastic_megatron.config.errors import ConfigError
@@ -213,28 +213,6 @@ def test_curriculum_sampling_frequencies_match_the_recipe():
 
 
 # ---- the whole chain on the embedded corpus -------------------------------------------
-
-
-def _common(prefix, run_dir, **extra):
-    values = {
-        "run.dir": str(run_dir), "data.prefixes": f"[{prefix}]", "data.seq_length": 64,
-        "trainer.micro_batch_size": 2, "trainer.global_batch_size": 4, "trainer.warmup_steps": 2,
-        "trainer.log_interval": 1, "trainer.eval_interval": 100, "trainer.eval_iters": 2, "trainer.save_interval": 100,
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-@pytest.fixture(scope="module")
-def sorted_parent(stdlib_prefix, tmp_path_factory):
-    root = tmp_path_factory.mktemp("elastic")
-    run("pretrain", _common(stdlib_prefix, root / "parent", **{"trainer.max_steps": 12, "trainer.lr": 3e-3}))
-    path = run("importance_tiny", _common(stdlib_prefix, root / "sorted", **{
-        "elastic.parent_checkpoint": str(root / "parent"), "elastic.importance.calibration_batches": 3,
-        "elastic.importance.plots": "false"}))
-    meta = metadata.read_common_state(path)["meta"]
-    assert meta["sort_index"] and meta["importance"]["max_logit_diff_after_sort"] <= 1e-4
-    return root, stdlib_prefix
 
 
 class SignalAt(ElasticDistillStep):

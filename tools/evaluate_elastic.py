@@ -1,13 +1,23 @@
-"""Evaluation table of an elastic checkpoint: one row per nested budget, against the same
-sizes sliced from the sorted parent (a) and prefix-sliced from the unsorted parent (b).
+"""Held-out evaluation of a checkpoint: loss, perplexity and bits per byte per budget.
 
-    python tools/evaluate_elastic.py --elastic runs/demo-stage2 --sorted runs/demo-importance \
+    # an elastic checkpoint's budgets next to the sorted-parent slice (a) and the unsorted prefix (b)
+    python tools/evaluate_elastic.py --checkpoint runs/demo-stage2 --sorted runs/demo-importance \
         --unsorted runs/demo-pretrain --out runs/demo-eval
+    # any data written by tools/preprocess_data.py with the checkpoint's tokenizer
+    python tools/evaluate_elastic.py --checkpoint runs/demo-stage2 --data data/heldout_text_document \
+        --seq-length 512 --budgets small,full --out runs/eval-heldout
+    # a plain checkpoint (a parent, a separately distilled baseline) or a sliced one: the same code
+    python tools/evaluate_elastic.py --checkpoint runs/demo-small --data data/heldout_text_document --out runs/eval-small
 
+--checkpoint takes an elastic run dir (one row per budget), a plain run dir (one row,
+`full`) or a sliced checkpoint (one row, the budget it was cut at). Without --data the
+validation split of the checkpoint's own training data is read (--batches, default 16);
+with it, the whole dataset at --seq-length (default: the run's), or its first --batches.
 Prints the table and writes <out>/evaluation.json and <out>/evaluation.png. With
 `--quantized` (and `--qad <QAD run dir>`), also the table per budget x precision: BF16,
 FP8 and NVFP4 post-training quantization of the elastic checkpoint, NVFP4 after QAD
-(<out>/precision.json, <out>/precision.png).
+(<out>/precision.json, <out>/precision.png). Every input is checked before a model is
+built; nothing is written when one is wrong.
 """
 
 from __future__ import annotations
@@ -22,12 +32,17 @@ def main(argv=None) -> int:
     from elastic_megatron.cli import run_tool, tool_parser
 
     parser = tool_parser(__doc__)
-    parser.add_argument("--elastic", required=True, help="elastic run dir or checkpoint dir (stage 1 or 2)")
-    parser.add_argument("--sorted", required=True, help="sorted parent (importance run dir)")
-    parser.add_argument("--unsorted", required=True, help="parent before sorting")
+    parser.add_argument("--checkpoint", "--elastic", dest="checkpoint", required=True,
+                        help="elastic, plain or sliced checkpoint (run dir or checkpoint dir); --elastic is an alias")
+    parser.add_argument("--sorted", default=None, help="sorted parent (importance run dir): baseline (a), masked at the budgets")
+    parser.add_argument("--unsorted", default=None, help="parent before sorting: baseline (b), masked at the budgets")
     parser.add_argument("--out", required=True, help="directory for evaluation.json and evaluation.png")
-    parser.add_argument("--batches", type=int, default=16, help="validation micro-batches (default 16)")
+    parser.add_argument("--data", default=None, help="indexed dataset prefix (tools/preprocess_data.py) to evaluate on, read whole")
+    parser.add_argument("--seq-length", type=int, default=None, help="with --data: tokens per sequence (default: the run's)")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="micro-batches to evaluate (default: 16 of the run's validation split; with --data, one pass)")
     parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--budgets", default=None, help="comma-separated budget names to evaluate (default: all)")
     parser.add_argument("--quantized", action="store_true", help="also the budget x precision table (FP8/NVFP4 PTQ)")
     parser.add_argument("--qad", default=None, help="NVFP4 QAD run dir for the precision table (implies --quantized)")
     parser.add_argument("--calibration-batches", type=int, default=16, help="PTQ calibration micro-batches (default 16)")
@@ -35,30 +50,38 @@ def main(argv=None) -> int:
 
     from elastic_megatron.config.errors import ConfigError
     from elastic_megatron.jobs.evaluate import (
-        evaluate_elastic, evaluate_precisions, render_precision_table, render_table, write_outputs, write_precision_outputs,
+        checkpoint_rows, eval_data, evaluate, evaluate_precisions, render_precision_table, render_rows, write_precision_outputs,
+        write_rows,
     )
     from elastic_megatron.parallel.setup import distributed
 
     def job():
+        from elastic_megatron.checkpoint.metadata import checkpoint_model_config
         from elastic_megatron.config.errors import require_positive_int
 
-        require_positive_int("--batches", args.batches)
+        if args.batches is not None:
+            require_positive_int("--batches", args.batches)
         require_positive_int("--micro-batch-size", args.micro_batch_size)
+        require_positive_int("--calibration-batches", args.calibration_batches)
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise ConfigError("--out", args.out, "is a file; give a directory for evaluation.json and evaluation.png")
-        require_positive_int("--calibration-batches", args.calibration_batches)
+        checkpoint_model_config(args.checkpoint)  # a readable checkpoint, before anything else
+        names = [n.strip() for n in args.budgets.split(",") if n.strip()] if args.budgets else None
+        checkpoint_rows(args.checkpoint, names)
+        baselines = {k: v for k, v in (("sorted", args.sorted), ("unsorted", args.unsorted)) if v}
         with distributed(1, 1, 1, seed=1234):
-            rows = evaluate_elastic(args.elastic, args.sorted, args.unsorted, args.batches, args.micro_batch_size)
+            data = eval_data(args.checkpoint, args.data, args.seq_length, args.batches, args.micro_batch_size)
+            rows = evaluate(args.checkpoint, data, names, baselines)
             table = None
             if args.quantized or args.qad:
-                table = evaluate_precisions(args.elastic, args.qad, args.batches, args.micro_batch_size, args.calibration_batches)
-            return rows, table
+                table = evaluate_precisions(args.checkpoint, data, args.qad, args.micro_batch_size, args.calibration_batches)
+            return rows, data.source, table
 
     def done(result):
-        rows, table = result
-        json_path, png_path = write_outputs(rows, args.out)
-        text = f"{render_table(rows)}\nwrote {json_path} and {png_path}"
+        rows, source, table = result
+        json_path, png_path = write_rows(rows, args.out, source)
+        text = f"{render_rows(rows, source)}\nwrote {json_path} and {png_path}"
         if table is not None:
             pj, pp = write_precision_outputs(table, args.out)
             text += f"\n\n{render_precision_table(table)}\nwrote {pj} and {pp}"

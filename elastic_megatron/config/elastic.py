@@ -92,6 +92,10 @@ class ElasticConfig:
     teacher_checkpoint: Optional[str] = None
     # Student initialisation (weights, router); null = the teacher. Stage 2: stage 1's run dir.
     init_checkpoint: Optional[str] = None
+    # Separate distillation (recipes/distill*.yaml): train only this budget of `budgets`,
+    # pinned, as ONE fixed-size student (the baseline the nested models are compared
+    # with); null = every budget nested in one model (stages 1 and 2).
+    student_budget: Optional[str] = None
 
 
 def validate_elastic_settings(spec: ElasticConfig, cfg: ModelConfig) -> None:
@@ -102,6 +106,15 @@ def validate_elastic_settings(spec: ElasticConfig, cfg: ModelConfig) -> None:
     if cfg.backend != "local":
         raise ConfigError("model.backend", cfg.backend, "elastic masks hook the local backend's separate norms; allowed: local")
     r, d, c = spec.router, spec.distill, spec.curriculum
+    if spec.student_budget is not None:
+        names = [b.name for b in spec.budgets]
+        if spec.student_budget not in names:
+            raise ConfigError("elastic.student_budget", spec.student_budget, f"is not a budget of elastic.budgets; allowed: {names}")
+        student = spec.budgets[names.index(spec.student_budget)]
+        if student.candidates:
+            raise ConfigError("elastic.student_budget", spec.student_budget,
+                              "has router candidates; a separately distilled student has one fixed architecture: "
+                              "pin its widths (elastic.budgets[i].widths), e.g. to what an elastic run resolved")
     require_positive_int("elastic.router.hidden_size", r.hidden_size)
     for key in ("lr_mult", "temperature_start", "temperature_end"):
         if not getattr(r, key) > 0:

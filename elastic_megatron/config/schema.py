@@ -57,6 +57,10 @@ class DataConfig:
     weights: Optional[list[float]] = None
     # train, valid, test proportions.
     split: str = "98,2,0"
+    # Held-out validation data (prefixes read whole, as Megatron-LM's --valid-data-path);
+    # null = validate on the split's valid share of `prefixes`. With it, training reads
+    # `prefixes` whole and `split` is unused.
+    valid_prefixes: Optional[list[str]] = None
     seq_length: int = 256
     # Where Megatron writes its dataset index caches; null = <run.dir>/data_cache.
     cache_dir: Optional[str] = None

@@ -2,8 +2,10 @@
 and a resumable data-parallel loader.
 
 A blend is several data prefixes with weights; `split` cuts each into train/valid/test
-document ranges; Megatron shuffles with the seed and caches its sample index under
-`cache_dir`. `validate_data_spec` checks every `.bin`/`.idx` pair before anything reads it
+document ranges, unless `valid_prefixes` names held-out data for validation (Megatron's
+separate train/valid paths: then the training prefixes are used whole). Megatron shuffles
+with the seed and caches its sample index under `cache_dir`. `heldout_dataset` reads any
+prefix whole, the same way, for evaluation (jobs/evaluate.py). `validate_data_spec` checks every `.bin`/`.idx` pair before anything reads it
 (`indexed.check_indexed_dataset`), and the cache key carries a fingerprint of each
 prefix's `.idx`, so data re-made in place rebuild their indices instead of reusing stale
 ones. `make_loader` follows Megatron's pretraining sampler: global batches are
@@ -34,21 +36,33 @@ class DataSpec:
     seq_length: int
     seed: int
     cache_dir: str
+    # Held-out validation data (whole prefixes); None = the `split`'s valid share of `prefixes`.
+    valid_prefixes: Optional[list[str]] = None
+
+
+def require_prefix(prefix: str, key: str) -> int:
+    """The number of sequences of the indexed dataset `prefix`; ConfigError naming `key`
+    when its .bin/.idx pair is missing or does not check."""
+    missing = [ext for ext in (".bin", ".idx") if not Path(prefix + ext).is_file()]
+    if missing:
+        out = output_prefix_of(prefix)
+        raise ConfigError(
+            key, prefix,
+            f"no {prefix}{'/'.join(missing)} found; make it with "
+            f"python tools/preprocess_data.py --input <files> --output-prefix {out}",
+        )
+    return check_indexed_dataset(prefix).sequences
 
 
 def validate_data_spec(spec: DataSpec) -> None:
     sequences = {}
     for prefix in spec.prefixes:
-        missing = [ext for ext in (".bin", ".idx") if not Path(prefix + ext).is_file()]
-        if missing:
-            out = output_prefix_of(prefix)
-            raise ConfigError(
-                "data.prefixes", prefix,
-                f"no {prefix}{'/'.join(missing)} found; make it with "
-                f"python tools/preprocess_data.py --input <files> --output-prefix {out}",
-            )
         if prefix not in sequences:
-            sequences[prefix] = check_indexed_dataset(prefix).sequences
+            sequences[prefix] = require_prefix(prefix, "data.prefixes")
+    for prefix in spec.valid_prefixes or []:
+        require_prefix(prefix, "data.valid_prefixes")
+    if spec.valid_prefixes is not None and not spec.valid_prefixes:
+        raise ConfigError("data.valid_prefixes", [], "give at least one prefix, or null to validate on the split's valid share")
     if spec.weights is not None:
         if len(spec.weights) != len(spec.prefixes):
             raise ConfigError("data.weights", list(spec.weights), f"needs one weight per prefix ({len(spec.prefixes)})")
@@ -63,6 +77,8 @@ def validate_data_spec(spec: DataSpec) -> None:
     # Megatron splits each prefix by whole documents (GPT: by sequences, one per document
     # here); an empty split would make its sample index loop forever, so refuse it here.
     bounds = np.cumsum([0.0] + parts) / sum(parts)
+    if spec.valid_prefixes:
+        return  # the split is not used: training reads its prefixes whole
     for prefix in spec.prefixes:
         n = sequences[prefix]
         for name, i in (("train", 0), ("valid", 1)):
@@ -79,7 +95,7 @@ def load_tokenizer_for(prefixes: list[str]):
             raise ConfigError("data.prefixes", prefix, f"no tokenizer description {path}; re-run tools/preprocess_data.py")
         descriptions.append(json.loads(path.read_text())["tokenizer"])
     if any(d != descriptions[0] for d in descriptions):
-        raise ConfigError("data.prefixes", list(prefixes), f"all prefixes of a blend need one tokenizer; found {descriptions}")
+        raise ConfigError("data.prefixes", list(prefixes), f"all prefixes (training and validation) need one tokenizer; found {descriptions}")
     return tokenizer_from_description(descriptions[0])
 
 
@@ -108,33 +124,52 @@ def data_fingerprints(prefixes: list[str]) -> dict:
     return {prefix: index_fingerprint(prefix) for prefix in dict.fromkeys(prefixes)}
 
 
-def build_datasets(spec: DataSpec, tokenizer, train_samples: int, valid_samples: int):
-    """(train, valid) GPTDatasets with at least the requested number of samples."""
+def _gpt_datasets(spec: DataSpec, tokenizer, sizes: list, blend=None, blend_per_split=None):
+    """Megatron's (train, valid, test) GPTDatasets of `sizes` samples (None: one epoch)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     Path(spec.cache_dir).mkdir(parents=True, exist_ok=True)
+    every = list(spec.prefixes) + list(spec.valid_prefixes or [])
     config = GPTDatasetConfig(
         random_seed=spec.seed,
         sequence_length=spec.seq_length,
-        blend=(list(spec.prefixes), list(spec.weights) if spec.weights else None),
-        split=spec.split,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=spec.split if blend is not None else None,
         path_to_cache=spec.cache_dir,
         # The data fingerprints put the content of every prefix into the cache keys: data
         # re-made in place get new cache files; unchanged data find theirs. One
         # tokenizer view serves the whole blend, so a re-made prefix also renames the
         # caches of the other prefixes in the same blend (cheap to rebuild; never stale).
-        tokenizer=_MegatronTokenizerView(tokenizer, data_fingerprints(spec.prefixes)),
+        tokenizer=_MegatronTokenizerView(tokenizer, data_fingerprints(every)),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
         mmap_bin_files=True,
     )
-    train, valid, _test = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
-    ).build()
+    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+
+
+def build_datasets(spec: DataSpec, tokenizer, train_samples: int, valid_samples: int):
+    """(train, valid) GPTDatasets with at least the requested number of samples."""
+    train_blend = (list(spec.prefixes), list(spec.weights) if spec.weights else None)
+    if spec.valid_prefixes:
+        train, valid, _ = _gpt_datasets(spec, tokenizer, [train_samples, valid_samples, 0],
+                                        blend_per_split=[train_blend, (list(spec.valid_prefixes), None), None])
+    else:
+        train, valid, _ = _gpt_datasets(spec, tokenizer, [train_samples, valid_samples, 0], blend=train_blend)
     return train, valid
+
+
+def heldout_dataset(prefix: str, tokenizer, seq_length: int, seed: int, cache_dir: str, num_samples: Optional[int] = None):
+    """The whole of `prefix` as validation data, cut and shuffled exactly as training's
+    validation reads `data.valid_prefixes: [prefix]` with the same seed and sequence
+    length; `num_samples` None = one pass over the data."""
+    spec = DataSpec(prefixes=[], weights=None, split="", seq_length=seq_length, seed=seed, cache_dir=cache_dir,
+                    valid_prefixes=[prefix])
+    return _gpt_datasets(spec, tokenizer, [0, num_samples, 0], blend_per_split=[None, ([prefix], None), None])[1]
 
 
 def make_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> Iterator[dict]:
@@ -167,7 +202,8 @@ def recorded_batches(job: dict, num_batches: int, micro_batch_size: int, split: 
 
     d = job["data"]
     spec = DataSpec(prefixes=list(d["prefixes"]), weights=d["weights"], split=d["split"], seq_length=d["seq_length"],
-                    seed=job["run"]["seed"], cache_dir=d["cache_dir"] or str(Path(job["run"]["dir"]) / "data_cache"))
+                    seed=job["run"]["seed"], cache_dir=d["cache_dir"] or str(Path(job["run"]["dir"]) / "data_cache"),
+                    valid_prefixes=d.get("valid_prefixes"))
     validate_data_spec(spec)
     n = num_batches * micro_batch_size
     train, valid = build_datasets(spec, load_tokenizer_for(spec.prefixes), train_samples=n if split == "train" else micro_batch_size,

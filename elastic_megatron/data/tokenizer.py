@@ -7,7 +7,9 @@
   BPE trained here by `train_bpe`. Nothing is downloaded.
 
 `describe()` records how to rebuild a tokenizer; preprocessing stores it next to the data
-so training rebuilds the same tokenizer from the data alone.
+so training rebuilds the same tokenizer from the data alone. `token_bytes()` gives the
+UTF-8 bytes each token stands for, so that evaluation reports bits per byte, which
+compares models across tokenizers.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class ByteTokenizer:
 
     def describe(self) -> dict:
         return {"type": "byte"}
+
+    def token_bytes(self) -> list[int]:
+        """One byte per byte token; the end-of-document token stands for no text."""
+        return [1] * 256 + [0]
 
 
 class HFTokenizer:
@@ -63,6 +69,29 @@ class HFTokenizer:
     def describe(self) -> dict:
         return {"type": "hf", "path": self.path, "eod_token": self.eod_token}
 
+    def token_bytes(self) -> list[int]:
+        """The UTF-8 bytes of text each token id stands for; special (added) tokens none.
+
+        Exact for byte-level BPE (GPT-2 style, Nemotron's, and what `train_bpe` makes):
+        there every character of a token's string is one byte of the text. Otherwise
+        byte-fallback pieces `<0xNN>` count one byte and other pieces the UTF-8 length of
+        their text, a SentencePiece word-start marker counting as the space it stands for."""
+        import json
+
+        special = {int(i) for i in self._tok.get_added_tokens_decoder()}
+        byte_level = "ByteLevel" in json.dumps(json.loads(self._tok.to_str()).get("decoder"))
+        out = [0] * self.vocab_size
+        for piece, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if i in special or i >= self.vocab_size:
+                continue
+            if byte_level:
+                out[i] = len(piece)
+            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                out[i] = 1
+            else:
+                out[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+        return out
+
 
 def build_tokenizer(type: str, path: Optional[str] = None, eod_token: Optional[str] = None):
     if type == "byte":
@@ -74,6 +103,23 @@ def build_tokenizer(type: str, path: Optional[str] = None, eod_token: Optional[s
             raise ConfigError("data.tokenizer.path", path, "does not exist; give a local tokenizer.json or a directory holding one")
         return HFTokenizer(path, eod_token)
     raise ConfigError("data.tokenizer.type", type, f"allowed: {list(TOKENIZER_TYPES)}")
+
+
+def same_tokenizer(a: dict, b: dict) -> bool:
+    """Whether two tokenizer descriptions (`describe()`) make the same token ids: the same
+    type and, for hf, the same end-of-document token and the same tokenizer.json content
+    (wherever it lies)."""
+    if a.get("type") != b.get("type"):
+        return False
+    if a.get("type") != "hf":
+        return True
+    if a.get("eod_token") != b.get("eod_token"):
+        return False
+    files = [Path(d.get("path") or "") for d in (a, b)]
+    files = [f / "tokenizer.json" if f.is_dir() else f for f in files]
+    if all(f.is_file() for f in files):
+        return files[0].read_bytes() == files[1].read_bytes()
+    return a.get("path") == b.get("path")
 
 
 def tokenizer_from_description(desc: dict):

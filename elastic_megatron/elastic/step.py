@@ -61,8 +61,16 @@ class ElasticDistillStep(StepFunction):
         # The budgets' widths are checked here, once (validate_job checked the other settings).
         self.budgets: list[ResolvedBudget] = resolve_budgets(job.elastic, job.model, job.parallel)
         self.generator = torch.Generator().manual_seed(job.run.seed + 7919)
-        self.sampler = BudgetSampler(self.spec.curriculum.budget_probs, len(self.budgets),
-                                     self.spec.curriculum.budgets_per_batch, self.generator)
+        curriculum = self.spec.curriculum
+        if self.spec.student_budget is not None:
+            # Separate distillation: one pinned budget (validate_job refused a routed one)
+            # trained alone, every micro-batch; the rest of the step is unchanged.
+            self.budgets = [b for b in self.budgets if b.name == self.spec.student_budget]
+            curriculum = type(curriculum)(budget_probs=None, budgets_per_batch=1)
+        self.sampler = BudgetSampler(curriculum.budget_probs, len(self.budgets), curriculum.budgets_per_batch, self.generator)
+        # Training tokens each budget was trained on in this run (all ranks together): the
+        # cost the fidelity benchmark gives each separately distilled baseline.
+        self.budget_tokens = {b.name: 0 for b in self.budgets}
         with torch.random.fork_rng(devices=[]):  # the router's init depends on the run seed only
             torch.manual_seed(job.run.seed)
             self.router = BudgetRouter(self.budgets, self.cfg, self.spec.router.hidden_size, self.spec.router.per_layer)
@@ -137,6 +145,10 @@ class ElasticDistillStep(StepFunction):
         send on [teacher, student per budget] stacked, the last computes the loss."""
         d = self.spec.distill
         indices = self.sampler.sample()
+        if model.training:
+            tokens = batch["tokens"].numel() * parallel_state.get_data_parallel_world_size() * cp_size()
+            for index in indices:
+                self.budget_tokens[self.budgets[index].name] += tokens
         with torch.no_grad():
             teacher_hidden = stage_hidden(self.teacher, batch["tokens"], batch["position_ids"], _slot(received, 0))
         hiddens, sampled = [], []
@@ -247,7 +259,8 @@ class ElasticDistillStep(StepFunction):
             parts.append(f"{name}: kd {metrics[key]:.4f}{cost_txt}")
         if not parts:
             return []
-        return ["  ".join(parts) + f"  temperature {metrics.get('temperature', float('nan')):.3f}"]
+        routed = any(b.routed for b in self.budgets)
+        return ["  ".join(parts) + (f"  temperature {metrics.get('temperature', float('nan')):.3f}" if routed else "")]
 
     def validation_lines(self, metrics: dict) -> list[str]:
         return [f"{key[: -len('/valid_loss')]}: validation loss {metrics[key]:.4f}  kd {metrics[key[: -len('valid_loss')] + 'valid_kd']:.4f}"
@@ -256,14 +269,18 @@ class ElasticDistillStep(StepFunction):
     def checkpoint_meta(self) -> dict:
         """What slicing and later stages read: the sort applied, the budgets and their
         resolved architectures and costs."""
-        return {"sort_index": self.teacher_meta.get("sort_index"),
-                "elastic": budgets_meta(self.spec, self.cfg, self.budgets, self.resolved_widths())}
+        elastic = budgets_meta(self.spec, self.cfg, self.budgets, self.resolved_widths())
+        if self.spec.student_budget is not None:
+            elastic["student_budget"] = self.spec.student_budget
+        elastic["budget_tokens"] = dict(self.budget_tokens)
+        return {"sort_index": self.teacher_meta.get("sort_index"), "elastic": elastic}
 
     def state_dict(self) -> dict:
         return {"router": {"params": self.router.state_dict(), "optimizer": self.router_optimizer.state_dict()},
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(), "budget_tokens": dict(self.budget_tokens)}
 
     def load_state_dict(self, state: dict) -> None:
         self.router.load_state_dict(state["router"]["params"])
         self.router_optimizer.load_state_dict(state["router"]["optimizer"])
         self.generator.set_state(state["generator"])
+        self.budget_tokens.update(state.get("budget_tokens") or {})  # absent in checkpoints before it was counted

@@ -74,8 +74,3 @@ class QuantizedDistillStep(ElasticDistillStep):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.quant.load(state["quant"])
-
-    def progress_lines(self, metrics: dict) -> list[str]:
-        lines = super().progress_lines(metrics)
-        # The router is frozen: its temperature means nothing here.
-        return [line.rsplit("  temperature", 1)[0] for line in lines]

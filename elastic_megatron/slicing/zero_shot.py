@@ -49,6 +49,8 @@ def slice_checkpoint(source: str | Path, target: str | Path, size: str, precisio
     provenance = {"sliced_from": {"checkpoint": str(src.dir), "size": size, "widths": widths.as_dict(),
                                   "total_params": int(model_cost(src.cfg, widths, "total_params")),
                                   "active_params": int(model_cost(src.cfg, widths, "active_params"))}}
+    if src.meta.get("data"):  # the tokenizer it was trained with: evaluation refuses data tokenized otherwise
+        provenance["data"] = src.meta["data"]
     hf_options = {}
     if precision in QUANTIZED:
         from elastic_megatron.quant.export import EncodedSource, hf_quantized_view, slice_encoded, sliced_record, write_quant_configs

@@ -59,6 +59,7 @@ def data_spec(job: JobConfig, run_dir: Path) -> DataSpec:
         seq_length=d.seq_length,
         seed=job.run.seed,
         cache_dir=d.cache_dir or str(run_dir / "data_cache"),
+        valid_prefixes=list(d.valid_prefixes) if d.valid_prefixes is not None else None,
     )
 
 
@@ -115,7 +116,7 @@ def prepare_run(job: JobConfig, initial_weights: Optional[str] = None, initial_k
     run_dir = Path(job.run.dir)
     spec = data_spec(job, run_dir)
     validate_data_spec(spec)
-    tokenizer = load_tokenizer_for(spec.prefixes)
+    tokenizer = load_tokenizer_for(spec.prefixes + (spec.valid_prefixes or []))  # one tokenizer for training and validation data
     if job.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError("model.vocab_size", job.model.vocab_size, f"must be >= the data's tokenizer vocabulary ({tokenizer.vocab_size})")
     identity = data_identity(tokenizer, data_fingerprints(spec.prefixes))
