@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # GPU machines (nvidia-smi present) keep whatever torch the environment provides.
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 
-.PHONY: install demo test test-fast bench-recompute clean
+.PHONY: install demo test test-fast bench-recompute bench-fidelity clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,7 @@ demo: install $(DEMO_DATA)_text_document.idx
 	$(TRAIN) --config-name=stage2_tiny elastic.teacher_checkpoint=runs/demo-importance \
 		elastic.init_checkpoint=runs/demo-stage1 run.dir=runs/demo-stage2
 	$(TRAIN) --config-name=qad_tiny elastic.teacher_checkpoint=runs/demo-stage2 run.dir=runs/demo-qad
-	$(PY) tools/evaluate_elastic.py --elastic runs/demo-stage2 --sorted runs/demo-importance \
+	$(PY) tools/evaluate_elastic.py --checkpoint runs/demo-stage2 --sorted runs/demo-importance \
 		--unsorted runs/demo-pretrain --out runs/demo-eval --qad runs/demo-qad
 	$(PY) tools/zero_shot_slicing.py --source-checkpoint runs/demo-stage2 --target-checkpoint runs/demo-small \
 		--size small --precision bf16 --format both
@@ -66,6 +66,12 @@ test-fast: install
 # e.g. make bench-recompute BENCH_ARGS="model=small seq=4096 --json runs/recompute.json"
 bench-recompute: install
 	$(PY) benchmarks/activation_recompute.py $(BENCH_ARGS)
+
+# The nested models of one elastic run vs separately distilled students of the same sizes, on
+# held-out English text from ../shared/data (read in place), with tokens and FLOPs per method
+# (the script's docstring); e.g. make bench-fidelity BENCH_ARGS="--scale 0.25 --out runs/fidelity-quick"
+bench-fidelity: install
+	$(PY) benchmarks/fidelity.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .cache runs/demo-*

@@ -62,15 +62,17 @@ def pytest_collection_modifyitems(config, items):
 def stdlib_prefix(tmp_path_factory) -> str:
     """A small byte-level indexed dataset of the embedded corpus, made once per session
     with the real preprocessing tool."""
+    return preprocess(tmp_path_factory.mktemp("data") / "stdlib", "--input", "python-stdlib", "--max-bytes", "400000",
+                      "--tokenizer", "byte")
+
+
+def preprocess(out, *args: str) -> str:
+    """Run tools/preprocess_data.py (the real tool) with `args` into prefix `out`; the data prefix."""
     import subprocess
     import sys
 
-    out = tmp_path_factory.mktemp("data") / "stdlib"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", "python-stdlib",
-         "--max-bytes", "400000", "--output-prefix", str(out), "--tokenizer", "byte"],
-        capture_output=True, text=True, timeout=300,
-    )
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), *args, "--output-prefix", str(out)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return f"{out}_text_document"
 

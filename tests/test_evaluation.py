@@ -12,13 +12,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, preprocess
 from elastic_helpers import train_overrides
 
 from elastic_megatron.config.errors import ConfigError
@@ -78,12 +76,8 @@ def test_bits_per_byte_from_a_known_distribution(kind, tmp_path):
 def heldout_prefix(tmp_path_factory) -> str:
     """English text (the shared tinyshakespeare) as a byte-level dataset: data the tiny
     runs never train on."""
-    out = tmp_path_factory.mktemp("heldout") / "shakespeare"
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(SHAKESPEARE),
-                           "--split-lines", "--max-bytes", "40000", "--output-prefix", str(out), "--tokenizer", "byte"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return f"{out}_text_document"
+    return preprocess(tmp_path_factory.mktemp("heldout") / "shakespeare", "--input", str(SHAKESPEARE), "--split-lines",
+                      "--max-bytes", "40000", "--tokenizer", "byte")
 
 
 @pytest.fixture(scope="module")
@@ -167,12 +161,8 @@ def test_distill_budget_must_exist_and_be_pinned(sorted_parent, tmp_path):
 
 @pytest.fixture(scope="module")
 def bpe_prefix(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("bpe") / "shakespeare"
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(SHAKESPEARE),
-                           "--split-lines", "--max-bytes", "20000", "--output-prefix", str(out), "--train-bpe", "300"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return f"{out}_text_document"
+    return preprocess(tmp_path_factory.mktemp("bpe") / "shakespeare", "--input", str(SHAKESPEARE), "--split-lines",
+                      "--max-bytes", "20000", "--train-bpe", "300")
 
 
 @pytest.mark.parametrize("case", ["other tokenizer", "missing prefix", "unknown budget", "seq-length without data"])
