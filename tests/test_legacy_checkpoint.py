@@ -59,7 +59,7 @@ def test_legacy_stage1_run_resumes_to_the_old_codes_losses(legacy_runs):
     expected = json.loads((FIXTURE / "resumed_by_old_code.json").read_text())
     job = compose_job("stage1_tiny", ["elastic=tiny_router", "run.dir=runs/stage1", "elastic.teacher_checkpoint=runs/sorted",
                                       *COMMON, "trainer.max_steps=6", "trainer.eval_interval=2", "trainer.save_interval=2",
-                                      "trainer.lr=1e-3"])
+                                      "trainer.lr=1e-3", "trainer.weight_decay=0.1"])  # the settings the old code ran with
     result = dispatch(job)
     assert result.start_step == 4 and result.completed
     for step, loss in expected["losses"].items():
