@@ -288,8 +288,9 @@ def main(argv=None) -> int:
     quiet = not args.verbose
     t_start = time.perf_counter()
 
-    from elastic_megatron.elastic.widths import model_cost, sub_model_config
-    from elastic_megatron.jobs.evaluate import eval_data, evaluate_checkpoint
+    from elastic_megatron.elastic.budgets import checkpoint_budgets
+    from elastic_megatron.elastic.widths import sub_model_config
+    from elastic_megatron.jobs.evaluate import eval_data, evaluate_checkpoint, row_params
     from elastic_megatron.parallel.setup import distributed
     from elastic_megatron.train import compose_job
     from elastic_megatron.training.flops import flops_per_token
@@ -334,7 +335,7 @@ def main(argv=None) -> int:
                          for k in ("stage1", "stage2"))
     imp_job = jobs["importance"]
     imp = imp_job.elastic.importance.calibration_batches * imp_job.trainer.micro_batch_size * args.seq_length
-    budgets = [(b["name"], b) for b in read_meta(runs["stage2"])["elastic"]["budgets"]]
+    budgets = checkpoint_budgets(runs["stage2"])  # (name, resolved widths), full first
     smaller = [name for name, _ in budgets[1:]]
 
     distill_steps = {}
@@ -357,12 +358,11 @@ def main(argv=None) -> int:
     full = budgets[0][0]
     with distributed(1, 1, 1, seed=1234):
         held = eval_data(runs["stage2"], data["prefixes"]["heldout"], args.seq_length, None, 8)
-        widths = {name: _widths(b) for name, b in budgets}
-        masked = [(name, widths[name]) for name, _ in budgets]
+        widths = dict(budgets)
         scores = {"parent": evaluate_checkpoint(runs["parent"], held, [(full, None)]),
                   "elastic": evaluate_checkpoint(runs["stage2"], held),
-                  "sorted slice": evaluate_checkpoint(runs["sorted"], held, masked),
-                  "unsorted prefix": evaluate_checkpoint(runs["parent"], held, masked)}
+                  "sorted slice": evaluate_checkpoint(runs["sorted"], held, budgets),
+                  "unsorted prefix": evaluate_checkpoint(runs["parent"], held, budgets)}
         for name in smaller:
             for which in ("a", "b"):
                 scores.setdefault(f"distilled ({which})", {}).update(evaluate_checkpoint(runs[f"distill_{name}_{which}"], held))
@@ -382,7 +382,7 @@ def main(argv=None) -> int:
     for method, per_budget in scores.items():
         for name, s in per_budget.items():
             w = widths[name]
-            total, active = (int(model_cost(parent_cfg, w, "total_params")), int(model_cost(parent_cfg, w, "active_params")))
+            total, active = row_params(parent_cfg, w)
             if method.startswith("distilled"):
                 which = method[-2]
                 n = distill_steps[(name, which)] * tokens_per_step
@@ -479,12 +479,6 @@ def main(argv=None) -> int:
     draw(rows, out / "fidelity.png")
     print(f"wrote {out / 'fidelity.json'} and {out / 'fidelity.png'}")
     return 0
-
-
-def _widths(budget_meta: dict):
-    from elastic_megatron.elastic.widths import Widths
-
-    return Widths(**budget_meta["widths"])
 
 
 if __name__ == "__main__":

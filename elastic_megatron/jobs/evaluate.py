@@ -75,11 +75,6 @@ class EvalData:
     seq_length: int
 
 
-def run_config(path) -> dict:
-    """The resolved config the checkpoint at `path` records ({} for none)."""
-    return yaml.safe_load((read_common_state(path).get("meta") or {}).get("config") or "{}") or {}
-
-
 def _token_bytes(tokenizer, vocab_size: int) -> torch.Tensor:
     table = torch.zeros(vocab_size, dtype=torch.int64)
     counts = tokenizer.token_bytes()
@@ -195,9 +190,8 @@ def evaluate_checkpoint(path, data: EvalData, budgets: Optional[list[tuple[str, 
     return score_budgets(model, cfg, budgets if budgets is not None else checkpoint_rows(path), data)
 
 
-def row_params(path, widths: Optional[Widths]) -> tuple[int, int]:
-    """(total, active) parameters of a row: the budget's, or the whole checkpoint's."""
-    cfg, _ = checkpoint_model_config(path)
+def row_params(cfg, widths: Optional[Widths]) -> tuple[int, int]:
+    """(total, active) parameters of a row: the budget's, or the whole model's."""
     w = widths if widths is not None else full_widths(cfg)
     return int(model_cost(cfg, w, "total_params")), int(model_cost(cfg, w, "active_params"))
 
@@ -222,18 +216,19 @@ def evaluate(checkpoint, data: EvalData, names: Optional[list[str]] = None,
     """Rows of `checkpoint` (label `elastic` when it is elastic, else `model`) and of each
     baseline checkpoint (label -> path, same architecture) hard-masked at its budgets."""
     rows = checkpoint_rows(checkpoint, names)
+    cfg, _ = checkpoint_model_config(checkpoint)
     baselines = baselines or {}
     for label, path in baselines.items():
-        cfg, _ = checkpoint_model_config(checkpoint)
         require_same_architecture(cfg, path, f"--{label}")
         if any(w is None for _, w in rows):
             raise ConfigError(f"--{label}", path, f"baselines are masked at an elastic checkpoint's budgets; {checkpoint} is not elastic")
     own = "elastic" if any(w is not None for _, w in rows) else "model"
+    params = {name: row_params(cfg, w) for name, w in rows}
     out = []
     for label, path in {own: str(checkpoint), **baselines}.items():
         scores = evaluate_checkpoint(path, data, rows)
         for name, w in rows:
-            total, active = row_params(checkpoint, w)
+            total, active = params[name]
             out.append(EvalRow(name, label, str(path), total, active, scores[name], w.as_dict() if w is not None else {}))
     return out
 
@@ -269,7 +264,7 @@ def validation_batches(path, num_batches: int, micro_batch_size: int, split: str
     return recorded_batches(yaml.safe_load(read_common_state(path)["meta"]["config"]), num_batches, micro_batch_size, split)
 
 
-def _write_json_and_png(out_dir, stem: str, payload: dict, draw, figsize=(6, 4), ylabel: str = "validation loss (nats/token)") -> tuple[Path, Path]:
+def _write_json_and_png(out_dir, stem: str, payload: dict, draw, figsize=(6, 4)) -> tuple[Path, Path]:
     """<out_dir>/<stem>.json with `payload` and <stem>.png drawn by `draw(ax)` (Agg backend)."""
     import matplotlib
 
@@ -282,7 +277,7 @@ def _write_json_and_png(out_dir, stem: str, payload: dict, draw, figsize=(6, 4),
     json_path.write_text(json.dumps(payload, indent=2))
     fig, ax = plt.subplots(figsize=figsize)
     draw(ax)
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel("validation loss (nats/token)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     png_path = out_dir / f"{stem}.png"
