@@ -18,7 +18,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, preprocess
 from elastic_megatron.checkpoint import store
 from elastic_megatron.checkpoint.manifest import CheckpointCorrupt
 from elastic_megatron.checkpoint.verify import verify_checkpoint
@@ -218,6 +218,34 @@ def test_resume_follows_moved_data_and_refuses_data_remade_in_place(stdlib_prefi
     with pytest.raises(ConfigError, match="their .idx fingerprints differ"):
         run("pretrain", overrides(str(moved), run_dir, **{"trainer.max_steps": 8}))
     assert (run_dir / "config.yaml").read_bytes() == config_before
+
+
+def test_resume_follows_moved_validation_data_and_refuses_it_remade_in_place(stdlib_prefix, tmp_path, capsys):
+    """data.valid_prefixes is part of the run's data identity: the held-out files may move,
+    not change, or the validation curve would go on over other data."""
+    first = tmp_path / "valid"
+    valid = preprocess(first / "heldout", "--input", "python-stdlib", "--max-bytes", "60000", "--tokenizer", "byte")
+    run_dir = tmp_path / "run"
+    held_out = {"trainer.save_interval": 2, "trainer.eval_interval": 2}
+    result = run("pretrain", base_overrides(stdlib_prefix, run_dir, **held_out, **{
+        "trainer.max_steps": 2, "data.valid_prefixes": f"[{valid}]"}))
+    assert result.completed
+    moved = tmp_path / "moved"
+    shutil.copytree(first, moved)
+    capsys.readouterr()
+    result = run("pretrain", base_overrides(stdlib_prefix, run_dir, **held_out, **{
+        "trainer.max_steps": 4, "data.valid_prefixes": f"[{moved / Path(valid).name}]"}))
+    assert result.start_step == 2 and result.completed
+    assert "resume: data.valid_prefixes:" in capsys.readouterr().out
+
+    # The moved files re-made from less text: refused by name, nothing written.
+    preprocess(moved / "heldout", "--input", "python-stdlib", "--max-bytes", "30000", "--tokenizer", "byte", "--overwrite")
+    config_before = (run_dir / "config.yaml").read_bytes()
+    with pytest.raises(ConfigError, match="validation data files are not the ones") as err:
+        run("pretrain", base_overrides(stdlib_prefix, run_dir, **held_out, **{
+            "trainer.max_steps": 6, "data.valid_prefixes": f"[{moved / Path(valid).name}]"}))
+    assert err.value.key == "data.valid_prefixes"
+    assert (run_dir / "config.yaml").read_bytes() == config_before and store.checkpoint_steps(run_dir)[0] == 4
 
 
 def test_metrics_rows_of_redone_steps_are_dropped_on_resume(stdlib_prefix, copy_of):

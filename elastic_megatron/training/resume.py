@@ -48,10 +48,12 @@ def _may_change(key: str) -> bool:
     return any(key == m or (m.endswith(".") and key.startswith(m)) for m in MAY_CHANGE)
 
 
-def data_identity(tokenizer, fingerprints: dict[str, str]) -> dict:
+def data_identity(tokenizer, fingerprints: dict[str, str], valid_fingerprints: Optional[dict[str, str]] = None) -> dict:
     """What the data of a run are, independent of where they lie: the tokenizer and the
-    fingerprint of each prefix's .idx (data/indexed.py), in blend order."""
-    return {"tokenizer": tokenizer.describe(), "fingerprints": list(fingerprints.values())}
+    fingerprint of each prefix's .idx (data/indexed.py), in blend order; with
+    `data.valid_prefixes`, those of the held-out validation prefixes too (None without)."""
+    return {"tokenizer": tokenizer.describe(), "fingerprints": list(fingerprints.values()),
+            "valid_fingerprints": list(valid_fingerprints.values()) if valid_fingerprints else None}
 
 
 def check_resume_config(job, checkpoint_meta: dict, where: str, data: dict | None = None) -> list[str]:
@@ -68,7 +70,7 @@ def check_resume_config(job, checkpoint_meta: dict, where: str, data: dict | Non
     now = _flat(OmegaConf.to_container(OmegaConf.structured(job), resolve=True))
     changes = []
     recorded = checkpoint_meta.get("data")
-    same_data = False
+    same_data = same_valid = False
     if data is not None and recorded:  # checkpoints written before data identities had none
         if recorded["tokenizer"] != data["tokenizer"]:
             raise ConfigError("data.prefixes", now.get("data.prefixes"), f"the data's tokenizer {data['tokenizer']} is not the "
@@ -78,12 +80,23 @@ def check_resume_config(job, checkpoint_meta: dict, where: str, data: dict | Non
                               f"trained on ({where}): their .idx fingerprints differ (re-made or replaced in place?); the "
                               "run's data position would point into other data. Restore them, or start a new run")
         same_data = True
+        # Held-out validation files re-made in place would splice another curve onto the
+        # logged one. Only compared when both runs name validation prefixes: switching them
+        # on or off is a config change, refused below by key. Older checkpoints lack the key.
+        recorded_valid, valid = recorded.get("valid_fingerprints"), data.get("valid_fingerprints")
+        if recorded_valid and valid:
+            if recorded_valid != valid:
+                raise ConfigError("data.valid_prefixes", now.get("data.valid_prefixes"), f"the validation data files are not "
+                                  f"the ones the checkpoint was validated on ({where}): their .idx fingerprints differ "
+                                  "(re-made or replaced in place?); its validation curve would continue on other data. "
+                                  "Restore them, or start a new run")
+            same_valid = True
     for key in sorted(set(saved) | set(now)):
         if key not in saved or key not in now:  # a setting added or retired since the checkpoint was written
             continue
         if saved[key] == now[key]:
             continue
-        if key == "data.prefixes" and same_data:
+        if (key == "data.prefixes" and same_data) or (key == "data.valid_prefixes" and same_valid):
             changes.append(f"{key}: {saved[key]!r} -> {now[key]!r} (the same files: identical fingerprints)")
             continue
         if not _may_change(key):
