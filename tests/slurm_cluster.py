@@ -95,6 +95,10 @@ ReturnToService=2
 MpiDefault=none
 GresTypes=gpu
 KillWait=30
+# Slurm 22.05 holds a requeued job for the job-credential lifetime + 1 s before it may start
+# again (120 s by default); 20 s is still ample to launch a step on this machine and keeps the
+# requeue tests from idling two minutes each.
+AuthInfo=cred_expire=20
 MinJobAge=600
 # Job ids (and so the launchers' log names, logs/<name>-<id>.restart<N>.log) differ from one
 # test cluster to the next: a test never reads the log of an earlier run's job.
