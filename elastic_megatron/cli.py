@@ -21,17 +21,24 @@ EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 75
 
 
+# Errors that end a job with a message, by module: a module's error can only have been raised
+# if the module was imported, so only those already loaded are looked up (importing the
+# checkpoint store or the training loop would pull in megatron.core: seconds, for nothing).
+_USER_ERRORS = (
+    ("elastic_megatron.config.errors", "ConfigError"),
+    ("elastic_megatron.checkpoint.manifest", "CheckpointCorrupt"),
+    ("elastic_megatron.checkpoint.lock", "RunDirLocked"),
+    ("elastic_megatron.checkpoint.store", "CheckpointSaveError"),
+    ("elastic_megatron.training.loop", "TrainingDiverged"),
+)
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that end a job with a message instead of a traceback: bad input,
     a checkpoint that fails verification, a run dir in use, a save the disk cannot hold,
-    a run that diverged (imported lazily: tools start fast)."""
-    from elastic_megatron.checkpoint.lock import RunDirLocked
-    from elastic_megatron.checkpoint.manifest import CheckpointCorrupt
-    from elastic_megatron.checkpoint.store import CheckpointSaveError
-    from elastic_megatron.config.errors import ConfigError
-    from elastic_megatron.training.loop import TrainingDiverged
-
-    return (ConfigError, FileNotFoundError, CheckpointCorrupt, RunDirLocked, CheckpointSaveError, TrainingDiverged)
+    a run that diverged; those of modules not loaded yet are left out (see _USER_ERRORS)."""
+    loaded = [getattr(sys.modules[module], name) for module, name in _USER_ERRORS if module in sys.modules]
+    return (FileNotFoundError, *loaded)
 
 
 def debug_requested() -> bool:

@@ -46,8 +46,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.data.stdlib_corpus import stdlib_source_files
 
@@ -141,6 +139,9 @@ def preprocess(inputs: Sequence[str], output_prefix: str | Path, tokenizer, json
     existing = [str(p) for p in outputs if p.exists()]
     if existing and not overwrite:
         raise ConfigError("--output-prefix", str(output_prefix), f"outputs exist ({', '.join(existing)}); pass --overwrite to replace them")
+    # megatron.core takes seconds to import: only after the refusals above.
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp = {p: p.with_name(p.name + ".tmp") for p in outputs}
     builder = IndexedDatasetBuilder(str(tmp[outputs[0]]), dtype=_token_dtype(tokenizer.vocab_size))
@@ -220,6 +221,8 @@ def check_indexed_dataset(prefix: str) -> IndexSummary:
     _magic, version, code, n_seq, n_bounds = _HEADER.unpack(head)
     if version != INDEX_VERSION:
         raise _bad(prefix, f"{idx_path} is index format version {version}; megatron-core reads version {INDEX_VERSION}")
+    from megatron.core.datasets.indexed_dataset import DType
+
     known = {d.value: d.name for d in DType}
     if code not in known:
         raise _bad(prefix, f"{idx_path} names token dtype code {code}, which Megatron does not know "
