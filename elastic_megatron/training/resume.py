@@ -56,6 +56,15 @@ def data_identity(tokenizer, fingerprints: dict[str, str], valid_fingerprints: O
             "valid_fingerprints": list(valid_fingerprints.values()) if valid_fingerprints else None}
 
 
+def _require_same_files(key: str, value, recorded: list, current: list, where: str, what: str, used: str,
+                        consequence: str) -> None:
+    """Refuse a resume whose `what` files (their .idx fingerprints) are not the checkpoint's."""
+    if recorded != current:
+        raise ConfigError(key, value, f"the {what} files are not the ones the checkpoint was {used} on ({where}): their "
+                          f".idx fingerprints differ (re-made or replaced in place?); {consequence}. Restore them, or "
+                          "start a new run")
+
+
 def check_resume_config(job, checkpoint_meta: dict, where: str, data: dict | None = None) -> list[str]:
     """Compare `job` with the config recorded in a checkpoint's metadata; raise
     ConfigError on the first key that may not change, else return one line per change.
@@ -75,21 +84,16 @@ def check_resume_config(job, checkpoint_meta: dict, where: str, data: dict | Non
         if recorded["tokenizer"] != data["tokenizer"]:
             raise ConfigError("data.prefixes", now.get("data.prefixes"), f"the data's tokenizer {data['tokenizer']} is not the "
                               f"checkpoint's {recorded['tokenizer']} ({where}); a resumed run keeps its tokenizer")
-        if recorded["fingerprints"] != data["fingerprints"]:
-            raise ConfigError("data.prefixes", now.get("data.prefixes"), f"the data files are not the ones the checkpoint was "
-                              f"trained on ({where}): their .idx fingerprints differ (re-made or replaced in place?); the "
-                              "run's data position would point into other data. Restore them, or start a new run")
+        _require_same_files("data.prefixes", now.get("data.prefixes"), recorded["fingerprints"], data["fingerprints"], where,
+                            "data", "trained", "the run's data position would point into other data")
         same_data = True
         # Held-out validation files re-made in place would splice another curve onto the
         # logged one. Only compared when both runs name validation prefixes: switching them
         # on or off is a config change, refused below by key. Older checkpoints lack the key.
         recorded_valid, valid = recorded.get("valid_fingerprints"), data.get("valid_fingerprints")
         if recorded_valid and valid:
-            if recorded_valid != valid:
-                raise ConfigError("data.valid_prefixes", now.get("data.valid_prefixes"), f"the validation data files are not "
-                                  f"the ones the checkpoint was validated on ({where}): their .idx fingerprints differ "
-                                  "(re-made or replaced in place?); its validation curve would continue on other data. "
-                                  "Restore them, or start a new run")
+            _require_same_files("data.valid_prefixes", now.get("data.valid_prefixes"), recorded_valid, valid, where,
+                                "validation data", "validated", "its validation curve would continue on other data")
             same_valid = True
     for key in sorted(set(saved) | set(now)):
         if key not in saved or key not in now:  # a setting added or retired since the checkpoint was written

@@ -119,8 +119,7 @@ def prepare_run(job: JobConfig, initial_weights: Optional[str] = None, initial_k
     tokenizer = load_tokenizer_for(spec.prefixes + (spec.valid_prefixes or []))  # one tokenizer for training and validation data
     if job.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError("model.vocab_size", job.model.vocab_size, f"must be >= the data's tokenizer vocabulary ({tokenizer.vocab_size})")
-    identity = data_identity(tokenizer, data_fingerprints(spec.prefixes),
-                             data_fingerprints(spec.valid_prefixes) if spec.valid_prefixes else None)
+    identity = data_identity(tokenizer, data_fingerprints(spec.prefixes), data_fingerprints(spec.valid_prefixes or []))
     dtype = params_dtype(job.trainer.precision)
     dp_size = layout_data_parallel(job.parallel, env.world_size)
     p = job.parallel
