@@ -68,7 +68,7 @@ bench-recompute: install
 	$(PY) benchmarks/activation_recompute.py $(BENCH_ARGS)
 
 # The nested models of one elastic run vs separately distilled students of the same sizes, on
-# held-out English text from ../shared/data (read in place), with tokens and FLOPs per method
+# held-out English text (the shipped tinyshakespeare, read in place), with tokens and FLOPs per method
 # (the script's docstring); e.g. make bench-fidelity BENCH_ARGS="--scale 0.25 --out runs/fidelity-quick"
 bench-fidelity: install
 	$(PY) benchmarks/fidelity.py $(BENCH_ARGS)

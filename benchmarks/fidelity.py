@@ -3,7 +3,7 @@ the same sizes distilled SEPARATELY, on held-out English text, with the tokens a
 each method spent.
 
     python benchmarks/fidelity.py                       # tinyshakespeare, about 35 min on 2 CPU cores
-    python benchmarks/fidelity.py --text ../shared/data/wikitext2_valid.txt --out runs/fidelity-wiki
+    python benchmarks/fidelity.py --text wikitext2_valid.txt --out runs/fidelity-wiki
     python benchmarks/fidelity.py --override stage1:elastic.curriculum.budgets_per_batch=3 --fresh stage1
     make bench-fidelity BENCH_ARGS="--scale 0.5"
 
@@ -59,7 +59,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+DEFAULT_TEXT = REPO / "elastic_megatron" / "data" / "text" / "tinyshakespeare.txt"  # shipped (see SOURCES.md there)
 STAGES = ("data", "pretrain", "importance", "stage1", "stage2", "distill", "evaluate")
 DOC_BYTES = 4096
 HELDOUT_SHARE = 0.10
@@ -258,7 +258,7 @@ def draw(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--text", default=str(DEFAULT_TEXT), help="plain English text (default: ../shared/data/tinyshakespeare.txt)")
+    ap.add_argument("--text", default=str(DEFAULT_TEXT), help="plain English text (default: the shipped tinyshakespeare)")
     ap.add_argument("--out", default="runs/fidelity")
     ap.add_argument("--bpe", type=int, default=None, metavar="VOCAB", help="train a byte-level BPE of this size (default: bytes)")
     ap.add_argument("--seq-length", type=int, default=256)
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
 
     text = Path(args.text)
     if not text.is_file():
-        ap.error(f"--text {args.text}: no such file; give plain English text (e.g. ../shared/data/wikitext2_valid.txt)")
+        ap.error(f"--text {args.text}: no such file; give a plain English text file")
     for o in args.override:
         if ":" not in o or o.split(":", 1)[0] not in STAGES[1:6] or "=" not in o:
             ap.error(f"--override {o!r}: write STAGE:KEY=VALUE with STAGE one of {list(STAGES[1:6])}")

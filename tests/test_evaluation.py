@@ -20,12 +20,13 @@ from conftest import REPO, preprocess
 from elastic_helpers import train_overrides
 
 from elastic_megatron.config.errors import ConfigError
+from elastic_megatron.data.text import shipped_text
 from elastic_megatron.data.tokenizer import ByteTokenizer, train_bpe
 from elastic_megatron.elastic.step import ElasticDistillStep
 from elastic_megatron.jobs.evaluate import EvalData, score_budgets
 from elastic_megatron.train import compose_job, dispatch
 
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = shipped_text("tinyshakespeare")
 TEXT = "Ünïcödé text: naïve café, 漢字 and emoji 🙂, then plain ASCII words. " * 3
 
 
@@ -74,7 +75,7 @@ def test_bits_per_byte_from_a_known_distribution(kind, tmp_path):
 
 @pytest.fixture(scope="module")
 def heldout_prefix(tmp_path_factory) -> str:
-    """English text (the shared tinyshakespeare) as a byte-level dataset: data the tiny
+    """English text (tinyshakespeare, shipped in the package) as a byte-level dataset: data the tiny
     runs never train on."""
     return preprocess(tmp_path_factory.mktemp("heldout") / "shakespeare", "--input", str(SHAKESPEARE), "--split-lines",
                       "--max-bytes", "40000", "--tokenizer", "byte")
