@@ -1,19 +1,45 @@
 # make demo: create .venv, install, run the main job on the embedded default corpus.
-# make test: create .venv if missing, install, run the test suite.
+# make test: create .venv if missing, install, run the test suite (Python 3.11 leg).
+# make test-312: the Python 3.12 + newest Megatron-Core 0.19.x leg in its own .venv312.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU machines take the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 # GPU machines (nvidia-smi present) keep whatever torch the environment provides.
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+# The default leg's Megatron-Core: 0.16.1, the newest release with Python 3.11 wheels.
+MCORE_SPEC ?= megatron-core==0.16.1
 
-.PHONY: install demo test test-fast bench-recompute bench-fidelity clean
+# Second leg: Megatron-Core 0.17+ publish Python 3.12 wheels only. PYTHON312 is the first of:
+# the variable as given, python3.12 on PATH, pyenv's newest 3.12.x.
+PYTHON312 ?= $(shell for c in python3.12 "$$(pyenv prefix $$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12(\.|$$)' | tail -n 1) 2>/dev/null)/bin/python3.12"; do \
+	"$$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' >/dev/null 2>&1 && { command -v "$$c"; break; }; done)
+VENV312 ?= .venv312
+PY312 := $(VENV312)/bin/python
+# On Python 3.12 the registry's torch 2.13.0 is a CUDA build (it runs on the CPU).
+TORCH312_SPEC ?= torch==2.13.0
+MCORE312_SPEC ?= megatron-core>=0.19,<0.20
+# pytest arguments of the 3.12 leg (see README "Versions": what it leaves out and why).
+TEST312_ARGS ?= -m "not slurm"
+
+.PHONY: install install-312 demo test test-312 test-fast bench-recompute bench-fidelity clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(MCORE_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
+
+$(VENV312)/.installed: pyproject.toml
+	@if [ -z "$(PYTHON312)" ]; then \
+		echo "error: no Python 3.12 found (tried python3.12 on PATH and pyenv); install one or run make test-312 PYTHON312=/path/to/python3.12" >&2; \
+		exit 2; fi
+	$(PYTHON312) -m venv $(VENV312)
+	$(PY312) -m pip install -q "$(TORCH312_SPEC)" "$(MCORE312_SPEC)"
+	$(PY312) -m pip install -q -e ".[test]"
+	touch $@
+
+install-312: $(VENV312)/.installed
 
 install: $(VENV)/.installed
 
@@ -57,7 +83,11 @@ demo: install $(DEMO_DATA)_text_document.idx
 		--prompt "class Parser" --delimiter ":" --max-think-tokens 60 --max-new-tokens 160 $(SAMPLE)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+test-312: install-312
+	$(PY312) -c "from megatron.core import package_info as p; import sys; print(f'python {sys.version.split()[0]}, megatron-core {p.__version__}')"
+	$(PY312) -m pytest -q --durations=15 $(TEST312_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not slurm"
@@ -74,4 +104,4 @@ bench-fidelity: install
 	$(PY) benchmarks/fidelity.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .cache runs/demo-*
+	rm -rf $(VENV) $(VENV312) .pytest_cache .cache runs/demo-*

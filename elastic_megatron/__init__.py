@@ -12,3 +12,23 @@ warnings.filterwarnings("ignore", message=r"Apex is not installed.*", category=U
 warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
 warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r"Please use DTensor instead and we are deprecating ShardedTensor", category=FutureWarning)
+# Megatron-Core 0.19 (hyper_comm_grid.py) warns at import that absl-py is missing and falls
+# back to the standard logging module, which is what this project uses anyway.
+warnings.filterwarnings("ignore", message=r"absl\.logging is not installed", category=UserWarning)
+
+
+def _drop_no_cuda_runtime_note() -> None:
+    """A CUDA build of torch on a machine without a GPU (Python 3.12 wheels are CUDA builds)
+    logs 'No CUDA runtime is found, using CUDA_HOME=...' when anything imports
+    torch.utils.cpp_extension (Megatron-Core and ModelOpt do). This project compiles no
+    extensions; the line is noise on every command. Only that record is dropped."""
+    import logging
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("No CUDA runtime is found")
+
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_Drop())
+
+
+_drop_no_cuda_runtime_note()

@@ -47,6 +47,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from elastic_megatron.checkpoint.manifest import CheckpointCorrupt, write_manifest
 from elastic_megatron.checkpoint.verify import verify_checkpoint
+from elastic_megatron.models.compat import write_common_state_file
 from elastic_megatron.parallel.collectives import any_rank
 
 
@@ -322,6 +323,7 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, step: int, consumed_sa
     state = _sharded_state(model, optimizer, scheduler, step, consumed_samples, meta, extra or {})
     try:
         dist_checkpointing.save(state, str(partial))
+        write_common_state_file(state, partial)  # every supported Megatron-Core reads it
         problem = None
     except BaseException as err:  # a full disk, a lost filesystem (torch DCP raises a BaseException)
         if isinstance(err, (KeyboardInterrupt, SystemExit)):

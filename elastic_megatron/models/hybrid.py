@@ -1,8 +1,10 @@
-"""Build the hybrid Mamba-Transformer-MoE model (Megatron-Core `MambaModel`) from a ModelConfig.
+"""Build the hybrid Mamba-Transformer-MoE model (Megatron-Core's `HybridModel`, called
+`MambaModel` before 0.18) from a ModelConfig.
 
 `to_transformer_config` is the single translation from our schema to Megatron's
 TransformerConfig; `build_model` validates, applies the CPU/no-TE compat patches and
-builds Megatron's MambaModel with the spec of the chosen backend.
+builds Megatron's hybrid model with the spec of the chosen backend (the class and its
+argument names come from `compat`, which knows the installed Megatron-Core).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import contextlib
 import torch
 
 from megatron.core.activations import squared_relu
-from megatron.core.models.mamba.mamba_model import MambaModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from elastic_megatron.config.errors import ConfigError
@@ -114,8 +115,8 @@ def build_model(
     params_dtype: torch.dtype = torch.float32,
     parallel=None,
     meta: bool = False,
-) -> MambaModel:
-    """Validate `cfg` and build this rank's part of Megatron's hybrid MambaModel under the
+) -> torch.nn.Module:
+    """Validate `cfg` and build this rank's part of Megatron's hybrid model under the
     layout `parallel` (a ParallelConfig, the `parallel` recipe group; default: one rank).
 
     Megatron's parallel state must be initialised with the same layout (see
@@ -133,6 +134,7 @@ def build_model(
     validate_parallel_layout(cfg, layout)
     if cfg.backend == "te" and not compat.have_transformer_engine():
         raise ConfigError("model.backend", "te", "Transformer Engine is not installed here; use model.backend=local")
+    compat.check_mcore_version()
     compat.apply()
     tcfg = to_transformer_config(cfg, params_dtype, layout)
     with torch.device("meta") if meta else contextlib.nullcontext():
@@ -143,22 +145,21 @@ def build_model(
     return model
 
 
-def _mamba_model(cfg: ModelConfig, tcfg, parallel_state) -> MambaModel:
-    return MambaModel(
+def _mamba_model(cfg: ModelConfig, tcfg, parallel_state):
+    return compat.hybrid_model_class()(
         config=tcfg,
-        mamba_stack_spec=hybrid_stack_spec(cfg),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_sequence_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
-        hybrid_override_pattern=cfg.hybrid_pattern,
+        **compat.hybrid_model_kwargs(hybrid_stack_spec(cfg), cfg.hybrid_pattern),
         share_embeddings_and_output_weights=False,
         position_embedding_type="none",
         parallel_output=True,
     )
 
 
-def _mark_expert_params(model: MambaModel) -> None:
+def _mark_expert_params(model) -> None:
     """Routed-expert weights are reduced over the expert-data-parallel group. Megatron
     marks them (`allreduce=False`) only when EP > 1; with EP = 1 but expert TP below TP,
     the TP ranks hold expert replicas fed different sequence-parallel tokens, and their

@@ -34,7 +34,6 @@ from dataclasses import dataclass, replace
 from typing import Union
 
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-from megatron.core.ssm.mamba_context_parallel import MambaContextParallel
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -44,6 +43,7 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
+from elastic_megatron.models import compat
 from elastic_megatron.models.norms import GatedRMSNorm
 from elastic_megatron.models.ssd import ssd_chunk_scan
 
@@ -119,6 +119,7 @@ class HybridMambaMixer(MegatronModule):
         pg_collection=None,
         pp_layer_offset: int = 0,
         kernel: str = "auto",
+        name: Optional[str] = None,  # Megatron-Core 0.18+ passes each module's dotted name; unused
     ):
         super().__init__(config)
         if kernel not in ("auto", "torch", "triton"):
@@ -211,10 +212,7 @@ class HybridMambaMixer(MegatronModule):
             from megatron.core import parallel_state
 
             cp_group = parallel_state.get_context_parallel_group()
-        self.cp = MambaContextParallel(
-            cp_group, self.d_inner_local_tp, self.nheads_local_tp, self.ngroups_local_tp, self.d_state,
-            conv1d_cp1=self.conv1d, dt_bias_cp1=self.dt_bias, A_log_cp1=self.A_log, D_cp1=self.D, D_has_hdim=False,
-        )
+        self.cp = compat.mamba_context_parallel(cp_group, self)
         self.out_proj = build_module(
             submodules.out_proj,
             self.d_inner,

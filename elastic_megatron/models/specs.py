@@ -1,7 +1,8 @@
 """ModuleSpecs of the hybrid stack for the two backends.
 
-The model code is Megatron-Core's (MambaModel, MambaStack, MambaLayer, TransformerLayer,
-SelfAttention, MLP, MoELayer); only the leaves change with the backend:
+The model code is Megatron-Core's (HybridModel/HybridStack, called MambaModel/MambaStack
+before 0.18; MambaLayer, TransformerLayer, SelfAttention, MLP, MoELayer); only the leaves
+change with the backend:
 
 | leaf              | local (CPU, GPU without TE)       | te (Transformer Engine)            |
 |-------------------|-----------------------------------|------------------------------------|
@@ -21,7 +22,6 @@ from __future__ import annotations
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
-from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
 
 from megatron.core.ssm.mlp_layer import MLPLayer
@@ -37,6 +37,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from elastic_megatron.config.model import ModelConfig
+from elastic_megatron.models import compat
 from elastic_megatron.models.attention import SDPACoreAttention
 from elastic_megatron.models.mamba_mixer import HybridMambaMixer, MambaMixerSubmodules
 from elastic_megatron.models.norms import RMSNorm
@@ -65,9 +66,10 @@ def _local_stack_spec(cfg: ModelConfig) -> ModuleSpec:
     backend = CpuSafeLocalSpecProvider()
     column, row, norm = backend.column_parallel_linear(), backend.row_parallel_linear(), backend.layer_norm(rms_norm=True)
     moe = get_moe_module_spec_for_backend(backend, num_experts=max(cfg.moe_num_experts, 1), moe_grouped_gemm=False)
+    stack, stack_submodules = compat.hybrid_stack_classes()
     return ModuleSpec(
-        module=MambaStack,
-        submodules=MambaStackSubmodules(
+        module=stack,
+        submodules=stack_submodules(
             mamba_layer=ModuleSpec(
                 module=MambaLayer,
                 submodules=MambaLayerSubmodules(
@@ -123,9 +125,10 @@ def _te_stack_spec(cfg: ModelConfig) -> ModuleSpec:
     from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
     moe = get_moe_module_spec_for_backend(TESpecProvider(), num_experts=max(cfg.moe_num_experts, 1), moe_grouped_gemm=True)
+    stack, stack_submodules = compat.hybrid_stack_classes()
     return ModuleSpec(
-        module=MambaStack,
-        submodules=MambaStackSubmodules(
+        module=stack,
+        submodules=stack_submodules(
             mamba_layer=ModuleSpec(
                 module=MambaLayer,
                 submodules=MambaLayerSubmodules(
@@ -167,7 +170,7 @@ def _te_stack_spec(cfg: ModelConfig) -> ModuleSpec:
 
 
 def hybrid_stack_spec(cfg: ModelConfig) -> ModuleSpec:
-    """The MambaStack spec for `cfg.backend`."""
+    """The hybrid stack spec for `cfg.backend`."""
     if cfg.backend == "te":
         return _te_stack_spec(cfg)
     return _local_stack_spec(cfg)
