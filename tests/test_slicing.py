@@ -196,13 +196,14 @@ def test_storage_report_measures_the_files(elastic_ckpt, stdlib_prefix, tmp_path
     from elastic_megatron.slicing.storage import render_storage
 
     run_dir, cfg, model, budgets = elastic_ckpt
-    # The fixture's run recorded no training data, so it has no post-training scales: bf16
-    # is measured, fp8 and nvfp4 are not, and the report says why.
+    # The fixture's budgets cannot be served quantized (hidden 56: FP8 GEMMs need multiples
+    # of 16, NVFP4 ones of 32) and its run recorded no training data (no post-training
+    # scales): bf16 is measured, fp8 and nvfp4 are not, and the report says why.
     plain = measured_storage(run_dir, workdir=tmp_path / "plain", calibration_batches=1)
     assert list(plain.measured) == ["bf16"] and set(plain.unmeasured) == {"fp8", "nvfp4"}
-    assert "training data" in plain.unmeasured["fp8"]
-    # (its budgets, hidden 56 and Mamba head dim 8, cannot nest NVFP4 blocks either)
-    assert any(why in plain.unmeasured["nvfp4"] for why in ("multiple of 16", "training data"))
+    assert "budget='medium'" in plain.unmeasured["fp8"] and "(set by hidden), not a multiple of 16" in plain.unmeasured["fp8"]
+    assert "not a multiple of 32" in plain.unmeasured["nvfp4"]
+    assert plain.kernels["medium"]["fp8"].startswith("no: ") and plain.kernels["full"]["fp8"].endswith("(parent)")
     assert "not measured" in render_storage(plain) and plain.unmeasured["fp8"] in render_storage(plain)
     _check_measured_files(plain.measured["bf16"], tmp_path / "plain", "bf16", budgets, cfg)
     _check_tensor_bytes(tmp_path / "plain" / "bf16" / "elastic", cfg, "bf16", plain.elastic_bytes["bf16"])
@@ -211,9 +212,10 @@ def test_storage_report_measures_the_files(elastic_ckpt, stdlib_prefix, tmp_path
     assert plain.separate_bytes["bf16"] == sum(model_size(sub_model_config(cfg, w)).total_bytes["bf16"] for w in budgets.values())
 
     # The same weights as a run that recorded its training data, with budgets whose
-    # quantized input widths are multiples of 16 (NVFP4 blocks nest): every precision.
+    # quantized GEMM widths are multiples of 32 (NVFP4 blocks nest, the serving kernels
+    # take them): every precision.
     full = full_widths(cfg)
-    nested = {"full": full, "medium": full.replace(hidden=48, moe_ffn=48, attn_heads=2),
+    nested = {"full": full, "medium": full.replace(ffn=96, moe_experts=6),
               "small": full.replace(hidden=32, ffn=64, moe_ffn=32, shared_ffn=32, mamba_heads=4, moe_experts=4)}
     job = config_yaml(cfg, run={"seed": 5, "dir": str(tmp_path / "run")},
                       data={"prefixes": [stdlib_prefix], "weights": None, "split": "98,2,0", "seq_length": 32,
@@ -225,6 +227,11 @@ def test_storage_report_measures_the_files(elastic_ckpt, stdlib_prefix, tmp_path
     work = tmp_path / "measured"
     report = measured_storage(tmp_path / "run", workdir=work, calibration_batches=1)
     assert report.unmeasured == {} and list(report.measured) == list(PRECISIONS)
+    # Their one misaligned GEMM dimension is the tiny parent's own: the Mamba in_proj rows
+    # 2*heads*16 + 2*2*16 + heads (328 at 8 heads, 196 at 4), which every slice inherits.
+    in_proj = {"full": 328, "medium": 328, "small": 196}
+    assert report.kernels == {b: {f: f"no: mixer.in_proj rows (N)={n} (parent)" for f in ("fp8", "nvfp4")}
+                              for b, n in in_proj.items()}
     assert sorted(calls) == ["fp8", "nvfp4"]  # one set of scales per format, shared by all its exports
     for p in PRECISIONS:
         m = report.measured[p]
@@ -253,6 +260,9 @@ def test_storage_report_cli_analytic_for_the_30b_preset():
     assert r["elastic_bytes"]["bf16"] / 2**30 == pytest.approx(58.9, abs=0.2)
     assert r["separate_bytes"]["bf16"] / 2**30 == pytest.approx(126.1, abs=0.5)
     assert r["elastic_bytes"]["nvfp4"] < r["elastic_bytes"]["fp8"] < r["elastic_bytes"]["bf16"]
+    # Every quantized GEMM dimension of the shipped budgets is one the serving kernels take
+    # (FP8: multiples of 16, NVFP4: of 32; quant/recipes.KERNEL_ALIGNMENT).
+    assert r["recipe"] == "aggressive" and r["kernels"] == {b: {"fp8": "ok", "nvfp4": "ok"} for b in ("30B", "23B", "12B")}
 
 
 def test_slicing_memory_is_bounded_by_the_largest_tensor(tmp_path):

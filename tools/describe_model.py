@@ -12,6 +12,10 @@ with one set of post-training scales per format, or the checkpoint's own):
     python tools/describe_model.py model=nemotron_nano_v3_30b elastic=star_elastic_nano_v3 storage=true
     python tools/describe_model.py storage=true checkpoint=runs/demo-stage2
 
+The storage report also says which budgets' FP8 / NVFP4 exports the serving kernels take
+(every quantized GEMM dimension a multiple of 16 / 32, quant/recipes.py; `quant=nvfp4
+quant.recipe=conservative` for the other ModelOpt recipe).
+
 Per-GPU memory of elastic distillation (student + teacher + optimizer + activations)
 under a parallel layout, before submitting:
 
@@ -92,7 +96,8 @@ def storage_report(cfg: DictConfig) -> str:
         fixed, routed = spec_budgets(model_cfg, spec)
         if not fixed:
             raise ConfigError("elastic", spec.name, f"every budget is router-chosen ({routed}): pass checkpoint=<elastic run> for resolved widths")
-        report = analytic_storage(model_cfg, fixed)
+        quant = cfg.get("quant") or {}
+        report = analytic_storage(model_cfg, fixed, quant.get("recipe") or "aggressive")
         report.skipped = routed
     if cfg.format == "json":
         return json.dumps(report.as_dict())

@@ -10,7 +10,8 @@
     python tools/evaluate_elastic.py --checkpoint runs/demo-small --data data/heldout_text_document --out runs/eval-small
 
 --checkpoint takes an elastic run dir (one row per budget), a plain run dir (one row,
-`full`) or a sliced checkpoint (one row, the budget it was cut at). Without --data the
+`full`), a sliced checkpoint (one row, the budget it was cut at) or a Hugging Face
+directory (one row; an FP8/NVFP4 export runs quantized, with its own scales; give --data). Without --data the
 validation split of the checkpoint's own training data is read (--batches, default 16);
 with it, the whole dataset at --seq-length (default: the run's), or its first --batches.
 Prints the table and writes <out>/evaluation.json and <out>/evaluation.png. With
@@ -56,8 +57,8 @@ def main(argv=None) -> int:
     from elastic_megatron.parallel.setup import distributed
 
     def job():
-        from elastic_megatron.checkpoint.metadata import checkpoint_model_config
         from elastic_megatron.config.errors import require_positive_int
+        from elastic_megatron.convert.loading import open_for_inference
 
         if args.batches is not None:
             require_positive_int("--batches", args.batches)
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise ConfigError("--out", args.out, "is a file; give a directory for evaluation.json and evaluation.png")
-        checkpoint_model_config(args.checkpoint)  # a readable checkpoint, before anything else
+        open_for_inference(args.checkpoint)  # a readable checkpoint (ours or an HF directory), before anything else
         names = [n.strip() for n in args.budgets.split(",") if n.strip()] if args.budgets else None
         checkpoint_rows(args.checkpoint, names)
         baselines = {k: v for k, v in (("sorted", args.sorted), ("unsorted", args.unsorted)) if v}

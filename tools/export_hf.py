@@ -4,7 +4,10 @@ NemotronHForCausalLM loads with no custom code (released Nemotron 3 Nano layout)
     python tools/export_hf.py --source-checkpoint runs/demo-pretrain --target-checkpoint hf/demo
 
 An elastic checkpoint exports its full model; use tools/zero_shot_slicing.py --format hf
-for a nested size. Streams tensor by tensor into 5 GB safetensors shards.
+for a nested size. Streams tensor by tensor into 5 GB safetensors shards. The directory
+carries config.json in both Nemotron-H conventions (`layers_block_type` and
+`hybrid_override_pattern` + `num_hidden_layers`), generation_config.json and the tokenizer the
+checkpoint was trained with (--tokenizer-dir to give another).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--source-checkpoint", required=True, help="run dir or iter_* checkpoint dir")
     parser.add_argument("--target-checkpoint", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--precision", default="bf16", help="bf16 or fp32")
-    parser.add_argument("--tokenizer-dir", default=None, help="copy tokenizer files from here (e.g. <import>/tokenizer)")
+    parser.add_argument("--tokenizer-dir", default=None, help="carry the tokenizer of this directory (default: the one the checkpoint records)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty target")
     args = parser.parse_args(argv)
 

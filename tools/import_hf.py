@@ -6,6 +6,9 @@ layout of the released Nemotron 3 Nano) as our Megatron checkpoint.
 
 Writes <target>/checkpoints/iter_0000000 (loadable as elastic.parent_checkpoint or
 run.init_checkpoint) and <target>/recipes/model/<name>.yaml. Streams tensor by tensor.
+config.json may name its layers either way (`layers_block_type`, or the released
+`hybrid_override_pattern` + `num_hidden_layers`); the tokenizer files are kept in
+<target>/tokenizer, and every later export and slice carries them.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from elastic_megatron.checkpoint.manifest import has_manifest, verify_manifest
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.convert import hf_nemotron_h as hf
 from elastic_megatron.convert.megatron_dist import DistCheckpointSource
-from elastic_megatron.convert.output import TOKENIZER_FILES, copy_tokenizer, precision_dtype, staged, write_hf, write_megatron
+from elastic_megatron.convert.output import copy_tokenizer, export_tokenizer, precision_dtype, staged, write_hf, write_megatron
 from elastic_megatron.convert.tensors import SafetensorsSource
 
 def import_hf(hf_dir: str | Path, target: str | Path, precision: str = "bf16", name: str = "nemotron_h_import",
@@ -35,16 +35,16 @@ def import_hf(hf_dir: str | Path, target: str | Path, precision: str = "bf16", n
 
 def export_hf(source: str | Path, target: str | Path, precision: str = "bf16", overwrite: bool = False,
               tokenizer_dir: str | Path | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Our checkpoint (any non-elastic or elastic checkpoint: the full model) -> HF dir."""
+    """Our checkpoint (any non-elastic or elastic checkpoint: the full model) -> HF dir,
+    carrying the tokenizer of `tokenizer_dir`, else the one the checkpoint records."""
     dtype = precision_dtype(precision)
     target = Path(target)
     if tokenizer_dir is not None:
         require_dir(tokenizer_dir, "--tokenizer-dir")
-        if not any((Path(tokenizer_dir) / f).exists() for f in TOKENIZER_FILES):
-            raise ConfigError("--tokenizer-dir", str(tokenizer_dir), f"holds none of {list(TOKENIZER_FILES)}")
     src = DistCheckpointSource(source)
+    tokenizer = export_tokenizer(src.dir, src.meta, src.cfg, tokenizer_dir)
     with staged(target, overwrite) as tmp:
-        write_hf(tmp, src.cfg, src, dtype, max_shard_bytes=max_shard_bytes, tokenizer_dir=tokenizer_dir)
+        write_hf(tmp, src.cfg, src, dtype, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer)
     return target
 
 

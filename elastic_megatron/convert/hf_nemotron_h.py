@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -39,7 +39,8 @@ _HF_LAYER = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "m
 _OUR_SYMBOL = {v: k for k, v in _HF_LAYER.items()}
 # Older config.json field names (the released checkpoints' remote-code era) -> current ones.
 _ALIASES = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_chunk_size": "chunk_size",
-            "mamba_dt_min": "time_step_min", "mamba_dt_max": "time_step_max", "mamba_conv_bias": "use_conv_bias"}
+            "mamba_dt_min": "time_step_min", "mamba_dt_max": "time_step_max", "mamba_conv_bias": "use_conv_bias",
+            "attention_head_dim": "head_dim"}
 _ACTIVATIONS = {"relu2": "squared_relu"}
 _PRENORM = {MAMBA: "norm.weight", ATTENTION: "input_layernorm.weight", MLP: "pre_mlp_layernorm.weight", MOE: "pre_mlp_layernorm.weight"}
 
@@ -63,14 +64,29 @@ def read_hf_config(directory: str | Path) -> dict:
 
 
 def _pattern(hf: dict) -> str:
+    """The layer pattern of either convention: transformers 5's `layers_block_type` list or
+    the released checkpoints' `hybrid_override_pattern` string (with `num_hidden_layers`).
+    A config that carries both must say the same thing in both."""
+    pattern = None
     if hf.get("layers_block_type"):
         unknown = sorted(set(hf["layers_block_type"]) - set(_OUR_SYMBOL))
         if unknown:
             raise ConfigError("config.json layers_block_type", unknown, f"allowed: {sorted(_OUR_SYMBOL)}")
-        return "".join(_OUR_SYMBOL[t] for t in hf["layers_block_type"])
-    if hf.get("hybrid_override_pattern"):
-        return hf["hybrid_override_pattern"]
-    raise ConfigError("config.json", "layers_block_type", "missing (and no hybrid_override_pattern)")
+        pattern = "".join(_OUR_SYMBOL[t] for t in hf["layers_block_type"])
+    override = hf.get("hybrid_override_pattern")
+    if override:
+        if not isinstance(override, str) or set(override) - set(_HF_LAYER):
+            raise ConfigError("config.json hybrid_override_pattern", override, f"a string of {sorted(_HF_LAYER)}")
+        if pattern is not None and override != pattern:
+            raise ConfigError("config.json hybrid_override_pattern", override,
+                              f"disagrees with layers_block_type ({pattern}); the two conventions must name the same layers")
+        pattern = override
+    if pattern is None:
+        raise ConfigError("config.json", "layers_block_type", "missing (and no hybrid_override_pattern)")
+    layers = hf.get("num_hidden_layers")
+    if layers is not None and layers != len(pattern):
+        raise ConfigError("config.json num_hidden_layers", layers, f"must be the pattern's length, {len(pattern)} ({pattern})")
+    return pattern
 
 
 def model_config_from_hf(hf: dict, name: str = "hf_nemotron_h") -> ModelConfig:
@@ -132,8 +148,13 @@ def model_config_from_hf(hf: dict, name: str = "hf_nemotron_h") -> ModelConfig:
     return cfg
 
 
-def hf_config_from_model(cfg: ModelConfig, dtype: torch.dtype) -> dict:
-    """config.json of the HF export of a model of `cfg`."""
+def hf_config_from_model(cfg: ModelConfig, dtype: torch.dtype, tokens: Optional[dict] = None) -> dict:
+    """config.json of the HF export of a model of `cfg`, in both conventions its readers use:
+    transformers 5's `layers_block_type` and the released Nemotron 3 Nano configs'
+    `hybrid_override_pattern` + `num_hidden_layers` (their remote code, older transformers
+    and vLLM's own NemotronHConfig read these), with the field names the released configs
+    carry (`n_groups`, `conv_kernel`, `chunk_size`, `time_step_min`, the MoE fields).
+    `tokens`: bos/eos/pad ids of the tokenizer the export carries (data/tokenizer.py)."""
     def refuse(key, value, allowed):
         raise ConfigError(f"model.{key}", value, f"has no Hugging Face Nemotron-H equivalent; allowed: {allowed}")
 
@@ -144,13 +165,17 @@ def hf_config_from_model(cfg: ModelConfig, dtype: torch.dtype) -> dict:
             refuse("moe_router_score_function", cfg.moe_router_score_function, "'sigmoid'")
         if not cfg.moe_shared_expert_ffn_hidden_size:
             refuse("moe_shared_expert_ffn_hidden_size", 0, "> 0 (HF Nemotron-H always has a shared expert)")
+    dtype_name = str(dtype).removeprefix("torch.")
     return {
         "architectures": ["NemotronHForCausalLM"],
         "model_type": "nemotron_h",
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name,
+        "torch_dtype": dtype_name,  # transformers 4 and vLLM's older readers
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "layers_block_type": [_HF_LAYER[s] for s in cfg.hybrid_pattern],
+        "hybrid_override_pattern": cfg.hybrid_pattern,
+        "num_hidden_layers": cfg.num_layers,
         "max_position_embeddings": cfg.max_sequence_length,
         "tie_word_embeddings": False,
         "num_attention_heads": cfg.num_attention_heads,
@@ -168,7 +193,9 @@ def hf_config_from_model(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "conv_kernel": cfg.mamba_conv_kernel,
         "chunk_size": cfg.mamba_chunk_size,
         "use_conv_bias": True,
+        "mamba_proj_bias": False,
         "mamba_hidden_act": "silu",
+        "mamba_ssm_cache_dtype": "float32",  # our scan keeps the SSM state in fp32
         # transformers clamps dt at time_step_min; 0 keeps our (unclamped) function.
         "time_step_min": cfg.mamba_dt_min,
         "n_routed_experts": cfg.moe_num_experts,
@@ -176,14 +203,17 @@ def hf_config_from_model(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "moe_intermediate_size": cfg.moe_ffn_hidden_size,
         "moe_shared_expert_intermediate_size": cfg.moe_shared_expert_ffn_hidden_size,
         "n_shared_experts": 1,
+        "moe_latent_size": None,
         "routed_scaling_factor": cfg.moe_router_topk_scaling_factor or 1.0,
         "norm_topk_prob": True,
         "n_group": 1,
         "topk_group": 1,
+        "num_nextn_predict_layers": 0,
         "layer_norm_epsilon": cfg.norm_eps,
         "initializer_range": cfg.init_method_std,
         "residual_in_fp32": False,
         "use_cache": True,
+        **(tokens or {}),
     }
 
 
@@ -298,10 +328,12 @@ def keep_fp32(name: str) -> bool:
     return name.endswith(("e_score_correction_bias", "router.expert_bias", ".weight_scale_2", ".input_scale", ".weight_scale"))
 
 
-def write_hf_config(directory: str | Path, cfg: ModelConfig, dtype: torch.dtype) -> None:
-    conf = hf_config_from_model(cfg, dtype)
+def write_hf_config(directory: str | Path, cfg: ModelConfig, dtype: torch.dtype, tokens: Optional[dict] = None) -> None:
+    """config.json and generation_config.json (the tokenizer's bos/eos/pad ids when known)."""
+    conf = hf_config_from_model(cfg, dtype, tokens)
     (Path(directory) / "config.json").write_text(json.dumps(conf, indent=2, allow_nan=False) + "\n")
-
+    generation = {k: v for k, v in (tokens or {}).items() if v is not None}
+    (Path(directory) / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
 def check_shapes(flat: TensorSource, cfg: ModelConfig, where: str) -> None:

@@ -78,29 +78,34 @@ def write_megatron(directory: Path, cfg: ModelConfig, flat: TensorSource, dtype:
 
 
 def write_hf(directory: Path, cfg: ModelConfig, flat: TensorSource, dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30,
-             tokenizer_dir: Path | None = None, adapt: Optional[Callable[[TensorSource], TensorSource]] = None,
+             tokenizer=None, adapt: Optional[Callable[[TensorSource], TensorSource]] = None,
              finish: Optional[Callable[[Path], None]] = None) -> dict:
-    """An HF Nemotron-H directory (config.json + safetensors shards, the tokenizer files
-    of `tokenizer_dir` when given, and manifest.json with every file's size and hash)
-    that transformers' NemotronHForCausalLM loads without custom code.
+    """An HF Nemotron-H directory (config.json in both conventions, generation_config.json,
+    safetensors shards, the files of `tokenizer` (a ByteTokenizer or HFTokenizer: the one the
+    checkpoint was trained with) and manifest.json with every file's size and hash) that
+    transformers' NemotronHForCausalLM loads without custom code.
     `adapt` turns the HF view into what is written and `finish` adds to the directory
     before the manifest (quantized exports, elastic_megatron/quant/export.py)."""
+    from elastic_megatron.data.tokenizer import hf_tokenizer_files, special_token_ids
+
     directory.mkdir(parents=True, exist_ok=True)
     hf.hf_config_from_model(cfg, dtype)  # refuse what HF cannot express before writing tensors
     view = hf.flat_to_hf(flat, cfg)
     view = CastSource(adapt(view) if adapt else view, dtype, keep=hf.keep_fp32)
     index = write_safetensors(directory, view, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
-    hf.write_hf_config(directory, cfg, dtype)
-    if tokenizer_dir is not None:
-        copy_tokenizer(Path(tokenizer_dir), directory)
+    hf.write_hf_config(directory, cfg, dtype, special_token_ids(tokenizer) if tokenizer is not None else None)
+    if tokenizer is not None:
+        for name, content in hf_tokenizer_files(tokenizer).items():
+            (directory / name).write_bytes(content)
     if finish is not None:
         finish(directory)
     write_manifest(directory)
     return index
 
 
-# Tokenizer files of an HF directory, carried along on import/export when present.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# Tokenizer files of an HF directory, carried along on import (next to the imported checkpoint).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
@@ -110,3 +115,24 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for f in found:
         shutil.copy2(src / f, dst / f)
+
+
+def export_tokenizer(checkpoint_dir: Path, meta: dict, cfg: ModelConfig, tokenizer_dir: Optional[str | Path] = None):
+    """The tokenizer an export of a checkpoint (a model of `cfg`) carries: the one in
+    `tokenizer_dir` (a directory holding tokenizer.json) when given, else the one the
+    checkpoint records (None when it records none). Checked before anything is written."""
+    from elastic_megatron.convert.loading import recorded_tokenizer
+    from elastic_megatron.data.tokenizer import tokenizer_of_hf_dir
+
+    if tokenizer_dir is None:
+        tok = recorded_tokenizer(checkpoint_dir, meta, key="--tokenizer-dir")
+    elif not Path(tokenizer_dir).is_dir():
+        raise ConfigError("--tokenizer-dir", str(tokenizer_dir), "is not a directory")
+    else:
+        tok = tokenizer_of_hf_dir(tokenizer_dir)
+        if tok is None:
+            raise ConfigError("--tokenizer-dir", str(tokenizer_dir), "holds no tokenizer.json")
+    if tok is not None and tok.vocab_size > cfg.vocab_size:
+        raise ConfigError("--tokenizer-dir", str(tokenizer_dir or tok.describe()),
+                          f"has {tok.vocab_size} tokens, more than the model's vocabulary of {cfg.vocab_size}")
+    return tok

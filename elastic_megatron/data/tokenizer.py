@@ -1,7 +1,8 @@
 """Tokenizers for preprocessing and training.
 
 - `byte`: UTF-8 bytes 0..255 plus an end-of-document token (256): needs nothing, used by
-  the embedded default corpus and tests.
+  the embedded default corpus and tests. `byte_tokenizer_json()` is the same tokenizer
+  for the `tokenizers` library (what every HF export of a byte model carries).
 - `hf`: any Hugging Face tokenizer read from a local `tokenizer.json` (or a directory that
   holds one) with the `tokenizers` library: the real Nemotron tokenizer on clusters, or a
   BPE trained here by `train_bpe`. Nothing is downloaded.
@@ -9,7 +10,10 @@
 `describe()` records how to rebuild a tokenizer; preprocessing stores it next to the data
 so training rebuilds the same tokenizer from the data alone. `token_bytes()` gives the
 UTF-8 bytes each token stands for, so that evaluation reports bits per byte, which
-compares models across tokenizers.
+compares models across tokenizers. `hf_tokenizer_files()` gives the files an HF export
+carries for a tokenizer (tokenizer.json, tokenizer_config.json, and the special-token map
+and chat template where the source has them), `special_token_ids()` the ids config.json
+and generation_config.json name.
 """
 
 from __future__ import annotations
@@ -23,9 +27,13 @@ TOKENIZER_TYPES = ("byte", "hf")
 EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
 
+EOD_TOKEN = "<|endoftext|>"  # the byte tokenizer's end-of-document token in its tokenizer.json
+
+
 class ByteTokenizer:
     vocab_size = 257
     eod = 256
+    eod_token = EOD_TOKEN
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -91,6 +99,107 @@ class HFTokenizer:
             else:
                 out[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
         return out
+
+
+def _byte_symbols() -> list[str]:
+    """The printable character byte-level BPE (GPT-2's convention, which the `tokenizers`
+    ByteLevel pre-tokenizer and decoder use) stands for each byte 0..255: printable Latin-1
+    bytes are their own character, the other 68 take 256, 257, ... in byte order."""
+    own = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    out, shifted = [], 0
+    for b in range(256):
+        if b in own:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + shifted))
+            shifted += 1
+    return out
+
+
+def byte_tokenizer_json() -> str:
+    """`ByteTokenizer` as a `tokenizers` tokenizer.json: token id b is byte b (a byte-level
+    BPE without merges over the 256 byte symbols, the text not split), id 256 the special
+    end-of-document token. Encoding gives the ids ByteTokenizer.encode gives; decoding joins
+    the bytes and reads them as UTF-8 (invalid sequences as U+FFFD, as ByteTokenizer does)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab={c: b for b, c in enumerate(_byte_symbols())}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(EOD_TOKEN, special=True, normalized=False)])
+    return tok.to_str(pretty=True)
+
+
+# Files of an HF tokenizer directory carried into exports besides tokenizer.json, when the
+# source has them (transformers 5 keeps a chat template in chat_template.jinja, older
+# versions in tokenizer_config.json, which is carried whole).
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+
+
+def hf_tokenizer_files(tok) -> dict[str, bytes]:
+    """file name -> content of the tokenizer files an HF export carries for `tok` (a
+    ByteTokenizer or an HFTokenizer): tokenizer.json and tokenizer_config.json always."""
+    import json
+
+    if isinstance(tok, ByteTokenizer):
+        files = {"tokenizer.json": byte_tokenizer_json().encode()}
+        source_dir = None
+    else:
+        file = Path(tok.path)
+        file = file / "tokenizer.json" if file.is_dir() else file
+        files = {"tokenizer.json": file.read_bytes()}
+        source_dir = file.parent
+        for name in TOKENIZER_SIDE_FILES:
+            if (source_dir / name).is_file():
+                files[name] = (source_dir / name).read_bytes()
+    if "tokenizer_config.json" not in files:
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.eod_token, "pad_token": tok.eod_token,
+                  "bos_token": None, "add_bos_token": False, "add_eos_token": False,
+                  "clean_up_tokenization_spaces": False}
+        files["tokenizer_config.json"] = (json.dumps(config, indent=2) + "\n").encode()
+    return files
+
+
+def special_token_ids(tok) -> dict[str, Optional[int]]:
+    """bos/eos/pad ids of `tok` as config.json and generation_config.json name them: eos is
+    the end-of-document token; bos and pad as its tokenizer_config.json says (pad falls back
+    to eos, as ours is written), bos None when it names none."""
+    import json
+
+    config = json.loads(hf_tokenizer_files(tok)["tokenizer_config.json"])
+    vocab_of = (lambda t: None) if isinstance(tok, ByteTokenizer) else tok._tok.token_to_id
+
+    def token_id(key):
+        value = config.get(key)
+        if isinstance(value, dict):  # an AddedToken as transformers 4 writes it
+            value = value.get("content")
+        if value is None:
+            return None
+        return tok.eod if value == tok.eod_token else vocab_of(value)
+
+    pad = token_id("pad_token")
+    return {"bos_token_id": token_id("bos_token"), "eos_token_id": tok.eod, "pad_token_id": tok.eod if pad is None else pad}
+
+
+def tokenizer_of_hf_dir(directory: str | Path):
+    """The tokenizer of an HF directory (its tokenizer.json, the end-of-document token its
+    tokenizer_config.json names as eos), or None when it holds no tokenizer.json. Our byte
+    tokenizer's file reads back as ByteTokenizer, so its description matches data
+    preprocessed with `--tokenizer byte`."""
+    import json
+
+    directory = Path(directory)
+    file = directory / "tokenizer.json"
+    if not file.is_file():
+        return None
+    if file.read_text() == byte_tokenizer_json():
+        return ByteTokenizer()
+    eos = None
+    config_file = directory / "tokenizer_config.json"
+    if config_file.is_file():
+        eos = json.loads(config_file.read_text()).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+    return HFTokenizer(str(directory), eos)
 
 
 def build_tokenizer(type: str, path: Optional[str] = None, eod_token: Optional[str] = None):

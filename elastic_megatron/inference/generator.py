@@ -8,7 +8,9 @@ answer).
 
 One copy of the weights serves every budget: the parent is loaded once and each budget is
 a view model over it (inference/budgets.py), built on first use. Works on a parent, an
-elastic checkpoint (any recorded budget), a sliced checkpoint and an imported HF model.
+elastic checkpoint (any recorded budget), a sliced checkpoint, an imported HF model and any
+HF directory, quantized ones included (convert/loading.py: one loading path for the
+generator, the evaluation tools and the server).
 
 Budget control: the trace is generated at the think budget until the delimiter appears
 (or the cap of thinking tokens is reached, which forces the delimiter, as Nemotron Nano's
@@ -29,14 +31,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from elastic_megatron.checkpoint.metadata import checkpoint_model_config
-from elastic_megatron.checkpoint.store import load_model_weights, resolve_checkpoint_dir
 from elastic_megatron.config.errors import ConfigError
+from elastic_megatron.convert.loading import open_for_inference
 from elastic_megatron.elastic.budgets import recorded_budgets
 from elastic_megatron.elastic.widths import Widths, full_widths
 from elastic_megatron.inference.budgets import ViewStats, budget_model
 from elastic_megatron.inference.decoder import HybridDecoder
-from elastic_megatron.models.hybrid import build_model
 
 FULL = "full"
 
@@ -119,26 +119,18 @@ class ElasticGenerator:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, tokenizer: Optional[str] = None, dtype: torch.dtype = torch.float32) -> "ElasticGenerator":
-        """Load a checkpoint (run dir or iter_* dir) once; `tokenizer`: a tokenizer.json to
-        use instead of the one the checkpoint's data name."""
-        try:
-            directory = resolve_checkpoint_dir(path)
-        except FileNotFoundError as err:
-            raise ConfigError("--checkpoint", str(path), f"no checkpoint there ({err})") from None
-        cfg, meta = checkpoint_model_config(directory)
-        tok = load_tokenizer(directory, meta, tokenizer)
+        """Load a checkpoint (run dir or iter_* dir, or a Hugging Face directory: BF16, FP8 or
+        NVFP4, convert/loading.py) once; `tokenizer`: a tokenizer.json to use instead of the
+        one the checkpoint records."""
+        checkpoint = open_for_inference(path)
+        cfg, meta, directory = checkpoint.cfg, checkpoint.meta, checkpoint.path
+        tok = checkpoint.tokenizer(tokenizer)
         if tok.vocab_size > cfg.vocab_size:
             raise ConfigError("--tokenizer", tokenizer or "(the checkpoint's)", f"has {tok.vocab_size} tokens, the model {cfg.vocab_size}")
         budgets = {FULL: full_widths(cfg)}
         if (meta.get("elastic") or {}).get("budgets"):
             budgets = dict(recorded_budgets(meta, directory))
-
-        def load():
-            model = build_model(cfg, params_dtype=dtype)
-            load_model_weights(directory, model)
-            return model
-
-        return cls(load, cfg, budgets, tok, str(directory))
+        return cls(lambda: checkpoint.load_model(dtype), cfg, budgets, tok, str(directory))
 
     def budget_names(self) -> list[str]:
         return list(self.budgets)
@@ -278,46 +270,6 @@ class _TextStream:
         if len(text) > shown:
             self.on_text(i, text[shown:])
             self.shown[i] = len(text)
-
-
-def load_tokenizer(directory: Path, meta: dict, override: Optional[str] = None):
-    """The tokenizer of a checkpoint: `override` (a tokenizer.json), the description its
-    data recorded, the tokenizer files next to an import, or those of the checkpoint it
-    was sliced from."""
-    from elastic_megatron.data.tokenizer import HFTokenizer, tokenizer_from_description
-
-    if override:
-        if not Path(override).exists():
-            raise ConfigError("--tokenizer", override, "does not exist (a tokenizer.json, or a directory holding one)")
-        return HFTokenizer(override)
-    described = (meta.get("data") or {}).get("tokenizer")
-    if described:
-        try:
-            return tokenizer_from_description(described)
-        except ConfigError as err:  # e.g. a tokenizer.json path of the machine that trained it
-            raise ConfigError("--tokenizer", None, f"the checkpoint's tokenizer {described} cannot be loaded here "
-                              f"({err.allowed}); pass --tokenizer <tokenizer.json>") from None
-    run_dir = directory.parent.parent if directory.parent.name == "checkpoints" else directory
-    imported = run_dir / "tokenizer" / "tokenizer.json"
-    if imported.exists():
-        return HFTokenizer(str(imported))
-    config = meta.get("config")
-    if config:
-        import yaml
-
-        prefixes = (yaml.safe_load(config).get("data") or {}).get("prefixes")
-        if prefixes:
-            from elastic_megatron.data.datasets import load_tokenizer_for
-
-            try:
-                return load_tokenizer_for(list(prefixes))
-            except ConfigError:
-                pass
-    source = (meta.get("sliced_from") or {}).get("checkpoint")
-    if source and Path(source).exists():
-        _, source_meta = checkpoint_model_config(source)
-        return load_tokenizer(resolve_checkpoint_dir(source), source_meta, None)
-    raise ConfigError("--tokenizer", None, f"no tokenizer is recorded for {directory}: pass --tokenizer <tokenizer.json>")
 
 
 def write_report(generation: Generation, path: str | Path) -> None:

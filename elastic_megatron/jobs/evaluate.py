@@ -8,7 +8,9 @@ checkpoint's tokenizer), read whole, cut and shuffled as training's validation r
 Models (`evaluate_checkpoint`): an elastic checkpoint at each of its budgets (the hard-
 masked full model, which equals the sliced model: the mask = slice invariant), a plain
 checkpoint (a parent, a separately distilled baseline) as it is or hard-masked at another
-checkpoint's budgets, and a sliced checkpoint as the budget it was cut at. Each row gives
+checkpoint's budgets, a sliced checkpoint as the budget it was cut at, and a Hugging Face
+directory (an export or a slice, BF16, FP8 or NVFP4: run as the quantized model it is)
+as one row; every kind is opened by convert/loading.py, the generator's loading path. Each row gives
 the loss (nats per predicted token), perplexity and bits per byte (the same loss per byte
 of text, so byte and BPE tokenizers compare).
 
@@ -32,6 +34,7 @@ import yaml
 from elastic_megatron.checkpoint.metadata import checkpoint_model_config, read_common_state, require_same_architecture
 from elastic_megatron.checkpoint.store import load_model_weights
 from elastic_megatron.config.errors import ConfigError
+from elastic_megatron.convert.loading import open_for_inference
 from elastic_megatron.data.datasets import heldout_dataset, load_tokenizer_for, make_loader, recorded_batches, require_prefix
 from elastic_megatron.data.tokenizer import same_tokenizer
 from elastic_megatron.elastic.budgets import checkpoint_budgets, recorded_budgets
@@ -91,7 +94,8 @@ def eval_data(checkpoint, data: Optional[str] = None, seq_length: Optional[int] 
     data are read; nothing is written but Megatron's index cache, in a temporary dir."""
     from megatron.core import parallel_state
 
-    cfg, meta = checkpoint_model_config(checkpoint)
+    opened = open_for_inference(checkpoint)
+    cfg, meta = opened.cfg, opened.meta
     job = yaml.safe_load(meta.get("config") or "{}") or {}
     recorded = (meta.get("data") or {}).get("tokenizer")
     if data is None:
@@ -134,8 +138,9 @@ def eval_data(checkpoint, data: Optional[str] = None, seq_length: Optional[int] 
 def checkpoint_rows(path, names: Optional[list[str]] = None, key: str = "--budgets") -> list[tuple[str, Optional[Widths]]]:
     """What to evaluate in the checkpoint at `path`: (name, widths to hard-mask at) per
     elastic budget; a plain checkpoint is one row `full` (no masks), a sliced one the
-    budget it was cut at. `names` picks rows; an unknown name is a ConfigError."""
-    meta = read_common_state(path).get("meta") or {}
+    budget it was cut at, an HF directory one row `full`. `names` picks rows; an unknown
+    name is a ConfigError."""
+    meta = open_for_inference(path).meta
     if (meta.get("elastic") or {}).get("budgets"):
         rows = list(recorded_budgets(meta, path))
     elif meta.get("sliced_from"):
@@ -184,10 +189,9 @@ def budget_losses(model, cfg, budgets: list[tuple[str, Widths]], batches: list[d
 def evaluate_checkpoint(path, data: EvalData, budgets: Optional[list[tuple[str, Optional[Widths]]]] = None) -> dict[str, Scores]:
     """Scores of the checkpoint at `path` at its own rows (`checkpoint_rows`) or, for a
     parent of the same architecture, hard-masked at `budgets` (another checkpoint's)."""
-    cfg, _ = checkpoint_model_config(path)
-    model = build_model(cfg)
-    load_model_weights(path, model)
-    return score_budgets(model, cfg, budgets if budgets is not None else checkpoint_rows(path), data)
+    opened = open_for_inference(path)
+    model = opened.load_model()
+    return score_budgets(model, opened.cfg, budgets if budgets is not None else checkpoint_rows(path), data)
 
 
 def row_params(cfg, widths: Optional[Widths]) -> tuple[int, int]:
@@ -216,7 +220,7 @@ def evaluate(checkpoint, data: EvalData, names: Optional[list[str]] = None,
     """Rows of `checkpoint` (label `elastic` when it is elastic, else `model`) and of each
     baseline checkpoint (label -> path, same architecture) hard-masked at its budgets."""
     rows = checkpoint_rows(checkpoint, names)
-    cfg, _ = checkpoint_model_config(checkpoint)
+    cfg = open_for_inference(checkpoint).cfg
     baselines = baselines or {}
     for label, path in baselines.items():
         require_same_architecture(cfg, path, f"--{label}")

@@ -153,23 +153,37 @@ def hf_quantized_view(hf_view: MappedSource, flat: MappedSource, fmt: str) -> Ma
     return MappedSource(flat, rules)
 
 
-def quant_config_fields(cfg: ModelConfig, record: dict) -> tuple[dict, dict]:
-    """(hf_quant_config.json, config.json's quantization_config) as ModelOpt's unified
-    exporter writes them: the algorithm, the group size, and the excluded (BF16) linears
-    under their HF names."""
+def excluded_modules(cfg: ModelConfig, fmt: str, recipe: str) -> list[str]:
+    """The HF modules a quantized export keeps unquantized, as ModelOpt's Megatron exporter
+    lists them (modelopt/torch/export/unified_export_megatron.py: every module it exports
+    whose quantization format is none, norms aside, under the HF prefix of its
+    `nemotron_h_causal_lm_export` rule, sorted): the embeddings, the output layer, every
+    Mamba conv1d, every MoE router (`mixer.gate`) and each linear the recipe keeps in BF16."""
     from elastic_megatron.convert.hf_nemotron_h import hf_linear_names
 
-    fmt, recipe = record["format"], record["recipe"]
     linears = linear_modules(cfg)
     on = set(quantized_modules(linears, fmt, recipe))
-    kept = sorted(n for m in linears if m not in on for n in hf_linear_names(m))
-    excluded = ["lm_head"] + kept
+    names = {"backbone.embeddings", "lm_head"}
+    names.update(n for m in linears if m not in on for n in hf_linear_names(m))
+    for i, symbol in enumerate(cfg.hybrid_pattern):
+        if symbol == "M":
+            names.add(f"backbone.layers.{i}.mixer.conv1d")
+        elif symbol == "E":
+            names.add(f"backbone.layers.{i}.mixer.gate")
+    return sorted(names)
+
+
+def quant_config_fields(cfg: ModelConfig, record: dict) -> tuple[dict, dict]:
+    """(hf_quant_config.json, config.json's quantization_config) as ModelOpt's unified
+    exporter writes them: the algorithm, the group size, and the excluded (BF16) modules
+    under their HF names (`excluded_modules`; config.json's `ignore` is the same list)."""
     from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
 
+    fmt = record["format"]
     quantization = {"quant_algo": "NVFP4" if fmt == "nvfp4" else "FP8", "kv_cache_quant_algo": None}
     if fmt == "nvfp4":
         quantization["group_size"] = formats.BLOCK
-    quantization["exclude_modules"] = excluded
+    quantization["exclude_modules"] = excluded_modules(cfg, fmt, record["recipe"])
     hf_quant = {"producer": {"name": "modelopt", "version": record.get("modelopt", "")}, "quantization": quantization}
     # config.json's form is ModelOpt's own conversion of the first.
     return hf_quant, convert_hf_quant_config_format(hf_quant)
@@ -182,3 +196,80 @@ def write_quant_configs(directory: Path, cfg: ModelConfig, record: dict) -> None
     conf = json.loads(path.read_text())
     conf["quantization_config"] = qc
     path.write_text(json.dumps(conf, indent=2, allow_nan=False) + "\n")
+
+
+# ---- reading a quantized HF export back ------------------------------------------------------
+
+_ALGORITHMS = {"FP8": "fp8", "NVFP4": "nvfp4"}
+
+
+def hf_quant_format(directory: Path) -> Optional[str]:
+    """fp8 / nvfp4 of a quantized HF export (its hf_quant_config.json, else config.json's
+    quantization_config), None for an unquantized one; a format this project does not
+    write is refused by name."""
+    from elastic_megatron.config.errors import ConfigError
+
+    directory = Path(directory)
+    path = directory / "hf_quant_config.json"
+    if path.is_file():
+        algo = (json.loads(path.read_text()).get("quantization") or {}).get("quant_algo")
+    else:
+        qc = json.loads((directory / "config.json").read_text()).get("quantization_config")
+        if qc is None:
+            return None
+        algo = qc.get("quant_algo") if qc.get("quant_method") == "modelopt" else f"{qc.get('quant_method')}"
+    if algo not in _ALGORITHMS:
+        raise ConfigError("quantization", algo, f"{directory} is quantized in a format this project does not read; "
+                          f"allowed: ModelOpt {sorted(_ALGORITHMS)}")
+    return _ALGORITHMS[algo]
+
+
+class DequantizedSource(TensorSource):
+    """The tensors of a quantized HF export (ModelOpt's unified format) with every packed
+    weight decoded to the fp32 values the serving kernels multiply with, and the scale
+    tensors left out: the view the HF adapters (convert/hf_nemotron_h.hf_to_flat) read."""
+
+    def __init__(self, base: TensorSource, fmt: str):
+        self.base, self.fmt = base, fmt
+        self.present = set(base.names())
+        self.quantized = {n[: -len(".weight")] for n in self.present
+                          if n.endswith(".weight") and n[: -len("weight")] + "weight_scale" in self.present}
+
+    def names(self) -> list[str]:
+        return [n for n in self.base.names() if _split(n, self.quantized)[1] in (None, "weight")]
+
+    def _get(self, name: str, meta: bool) -> torch.Tensor:
+        module, part = _split(name, self.quantized)
+        if module is None:
+            return self.base._get(name, meta)
+        if meta:
+            rows, cols = self.base.spec(name).shape
+            return torch.empty((rows, cols * _COLUMNS_PER_UNIT[(self.fmt, "weight")]), dtype=torch.float32, device="meta")
+        parts = {s: self.base.get(f"{module}.{s}") for s in ("weight",) + _scale_names(self.fmt)}
+        return formats.decode_weight(self.fmt, parts)
+
+    def scales(self, cfg: ModelConfig) -> dict:
+        """The export's scales as a quant record of the model of `cfg` (flat module names):
+        per-tensor amax = scale x the format's bound, for the weight (the weight scale, or
+        NVFP4's second-level scale) and the input. A linear split into several HF tensors
+        (q/k/v) takes the largest. The recipe is the one whose quantized linears are exactly
+        the export's; an export that matches none is refused."""
+        from elastic_megatron.config.errors import ConfigError
+        from elastic_megatron.convert.hf_nemotron_h import hf_linear_names
+        from elastic_megatron.quant.recipes import RECIPES
+
+        bound = formats.max_bound(self.fmt)
+        weight_part = "weight_scale_2" if self.fmt == "nvfp4" else "weight_scale"
+        amax = {}
+        for module in linear_modules(cfg):
+            parts = [n for n in hf_linear_names(module) if n in self.quantized]
+            if not parts:
+                continue
+            amax[module] = {kind: max(float(self.base.get(f"{p}.{scale}")) * bound for p in parts)
+                            for kind, scale in (("weight", weight_part), ("input", "input_scale"))}
+        found = sorted(amax)
+        for recipe in RECIPES:
+            if sorted(quantized_modules(linear_modules(cfg), self.fmt, recipe)) == found:
+                return {"format": self.fmt, "recipe": recipe, "algorithm": "max", "amax": amax}
+        raise ConfigError("quantization", f"{len(found)} quantized linears", "match no ModelOpt Nemotron-H recipe "
+                          f"({list(RECIPES)}) of this model; this project reads the exports it writes")

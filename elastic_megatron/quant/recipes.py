@@ -111,3 +111,96 @@ def check_block_alignment(cfg: ModelConfig, fmt: str, recipe: str, widths: dict[
 
 _PARENT_FIELD = {"hidden": "hidden_size", "ffn": "ffn_hidden_size", "moe_ffn": "moe_ffn_hidden_size",
                  "shared_ffn": "moe_shared_expert_ffn_hidden_size", "mamba_head_dim": "mamba_head_dim"}
+
+
+# ---- what the serving kernels need ------------------------------------------------------------
+#
+# A quantized linear of an export runs as one GEMM Y[M, N] = X[M, K] W[N, K]^T in the serving
+# engines (vLLM, SGLang, TensorRT-LLM); N and K must be multiples of:
+#   fp8   16: torch._scaled_mm, the per-tensor FP8 GEMM vLLM's ModelOpt FP8 linear names as its
+#           kernel, refuses mat2 dimensions that are not multiples of 16 (its checks in
+#           torch/_meta_registrations.py: "Expected both dimensions of mat2 to be divisible by
+#           16"); vLLM's CUTLASS path (`_custom_ops.cutlass_scaled_mm`) needs the same 16 on
+#           both dimensions of the weight and drops to a Triton kernel otherwise.
+#   nvfp4 32: vLLM's `nvfp4_utils.pad_nvfp4_weight_for_cutlass`: the CUTLASS (and FlashInfer)
+#           FP4 GEMMs need N and K divisible by 32 (vLLM pads the weight at load, other
+#           engines do not); torch._scaled_mm on packed FP4 needs K/2 and N multiples of 16;
+#           and the 16-value scale blocks need K % 16 == 0, which vLLM's
+#           ModelOptNvFp4LinearMethod and TensorRT-LLM's NVFP4LinearMethod refuse otherwise.
+# The Mamba in_proj is one GEMM over [z, x, B, C, dt] (vLLM's MambaMixer2 merges them), so
+# its N is 2·heads·head_dim + 2·groups·state + heads. Released Nemotron 3 Nano widths (and
+# the Star Elastic 23B / 12B budgets) are multiples of 32 on every such dimension.
+KERNEL_ALIGNMENT = {
+    "fp8": (16, "torch._scaled_mm / vLLM cutlass_scaled_mm: both GEMM dimensions multiples of 16"),
+    "nvfp4": (32, "vLLM/FlashInfer CUTLASS FP4 GEMM: N and K multiples of 32 (vLLM pad_nvfp4_weight_for_cutlass)"),
+}
+
+# Flat module name (layer prefix removed) -> what sets its weight's rows (N) and columns (K).
+_GEMM_DIMS = [
+    (re.compile(r"^mixer\.in_proj$"), "2*mamba_heads*mamba_head_dim + 2*mamba_groups*state + mamba_heads", "hidden"),
+    (re.compile(r"^mixer\.out_proj$"), "hidden", "mamba_heads*mamba_head_dim"),
+    (re.compile(r"^self_attention\.linear_qkv$"), "(attn_heads + 2*query_groups)*head_dim", "hidden"),
+    (re.compile(r"^self_attention\.linear_proj$"), "hidden", "attn_heads*head_dim"),
+    (re.compile(r"^mlp\.linear_fc1$"), "ffn", "hidden"),
+    (re.compile(r"^mlp\.linear_fc2$"), "hidden", "ffn"),
+    (re.compile(r"^mlp\.experts\.local_experts\.\d+\.linear_fc1$"), "moe_ffn", "hidden"),
+    (re.compile(r"^mlp\.experts\.local_experts\.\d+\.linear_fc2$"), "hidden", "moe_ffn"),
+    (re.compile(r"^mlp\.shared_experts\.linear_fc1$"), "shared_ffn", "hidden"),
+    (re.compile(r"^mlp\.shared_experts\.linear_fc2$"), "hidden", "shared_ffn"),
+]
+
+
+def _kind(module: str) -> str:
+    """A linear's name without its layer and expert numbers (what repeats across layers)."""
+    return re.sub(r"local_experts\.\d+\.", "local_experts.*.", _LAYER.sub(r"\1", module))
+
+
+def kernel_misalignments(cfg: ModelConfig, fmt: str, recipe: str) -> list[tuple[str, str, int, str]]:
+    """(linear kind, 'rows (N)' / 'columns (K)', size, what sets it) of every quantized GEMM
+    dimension of a model of `cfg` that breaks `fmt`'s KERNEL_ALIGNMENT, once per kind."""
+    from elastic_megatron.models.counter import parameter_inventory
+
+    align = KERNEL_ALIGNMENT[fmt][0]
+    shapes = {e.name[: -len(".weight")]: e.shape for e in parameter_inventory(cfg) if e.name.endswith(".weight")}
+    out = {}
+    for module in quantized_modules(linear_modules(cfg), fmt, recipe):
+        kind = _kind(module)
+        rest = _LAYER.match(module).group(1)
+        n_axis, k_axis = next((n, k) for pattern, n, k in _GEMM_DIMS if pattern.match(rest))
+        rows, cols = shapes[module]
+        for dim, size, axis in (("rows (N)", rows, n_axis), ("columns (K)", cols, k_axis)):
+            if size % align:
+                out.setdefault((kind, dim), (kind, dim, int(size), axis))
+    return list(out.values())
+
+
+def check_kernel_alignment(parent: ModelConfig, cfg: ModelConfig, fmt: str, recipe: str, budget: str,
+                           key: str = "--size") -> None:
+    """Refuse a quantized export of budget `budget` (the model of `cfg`, nested in `parent`)
+    one of whose quantized GEMM dimensions breaks the serving kernels' alignment. A dimension
+    the parent itself breaks (a CPU toy preset's, see README) is the parent's architecture,
+    not the budget's choice: it is reported by tools/describe_model.py, not refused here."""
+    inherited = {(k, d) for k, d, _, _ in kernel_misalignments(parent, fmt, recipe)}
+    for kind, dim, size, axis in kernel_misalignments(cfg, fmt, recipe):
+        if (kind, dim) not in inherited:
+            align, rule = KERNEL_ALIGNMENT[fmt]
+            raise ConfigError(key, budget, f"its {fmt} export would give {kind} {dim} = {size} (set by {axis}), not a "
+                              f"multiple of {align} ({rule}); choose widths that keep it a multiple of {align}")
+
+
+def kernel_report(parent: ModelConfig, budgets, recipe: str) -> dict[str, dict[str, str]]:
+    """budget -> format -> 'ok', or why its export would not run on the serving kernels
+    ('(parent)' marks a dimension the parent already breaks); `budgets`: (name, Widths)."""
+    from elastic_megatron.elastic.widths import sub_model_config
+
+    out = {}
+    for name, widths in budgets:
+        cfg = sub_model_config(parent, widths)
+        row = {}
+        for fmt in KERNEL_ALIGNMENT:
+            inherited = {(k, d) for k, d, _, _ in kernel_misalignments(parent, fmt, recipe)}
+            bad = [f"{k} {d}={size}{' (parent)' if (k, d) in inherited else ''}"
+                   for k, d, size, _ in kernel_misalignments(cfg, fmt, recipe)]
+            row[fmt] = "ok" if not bad else "no: " + "; ".join(bad)
+        out[name] = row
+    return out

@@ -11,9 +11,11 @@ quantized format for fp8 / nvfp4) and their files are summed; the full budget's
 standalone checkpoint is the full export itself. A quantized precision uses ONE set of
 scales for all its exports, as a nested quantized checkpoint does: the checkpoint's
 own (QAD) scales of that format, else post-training calibration on a few batches of the
-run's training data. A checkpoint that records no training data (an import, a slice) or
-whose budgets cannot nest NVFP4 blocks is measured in the other precisions, and the
-report says why. Files hold more than the counter's parameters: the router's fp32
+run's training data. A checkpoint that records no training data (an import, a slice),
+whose budgets cannot nest NVFP4 blocks, or one of whose budgets would give a quantized GEMM
+dimension the serving kernels do not take (quant/recipes.KERNEL_ALIGNMENT) is measured in
+the other precisions, and the report says why. The analytic report lists, per budget,
+whether its FP8 and NVFP4 exports qualify for those kernels. Files hold more than the counter's parameters: the router's fp32
 correction bias (a buffer), the safetensors headers, config.json, hf_quant_config.json
 and manifest.json.
 """
@@ -48,20 +50,27 @@ class StorageReport:
     measured: Optional[dict] = None
     unmeasured: dict[str, str] = field(default_factory=dict)  # precision -> why it was not measured
     skipped: list[str] = field(default_factory=list)  # router-chosen budgets without resolved widths
+    # budget -> fp8/nvfp4 -> "ok" or why its export breaks the serving kernels' alignment
+    # (quant/recipes.kernel_report), under `recipe`
+    kernels: dict = field(default_factory=dict)
+    recipe: str = DEFAULT_RECIPE
 
     def as_dict(self) -> dict:
         return {"model": self.model, "budgets": self.budgets, "elastic_bytes": self.elastic_bytes,
                 "separate_bytes": self.separate_bytes, "per_budget_bytes": self.per_budget_bytes,
-                "measured": self.measured, "unmeasured": self.unmeasured, "skipped": self.skipped}
+                "measured": self.measured, "unmeasured": self.unmeasured, "skipped": self.skipped,
+                "kernels": self.kernels, "recipe": self.recipe}
 
 
-def analytic_storage(cfg: ModelConfig, budgets: list[tuple[str, Widths]]) -> StorageReport:
+def analytic_storage(cfg: ModelConfig, budgets: list[tuple[str, Widths]], recipe: str = DEFAULT_RECIPE) -> StorageReport:
+    from elastic_megatron.quant.recipes import kernel_report
+
     per = {name: model_size(sub_model_config(cfg, w)).total_bytes for name, w in budgets}
     return StorageReport(
         model=cfg.name, budgets=[n for n, _ in budgets],
         elastic_bytes=dict(model_size(cfg).total_bytes),
         separate_bytes={p: sum(per[n][p] for n in per) for p in PRECISIONS},
-        per_budget_bytes=per,
+        per_budget_bytes=per, kernels=kernel_report(cfg, budgets, recipe), recipe=recipe,
     )
 
 
@@ -100,6 +109,7 @@ def measured_storage(checkpoint: str | Path, workdir: Optional[str | Path] = Non
                                                 "full model is written as that budget's slice")
                 continue
             try:
+                _check_kernels(src, budgets, precision)
                 scales, origin = _scales(src, precision, calibration_batches)
             except ConfigError as err:
                 report.unmeasured[precision] = str(err)
@@ -107,6 +117,17 @@ def measured_storage(checkpoint: str | Path, workdir: Optional[str | Path] = Non
         report.measured[precision] = _measure(src, budgets, full, root, precision, scales)
         report.measured[precision]["scales"] = origin
     return report
+
+
+def _check_kernels(src, budgets: list[tuple[str, Widths]], precision: str) -> None:
+    """Every budget's export in `precision` passes the serving kernels' alignment (as
+    slicing checks it), before any scale is computed."""
+    from elastic_megatron.quant.recipes import check_kernel_alignment
+
+    own = src.meta.get("quantization") or {}
+    recipe = own.get("recipe") if own.get("format") == precision else DEFAULT_RECIPE
+    for name, w in budgets:
+        check_kernel_alignment(src.cfg, sub_model_config(src.cfg, w), precision, recipe, name, key="budget")
 
 
 def _scales(src, precision: str, calibration_batches: int) -> tuple[dict, str]:
@@ -180,6 +201,13 @@ def render_storage(r: StorageReport) -> str:
                          + (f"; scales: {m['scales']}" if m.get("scales") else ""))
         for p, why in r.unmeasured.items():
             lines.append(f"  {p}: not measured: {why}")
+    if r.kernels:
+        from elastic_megatron.quant.recipes import KERNEL_ALIGNMENT
+
+        rules = ", ".join(f"{fmt} N and K multiples of {align}" for fmt, (align, _) in KERNEL_ALIGNMENT.items())
+        lines += ["", f"serving kernels ({r.recipe} recipe; quantized GEMMs need {rules}):"]
+        for name, row in r.kernels.items():
+            lines.append(f"{name:<10}" + "   ".join(f"{fmt} {status}" for fmt, status in row.items()))
     if r.skipped:
         lines.append(f"(router-chosen budgets {r.skipped} have widths only after training: pass checkpoint=<elastic run>)")
     return "\n".join(lines)

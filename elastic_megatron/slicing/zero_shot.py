@@ -21,7 +21,9 @@ from typing import Optional
 
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.convert.megatron_dist import DistCheckpointSource
-from elastic_megatron.convert.output import FORMATS, QUANTIZED, check_target, precision_dtype, staged, write_hf, write_megatron
+from elastic_megatron.convert.output import (
+    FORMATS, QUANTIZED, check_target, export_tokenizer, precision_dtype, staged, write_hf, write_megatron,
+)
 from elastic_megatron.elastic.reindex import prefix_index, reindex_source
 from elastic_megatron.elastic.budgets import recorded_budget
 from elastic_megatron.elastic.widths import model_cost, sub_model_config
@@ -29,14 +31,18 @@ from elastic_megatron.elastic.widths import model_cost, sub_model_config
 
 def slice_checkpoint(source: str | Path, target: str | Path, size: str, precision: str = "bf16",
                      fmt: str = "megatron", overwrite: bool = False, max_shard_bytes: int = 5 * 2**30,
-                     name: Optional[str] = None, recipe: str = "aggressive", calibration_batches: int = 16,
-                     scales: Optional[dict] = None) -> Path:
+                     name: Optional[str] = None, recipe: Optional[str] = None, calibration_batches: int = 16,
+                     scales: Optional[dict] = None, tokenizer_dir: Optional[str | Path] = None) -> Path:
     """Write budget `size` of elastic checkpoint `source` as a standalone checkpoint.
 
     fmt: megatron (our checkpoint + recipes/model/<name>.yaml), hf (a transformers
     directory), or both (megatron layout with the HF export under hf/). precision fp8 /
     nvfp4: `scales` (a quant record of the parent) if given, else the source's scales of
-    that format, else PTQ with `calibration_batches`."""
+    that format, else PTQ with `calibration_batches`; `recipe`: ModelOpt's Nemotron-H recipe
+    (default: the one the checkpoint's scales were trained with, else aggressive); every
+    quantized GEMM dimension of the slice is checked against the serving kernels' alignment
+    (quant/recipes.py) before anything is written. The HF export carries the tokenizer of
+    `tokenizer_dir`, else the one the checkpoint records."""
     if fmt not in FORMATS:
         raise ConfigError("--format", fmt, f"allowed: {list(FORMATS)}")
     dtype = precision_dtype(precision, quantized_ok=True)
@@ -51,20 +57,25 @@ def slice_checkpoint(source: str | Path, target: str | Path, size: str, precisio
                                   "active_params": int(model_cost(src.cfg, widths, "active_params"))}}
     if src.meta.get("data"):  # the tokenizer it was trained with: evaluation refuses data tokenized otherwise
         provenance["data"] = src.meta["data"]
-    hf_options = {}
+    hf_options = {"tokenizer": export_tokenizer(src.dir, src.meta, sub_cfg, tokenizer_dir) if fmt != "megatron" else None}
     if precision in QUANTIZED:
         from elastic_megatron.quant.export import EncodedSource, hf_quantized_view, slice_encoded, sliced_record, write_quant_configs
+        from elastic_megatron.quant.recipes import check_kernel_alignment
 
+        found = src.meta.get("quantization") or {}
+        recipe = (recipe or (scales or {}).get("recipe") or (found.get("recipe") if found.get("format") == precision else None)
+                  or "aggressive")
+        check_kernel_alignment(src.cfg, sub_cfg, precision, recipe, size)
         record = scales or source_scales(src, precision, recipe, calibration_batches)
         provenance["quantization"] = sliced_record(src.cfg, index, record)
         encoded = slice_encoded(src.cfg, index, EncodedSource(src, record))
-        hf_options = {"adapt": lambda view: hf_quantized_view(view, encoded, precision),
-                      "finish": lambda d: write_quant_configs(d, sub_cfg, provenance["quantization"])}
+        hf_options.update(adapt=lambda view: hf_quantized_view(view, encoded, precision),
+                          finish=lambda d: write_quant_configs(d, sub_cfg, provenance["quantization"]))
     with staged(target, overwrite) as tmp:
         if fmt in ("megatron", "both"):
             write_megatron(tmp, sub_cfg, sliced, dtype, **provenance)
         if fmt in ("hf", "both"):
-            write_hf(tmp / "hf" if fmt == "both" else tmp, sub_cfg, encoded if hf_options else sliced, dtype,
+            write_hf(tmp / "hf" if fmt == "both" else tmp, sub_cfg, encoded if precision in QUANTIZED else sliced, dtype,
                      max_shard_bytes=max_shard_bytes, **hf_options)
     return target
 

@@ -1,0 +1,189 @@
+"""Opening any checkpoint to run it: the one loading path of the generator, the evaluation
+tools and the server.
+
+`open_for_inference(path)` reads what a checkpoint says about itself without loading a
+tensor, for every kind this project writes or reads:
+- our checkpoints (run dir or iter_* dir): a parent, an elastic checkpoint, an import, a
+  slice (BF16 or FP32, or a quantized slice: BF16 master weights with the parent's scales
+  in its metadata);
+- a Hugging Face Nemotron-H directory (config.json + safetensors): an export, a slice, the
+  released checkpoints, and quantized exports in ModelOpt's unified format (FP8, NVFP4).
+
+`InferenceCheckpoint.load_model()` then builds the model and loads it. A checkpoint that is
+one quantized model runs as the quantized model it is: an HF FP8/NVFP4 export has its packed
+weights decoded to the values the serving kernels multiply with (quant/export.py) and each
+quantized linear's input fake-quantized with the export's `input_scale`; a quantized slice
+of our format has weights and inputs fake-quantized with the scales it records. Either way
+the logits are those of the fake-quantized elastic checkpoint at that budget (the parent's
+scales, nested quantization: tests/test_export_engines.py). An elastic checkpoint that
+carries QAD scales is loaded as its BF16 weights (its budgets are views built later, see
+inference/budgets.py); quantize its budgets with quant/hooks.attach.
+
+`checkpoint_tokenizer` is the tokenizer a checkpoint was trained with, wherever it is
+recorded; the exporters carry the same one into every HF directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from elastic_megatron.config.errors import ConfigError
+from elastic_megatron.config.model import ModelConfig
+
+HF = "hf"
+MEGATRON = "megatron"
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A Hugging Face model directory (config.json and safetensors shards, no dist checkpoint)."""
+    path = Path(path)
+    return ((path / "config.json").is_file() and not (path / "metadata.json").exists()
+            and any(path.glob("*.safetensors")))
+
+
+@dataclass
+class InferenceCheckpoint:
+    path: Path  # the directory read (for ours, the resolved iter_* dir)
+    format: str  # HF or MEGATRON
+    cfg: ModelConfig
+    # our checkpoint metadata; for an HF directory, the description of the tokenizer it holds
+    # ({"data": {"tokenizer": ...}}, as training records it) or {}
+    meta: dict = field(default_factory=dict)
+    quantization: Optional[dict] = None  # the scales it runs with (a quant record), or None
+
+    def tokenizer(self, override: Optional[str] = None):
+        return checkpoint_tokenizer(self.path, self.meta, override)
+
+    def load_model(self, dtype: torch.dtype = torch.float32):
+        """The model, weights loaded (in `dtype`), quantized as the checkpoint is."""
+        from elastic_megatron.models.hybrid import build_model
+
+        model = build_model(self.cfg, params_dtype=dtype)
+        if self.format == HF:
+            _load_hf_weights(self, model, dtype)
+        else:
+            from elastic_megatron.checkpoint.store import load_model_weights
+            from elastic_megatron.quant.hooks import attach
+
+            load_model_weights(self.path, model)
+            if self.quantization is not None:
+                q = self.quantization
+                attach(model, q, q["format"], q["recipe"])
+        return model.eval()
+
+
+def open_for_inference(path: str | Path, key: str = "--checkpoint") -> InferenceCheckpoint:
+    """What `path` holds (see the module docstring), checked, no tensor loaded."""
+    path = Path(path)
+    if is_hf_dir(path):
+        return _open_hf(path)
+    from elastic_megatron.checkpoint.metadata import checkpoint_model_config
+    from elastic_megatron.checkpoint.store import resolve_checkpoint_dir
+
+    try:
+        directory = resolve_checkpoint_dir(path)
+    except FileNotFoundError as err:
+        raise ConfigError(key, str(path), f"no checkpoint there ({err}; or a Hugging Face directory with config.json "
+                          "and *.safetensors)") from None
+    cfg, meta = checkpoint_model_config(directory)
+    elastic = bool((meta.get("elastic") or {}).get("budgets"))
+    return InferenceCheckpoint(directory, MEGATRON, cfg, meta, None if elastic else meta.get("quantization"))
+
+
+def _open_hf(path: Path) -> InferenceCheckpoint:
+    from elastic_megatron.checkpoint import verify
+    from elastic_megatron.checkpoint.manifest import has_manifest, verify_manifest
+    from elastic_megatron.convert import hf_nemotron_h as hf
+    from elastic_megatron.convert.tensors import SafetensorsSource
+    from elastic_megatron.data.tokenizer import tokenizer_of_hf_dir
+    from elastic_megatron.quant.export import DequantizedSource, hf_quant_format
+
+    if has_manifest(path):  # written by our exporter: every byte as exported
+        verify_manifest(path, check_hashes=verify.level() == "hashes")
+    cfg = hf.model_config_from_hf(hf.read_hf_config(path), name=path.name)
+    fmt = hf_quant_format(path)
+    record = DequantizedSource(SafetensorsSource(path), fmt).scales(cfg) if fmt else None
+    tok = tokenizer_of_hf_dir(path)
+    return InferenceCheckpoint(path, HF, cfg, {"data": {"tokenizer": tok.describe()}} if tok is not None else {}, record)
+
+
+def _load_hf_weights(ckpt: InferenceCheckpoint, model, dtype: torch.dtype) -> None:
+    from elastic_megatron.convert import hf_nemotron_h as hf
+    from elastic_megatron.convert.tensors import SafetensorsSource
+    from elastic_megatron.quant.export import DequantizedSource
+    from elastic_megatron.quant.hooks import QuantHooks
+
+    source = SafetensorsSource(ckpt.path)
+    q = ckpt.quantization
+    flat = hf.hf_to_flat(DequantizedSource(source, q["format"]) if q else source, ckpt.cfg)
+    hf.check_shapes(flat, ckpt.cfg, str(ckpt.path))
+    model.load_state_dict({n: flat.get(n).to(dtype) for n in flat.names()}, strict=False)
+    if q is not None:
+        hooks = QuantHooks(model, q["format"], q["recipe"])
+        hooks.load_amax(q["amax"])
+        for quantizer in hooks.weight_q.values():
+            quantizer.disable()  # the weights already are the decoded packed values
+
+
+# ---- the tokenizer of a checkpoint ------------------------------------------------------------
+
+def recorded_tokenizer(directory: Path, meta: dict, key: str = "--tokenizer"):
+    """The tokenizer a checkpoint records, or None when it records none: the files of an HF
+    directory, the description its training data recorded, the files next to an import, the
+    tokenizer of its data prefixes, or that of the checkpoint it was sliced from."""
+    from elastic_megatron.data.tokenizer import tokenizer_from_description, tokenizer_of_hf_dir
+
+    directory = Path(directory)
+    if is_hf_dir(directory):
+        return tokenizer_of_hf_dir(directory)
+    described = (meta.get("data") or {}).get("tokenizer")
+    if described:
+        try:
+            return tokenizer_from_description(described)
+        except ConfigError as err:  # e.g. a tokenizer.json path of the machine that trained it
+            raise ConfigError(key, None, f"the checkpoint's tokenizer {described} cannot be loaded here "
+                              f"({err.allowed}); pass {key} <a tokenizer.json, or a directory holding one>") from None
+    run_dir = directory.parent.parent if directory.parent.name == "checkpoints" else directory
+    imported = tokenizer_of_hf_dir(run_dir / "tokenizer")
+    if imported is not None:
+        return imported
+    config = meta.get("config")
+    if config:
+        import yaml
+
+        prefixes = (yaml.safe_load(config).get("data") or {}).get("prefixes")
+        if prefixes:
+            from elastic_megatron.data.datasets import load_tokenizer_for
+
+            try:
+                return load_tokenizer_for(list(prefixes))
+            except ConfigError:
+                pass
+    source = (meta.get("sliced_from") or {}).get("checkpoint")
+    if source and Path(source).exists():
+        from elastic_megatron.checkpoint.metadata import checkpoint_model_config
+        from elastic_megatron.checkpoint.store import resolve_checkpoint_dir
+
+        _, source_meta = checkpoint_model_config(source)
+        return recorded_tokenizer(resolve_checkpoint_dir(source), source_meta, key)
+    return None
+
+
+def checkpoint_tokenizer(directory: Path, meta: dict, override: Optional[str] = None):
+    """`override` (a tokenizer.json, or a directory holding one) or the tokenizer the
+    checkpoint records; a checkpoint that records none needs the override."""
+    from elastic_megatron.data.tokenizer import HFTokenizer
+
+    if override:
+        if not Path(override).exists():
+            raise ConfigError("--tokenizer", override, "does not exist (a tokenizer.json, or a directory holding one)")
+        return HFTokenizer(override)
+    tok = recorded_tokenizer(directory, meta)
+    if tok is None:
+        raise ConfigError("--tokenizer", None, f"no tokenizer is recorded for {directory}: pass --tokenizer <tokenizer.json>")
+    return tok
+
