@@ -85,9 +85,11 @@ demo: install $(DEMO_DATA)_text_document.idx
 test: install
 	$(PY) -m pytest -q --durations=15
 
-test-312: install-312
+# The default leg's venv is installed too: tests/test_versions.py resumes runs across the two
+# Megatron-Core versions, half in each interpreter.
+test-312: install install-312
 	$(PY312) -c "from megatron.core import package_info as p; import sys; print(f'python {sys.version.split()[0]}, megatron-core {p.__version__}')"
-	$(PY312) -m pytest -q --durations=15 $(TEST312_ARGS)
+	ELASTIC_MEGATRON_OTHER_PYTHON=$(abspath $(PY)) $(PY312) -m pytest -q --durations=15 $(TEST312_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not slurm"

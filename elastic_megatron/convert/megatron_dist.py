@@ -239,7 +239,7 @@ def write_dist_checkpoint(run_dir: str | Path, cfg: ModelConfig, flat: TensorSou
     # of a file in memory until that file is closed (torch 2.13), so one file per rank
     # would hold the whole model.
     planner = _lazy_planner_class()(producers, experts, flat)
-    dcp.save(state, storage_writer=FileSystemWriter(str(final), thread_count=1, single_file_per_rank=False),
+    dcp.save(state, storage_writer=_reproducible_writer(FileSystemWriter)(str(final), thread_count=1, single_file_per_rank=False),
              planner=planner, no_dist=True)
     planner.bar.close()
     torch.save({"step": step, "consumed_samples": 0, "format_version": store.FORMAT_VERSION,
@@ -248,6 +248,19 @@ def write_dist_checkpoint(run_dir: str | Path, cfg: ModelConfig, flat: TensorSou
     write_manifest(final)
     (store.checkpoint_root(run_dir) / store.TRACKER).write_text(f"{step}\n")
     return final
+
+
+def _reproducible_writer(base):
+    """torch's FileSystemWriter records the directory it wrote to (here a hidden staging
+    directory with a pid) and a random save id in the checkpoint's .metadata; nothing reads
+    them back. Without them the same source gives the same bytes on every run, under every
+    Megatron-Core version (tests/test_versions.py), and no path of the writing machine."""
+
+    class ReproducibleWriter(base):
+        def storage_meta(self):
+            return None
+
+    return ReproducibleWriter
 
 
 def _lazy_planner_class():

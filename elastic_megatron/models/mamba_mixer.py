@@ -233,7 +233,8 @@ class HybridMambaMixer(MegatronModule):
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         own = {}
         self._save_to_state_dict(own, "", keep_vars=True)
-        out = make_sharded_tensors_for_checkpoint(own, prefix, {"A_log": 0, "dt_bias": 0, "D": 0}, sharded_offsets)
+        out = make_sharded_tensors_for_checkpoint(own, prefix, {"A_log": 0, "dt_bias": 0, "D": 0}, sharded_offsets,
+                                                  tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
         for name, module in self.named_children():
             if name == "conv1d":
                 out.update(make_sharded_tensors_for_checkpoint(
