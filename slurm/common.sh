@@ -15,12 +15,38 @@
 #   the steps). A trainer that fails (bad input: status 2, with one `error:` line) is not
 #   requeued: a requeue would fail the same way.
 # - optional container through pyxis: CONTAINER_IMAGE (and CONTAINER_MOUNTS).
+# - `bash slurm/<stage>.sh --dry-run [overrides]` submits nothing: tools/dry_run.py checks the
+#   job on this host (every rank's model built on the meta device, memory, checkpoint layout,
+#   elastic spec, data) on the nodes x GPUs of the calling script's own #SBATCH header.
 set -euo pipefail
 
 REPO="${ELASTIC_MEGATRON_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
 cd "$REPO"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python; fi
+fi
+
+# Sourced without arguments, this file sees the launcher's own ("$@").
+_dry_run=0
+for _arg in "$@"; do [[ "$_arg" == "--dry-run" ]] && _dry_run=1; done
+if (( _dry_run )); then
+  _script="${BASH_SOURCE[1]:-$0}"
+  _header() { sed -n "s/^#SBATCH --$1=\([0-9][0-9]*\).*/\1/p" "$_script" | tail -n 1; }
+  launch() {
+    local recipe="$1"; shift
+    local args=() nodes gpus
+    for _arg in "$@"; do [[ "$_arg" == "--dry-run" ]] || args+=("$_arg"); done
+    nodes="$(_header nodes)"
+    gpus="$(_header gpus-per-node)"
+    if [[ -z "$nodes" || -z "$gpus" ]]; then
+      echo "error: $_script has no '#SBATCH --nodes=N' and '#SBATCH --gpus-per-node=G' header to take the layout from;" \
+           "run python tools/dry_run.py $recipe --nodes N --gpus-per-node G instead" >&2
+      return 2
+    fi
+    echo "dry run of $recipe on ${nodes} nodes x ${gpus} GPUs (the #SBATCH header of $_script); nothing is submitted"
+    "$PYTHON" "$REPO/tools/dry_run.py" "$recipe" --nodes "$nodes" --gpus-per-node "$gpus" cluster=slurm ${args[@]+"${args[@]}"}
+  }
+  return 0
 fi
 RUN_DIR="${RUN_ROOT:-$REPO/runs}/${SLURM_JOB_ID:?not inside a Slurm job}"
 RESTART="${SLURM_RESTART_COUNT:-0}"
