@@ -1,24 +1,37 @@
-"""Generation speed per budget, and elastic budget control against the full model alone,
-measured in one run on one device (random weights: speed does not depend on them).
+"""Generation speed against transformers on the same weights, per budget, and elastic budget
+control against the largest budget alone: one run on one device, every measurement
+interleaved with the one it is compared to and repeated (random weights: speed does not
+depend on them).
 
     python benchmarks/generation.py                              # small preset, its elastic spec
-    python benchmarks/generation.py model=tiny elastic=tiny prompt=256 new=64
-    python benchmarks/generation.py think=128 answer=32          # budget control: trace 4x the answer
-    python benchmarks/generation.py batch=16                     # decode throughput of 16 sequences
+    python benchmarks/generation.py model=tiny elastic=tiny prompt=64 new=16 repeat=3
+    python benchmarks/generation.py batches=1,8,16 think=128 answer=32
+    python benchmarks/generation.py hf=0 contiguous=0 control=0 # leave parts out
 
-Per budget (views of one parent, inference/budgets.py): prefill tokens/s of a `prompt`-token
-prompt and decode tokens/s over `new` tokens, each the median of `repeat` runs, and the
-ratio of the budget's decode (prefill) time to the full model's next to its ratio of active
-parameters; decode also for `batch` sequences at once (default 8), where weight traffic
-rather than per-call dispatch sets the pace. Budget control: the smallest budget thinks `think` tokens and the largest
-answers `answer` tokens after re-prefilling prompt + trace (S->L), against the largest
-budget doing both (L->L), on the same prompt; the re-prefill is shown on its own.
+The parent is saved as an elastic checkpoint and each budget is exported with the
+project's exporter (slice_checkpoint(..., fmt="hf")); transformers' NemotronHForCausalLM
+loads that export. Ours is `ElasticGenerator.generate_ids` on views of the one parent.
+Both are timed the same way, from one call of their generate: prefill = call to the first
+new token (setup, prompt forward, first pick), decode = first to last new token over
+`new` - 1 steps (token callbacks for ours, a streamer for transformers). Greedy, no early
+stop, `batch` copies of one `prompt`-token prompt. Printed per budget and batch: tokens/s of
+both and ours / theirs (targets: decode >= 1.0, prefill >= 1.0), the budget's decode time
+against the full budget's next to its share of active parameters (target: share + 0.15),
+and whether our tokens equal theirs.
+
+`contiguous=1` (default) also decodes each smaller budget with its strided weights copied
+contiguous (ElasticGenerator.contiguous), interleaved with the views, and prints the memory
+that costs. `control=1` (default) times `budget_control` itself (the smallest budget thinks
+`think` tokens, forced delimiter, the largest re-prefills prompt + trace and answers
+`answer` tokens) against the largest budget writing as many tokens alone (L->L).
+Medians; the spread (max - min) / median of each compared pair says how noisy the run was.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,19 +39,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from elastic_megatron.checkpoint.store import save_checkpoint  # noqa: E402
+from elastic_megatron.convert.megatron_dist import config_yaml  # noqa: E402
 from elastic_megatron.elastic.budgets import validate_elastic  # noqa: E402
-from elastic_megatron.elastic.widths import model_cost  # noqa: E402
+from elastic_megatron.elastic.reindex import prefix_index  # noqa: E402
+from elastic_megatron.elastic.widths import full_widths, model_cost  # noqa: E402
 from elastic_megatron.inference.generator import ElasticGenerator  # noqa: E402
 from elastic_megatron.models.hybrid import build_model  # noqa: E402
 from elastic_megatron.parallel.setup import distributed  # noqa: E402
+from elastic_megatron.slicing.zero_shot import slice_checkpoint  # noqa: E402
 from elastic_megatron.train import compose_job  # noqa: E402
+
+DELIMITER = "</think>"
 
 
 class _Vocab:
-    """Stands in for a tokenizer: ids only, no end-of-document stop."""
+    """A byte-level stand-in tokenizer over the model's whole vocabulary (no token is masked,
+    as in transformers' run) that never ends a sequence."""
 
     def __init__(self, size: int):
         self.vocab_size, self.eod = size, -1
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 def _sync():
@@ -46,95 +72,222 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def timed(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        _sync()
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
-def prefill_s(dec, prompt, repeat, batch: int = 1) -> float:
-    return timed(lambda: dec.prefill([prompt] * batch, 0), repeat)
+def spread(xs: list[float]) -> float:
+    return (max(xs) - min(xs)) / median(xs)
 
 
-def decode_s(dec, prompt, new: int, batch: int = 1) -> float:
-    """Seconds for `new` greedy decode steps of `batch` sequences after the prompt."""
-    logits, state = dec.prefill([prompt] * batch, new)
+def ours(gen: ElasticGenerator, budget: str, prompts: list[list[int]], new: int) -> tuple[float, float, list[list[int]]]:
+    """(prefill s, decode s over new - 1 steps, tokens) of one generate_ids call."""
+    ticks = []
     _sync()
     start = time.perf_counter()
-    for _ in range(new):
-        logits = dec.step(logits.argmax(-1), state)
+    out, _ = gen.generate_ids(prompts, budget, new, on_token=lambda i, _: ticks.append(time.perf_counter()) if i == 0 else None)
+    return ticks[0] - start, ticks[-1] - ticks[0], out
+
+
+class _Clock:
+    """A transformers streamer that only notes when each step's tokens arrive."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def theirs(model, prompts: list[list[int]], new: int) -> tuple[float, float, list[list[int]]]:
+    clock = _Clock()
+    ids = torch.tensor(prompts, device=model.device)
     _sync()
-    return time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False, streamer=clock)
+    _sync()
+    first = clock.times[1]  # times[0]: the prompt, handed to the streamer before the first forward
+    return first - start, clock.times[-1] - first, out[:, ids.shape[1]:].tolist()
+
+
+def export_budgets(parent, cfg, budgets: dict, directory: Path, dtype: torch.dtype) -> dict:
+    """transformers models of every budget, each loaded from the project's HF export of the
+    budget's slice of `parent` (saved as an elastic checkpoint over the identity sort)."""
+    from transformers import NemotronHForCausalLM
+
+    meta = {"config": config_yaml(cfg), "sort_index": prefix_index(cfg, full_widths(cfg)).to_lists(),
+            "elastic": {"spec": "benchmark", "budgets": [
+                {"name": n, "target_kind": "total_params", "target": None, "widths": w.as_dict(),
+                 "total_params": int(model_cost(cfg, w, "total_params")),
+                 "active_params": int(model_cost(cfg, w, "active_params"))} for n, w in budgets.items()]}}
+    save_checkpoint(directory / "elastic", parent, None, None, 1, 0, meta)
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    models = {}
+    for name in budgets:
+        hf_dir = slice_checkpoint(directory / "elastic", directory / f"hf-{name}", name, precision=precision, fmt="hf")
+        model = NemotronHForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval().to(parent.embedding.word_embeddings.weight.device)
+        model.generation_config.eos_token_id = None  # no early stop, as ours
+        model.generation_config.pad_token_id = 0
+        models[name] = model
+    return models
 
 
 def main(argv: list[str]) -> dict:
     args = dict(a.split("=", 1) for a in argv)
     model_name, spec = args.get("model", "small"), args.get("elastic", args.get("model", "small"))
     prompt_len, new, repeat = int(args.get("prompt", 128)), int(args.get("new", 32)), int(args.get("repeat", 5))
-    think, answer = int(args.get("think", 4 * 16)), int(args.get("answer", 16))
-    batch = int(args.get("batch", 8))
+    batches = [int(b) for b in args.get("batches", "1,8").split(",")]
+    think, answer = int(args.get("think", 64)), int(args.get("answer", 16))
+    with_hf, with_contiguous, with_control = (args.get(k, "1") != "0" for k in ("hf", "contiguous", "control"))
     job = compose_job("stage1", [f"model={model_name}", f"elastic={spec}", "elastic.teacher_checkpoint=unused"])
     cfg = job.model
     budgets = {b.name: b.fixed for b in validate_elastic(job.elastic, cfg) if not b.routed}
+    names = list(budgets)
+    full, smallest = names[0], names[-1]
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    with distributed():
+    text = "".join(chr(32 + int(x)) for x in torch.randint(0, 95, (prompt_len,), generator=torch.Generator().manual_seed(1)))
+    with distributed(), tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        gen = ElasticGenerator(build_model(cfg, params_dtype=dtype), cfg, budgets, _Vocab(cfg.vocab_size))
-        prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
-        decoders = {name: gen.decoder(name) for name in budgets}
-        for dec in decoders.values():
-            decode_s(dec, prompt[:8], 2, batch)  # warm-up
-        samples = {name: {"prefill_s": [], "decode_s": [], "batch_decode_s": []} for name in budgets}
-        for _ in range(repeat):  # budgets interleaved: drift of a shared machine hits them alike
-            for name, dec in decoders.items():
-                samples[name]["prefill_s"].append(prefill_s(dec, prompt, 1))
-                samples[name]["decode_s"].append(decode_s(dec, prompt, new))
-                samples[name]["batch_decode_s"].append(decode_s(dec, prompt, new, batch))
-        rows = {name: {"active_params": int(model_cost(cfg, budgets[name], "active_params")),
-                       **{k: sorted(v)[len(v) // 2] for k, v in samples[name].items()}} for name in budgets}
-        full, small = next(iter(budgets)), list(budgets)[-1]
-        for r in rows.values():
-            r["active_ratio"] = r["active_params"] / rows[full]["active_params"]
-            r["decode_ratio"] = r["decode_s"] / rows[full]["decode_s"]
-            r["batch_decode_ratio"] = r["batch_decode_s"] / rows[full]["batch_decode_s"]
-            r["prefill_ratio"] = r["prefill_s"] / rows[full]["prefill_s"]
+        parent = build_model(cfg, params_dtype=dtype).eval()
+        hf = export_budgets(parent, cfg, budgets, Path(tmp), dtype) if with_hf else {}
+        gen = ElasticGenerator(parent, cfg, budgets, _Vocab(cfg.vocab_size))
+        contiguous = ElasticGenerator(parent, cfg, budgets, _Vocab(cfg.vocab_size), contiguous=True) if with_contiguous else None
+        prompt = gen.encode(text)
+        for name in names:  # warm-up: decoders and view models built, first calls paid
+            ours(gen, name, [prompt[:8]], 3)
+            if name in hf:
+                theirs(hf[name], [prompt[:8]], 3)
+            if contiguous is not None and name != full:
+                ours(contiguous, name, [prompt[:8]], 3)
+        runs = {}  # (who, budget, batch) -> {"prefill": [...], "decode": [...], "tokens": [...]}
+        for r in range(repeat):
+            for name in names:
+                for b in batches:
+                    contenders = [("ours", lambda: ours(gen, name, [prompt] * b, new))]
+                    if name in hf:
+                        contenders.append(("hf", lambda: theirs(hf[name], [prompt] * b, new)))
+                    if contiguous is not None and name != full:
+                        contenders.append(("contiguous", lambda: ours(contiguous, name, [prompt] * b, new)))
+                    for who, run in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:  # rotate the order
+                        p, d, tokens = run()
+                        slot = runs.setdefault((who, name, b), {"prefill": [], "decode": [], "tokens": tokens})
+                        slot["prefill"].append(p)
+                        slot["decode"].append(d)
+        rows = []
+        for name in names:
+            active = model_cost(cfg, budgets[name], "active_params") / model_cost(cfg, budgets[full], "active_params")
+            for b in batches:
+                o = runs["ours", name, b]
+                row = {"budget": name, "batch": b, "active_ratio": active,
+                       "prefill_tok_s": b * prompt_len / median(o["prefill"]), "decode_tok_s": b * (new - 1) / median(o["decode"]),
+                       "decode_vs_full": median(o["decode"]) / median(runs["ours", full, b]["decode"]),
+                       "spread_ours": spread(o["decode"])}
+                if ("hf", name, b) in runs:
+                    t = runs["hf", name, b]
+                    row.update(hf_prefill_tok_s=b * prompt_len / median(t["prefill"]), hf_decode_tok_s=b * (new - 1) / median(t["decode"]),
+                               same_tokens=o["tokens"] == t["tokens"], spread_hf=spread(t["decode"]))
+                    row["prefill_vs_hf"] = row["prefill_tok_s"] / row["hf_prefill_tok_s"]
+                    row["decode_vs_hf"] = row["decode_tok_s"] / row["hf_decode_tok_s"]
+                if ("contiguous", name, b) in runs:
+                    c = runs["contiguous", name, b]
+                    row.update(contiguous_decode_tok_s=b * (new - 1) / median(c["decode"]),
+                               contiguous_speedup=median(o["decode"]) / median(c["decode"]),
+                               contiguous_mib=contiguous.view_stats[name].copied_bytes / 2**20,
+                               spread_contiguous=spread(c["decode"]))
+                rows.append(row)
+        control = budget_control(gen, text, smallest, full, think, answer, repeat) if with_control else None
 
-        # Budget control on one prompt: S thinks, L re-prefills prompt + trace and answers.
-        trace = prompt[:think] if len(prompt) >= think else (prompt * (think // len(prompt) + 1))[:think]
-        s_think = decode_s(gen.decoder(small), prompt, think) + prefill_s(gen.decoder(small), prompt, 1)
-        reprefill = prefill_s(gen.decoder(full), prompt + trace, repeat)
-        l_answer = decode_s(gen.decoder(full), prompt + trace, answer)
-        l_l = prefill_s(gen.decoder(full), prompt, 1) + decode_s(gen.decoder(full), prompt, think + answer)
-        control = {"think_budget": small, "answer_budget": full, "think_tokens": think, "answer_tokens": answer,
-                   "s_to_l_s": s_think + reprefill + l_answer, "reprefill_s": reprefill, "l_to_l_s": l_l}
-        control["ratio"] = control["s_to_l_s"] / control["l_to_l_s"]
-
-    print(f"generation: model {cfg.name}, spec {spec}, {dtype}, {device}; prompt {prompt_len} tokens, {new} new tokens, "
-          f"median of {repeat}")
-    print(f"{'budget':<8}{'active params':>14}{'active/full':>12}{'prefill tok/s':>14}{'/ full':>8}"
-          f"{'decode tok/s':>13}{'/ full':>8}{f'batch {batch} tok/s':>15}{'/ full':>8}   target (active + 0.15)")
-    for name, r in rows.items():
-        target = r["active_ratio"] + 0.15
-        verdict = ", ".join(f"{what} {'ok' if r[key] <= target else 'missed'}" for what, key in
-                            (("decode", "decode_ratio"), (f"batch {batch}", "batch_decode_ratio"), ("prefill", "prefill_ratio")))
-        print(f"{name:<8}{r['active_params']:>14,}{r['active_ratio']:>12.3f}{prompt_len / r['prefill_s']:>14,.0f}"
-              f"{r['prefill_ratio']:>8.3f}{new / r['decode_s']:>13,.1f}{r['decode_ratio']:>8.3f}"
-              f"{batch * new / r['batch_decode_s']:>15,.1f}{r['batch_decode_ratio']:>8.3f}   <= {target:.3f}: {verdict}")
-    c = control
-    print(f"budget control: {c['think_budget']} thinks {c['think_tokens']} tokens, {c['answer_budget']} answers {c['answer_tokens']}: "
-          f"S->L {c['s_to_l_s']:.3f} s (re-prefill of prompt + trace {c['reprefill_s']:.3f} s) vs L->L {c['l_to_l_s']:.3f} s: "
-          f"{c['ratio']:.3f}x {'(faster)' if c['ratio'] < 1 else '(NOT faster)'}")
     result = {"model": cfg.name, "spec": spec, "device": device, "dtype": str(dtype), "prompt": prompt_len, "new": new,
-              "budgets": rows, "budget_control": control}
+              "repeat": repeat, "rows": rows, "budget_control": control}
+    report(result)
     if "json" in args:
         Path(args["json"]).write_text(json.dumps(result, indent=1))
     return result
+
+
+def budget_control(gen: ElasticGenerator, text: str, small: str, large: str, think: int, answer: int, repeat: int) -> dict:
+    """`budget_control` (S thinks `think` tokens, the delimiter forced, L re-prefills and
+    answers) against L writing the same number of tokens alone, interleaved."""
+    total = think + len(gen.tokenizer.encode(DELIMITER)) + answer
+    prompt = gen.encode(text)
+
+    def s_to_l():
+        out = gen.budget_control(text, small, large, DELIMITER, max_think_tokens=think, max_answer_tokens=answer)
+        assert sum(len(t) for t in out.token_ids) == total, "the trace stopped early: it must run to the cap"
+        return out.phases[1].prefill_s
+
+    def l_to_l():
+        out, _ = gen.generate_ids([prompt], large, total)
+        assert len(out[0]) == total
+
+    s_to_l(), l_to_l()  # warm-up
+    times = {"s_to_l": [], "l_to_l": []}
+    reprefill = []
+    for r in range(repeat):
+        for name, fn in (("s_to_l", s_to_l), ("l_to_l", l_to_l))[::1 if r % 2 == 0 else -1]:
+            _sync()
+            start = time.perf_counter()
+            value = fn()
+            _sync()
+            times[name].append(time.perf_counter() - start)
+            if name == "s_to_l":
+                reprefill.append(value)
+    return {"think_budget": small, "answer_budget": large, "think_tokens": think, "answer_tokens": answer,
+            "s_to_l_s": median(times["s_to_l"]), "l_to_l_s": median(times["l_to_l"]), "reprefill_s": median(reprefill),
+            "ratio": median(times["s_to_l"]) / median(times["l_to_l"]),
+            "spread": max(spread(times["s_to_l"]), spread(times["l_to_l"])),
+            "faster_every_run": max(times["s_to_l"]) < min(times["l_to_l"])}
+
+
+def report(result: dict) -> None:
+    rows = result["rows"]
+    print(f"generation: model {result['model']}, spec {result['spec']}, {result['dtype']}, {result['device']}; "
+          f"prompt {result['prompt']} tokens, {result['new']} new tokens; median of {result['repeat']} interleaved runs")
+    hf = "hf_decode_tok_s" in rows[0]
+    print(f"{'budget':<8}{'batch':>6}{'active':>8} | {'prefill tok/s':>13}{'HF':>9}{'/ HF':>7} | {'decode tok/s':>12}{'HF':>9}"
+          f"{'/ HF':>7}{'spread':>8} | {'time/full':>9}  target          | same tokens")
+    smallest = rows[-1]["budget"]
+    for r in rows:
+        target = r["active_ratio"] + 0.15
+        if r["decode_vs_full"] == 1.0 and r["active_ratio"] == 1.0:
+            budget_verdict = "reference      "
+        else:
+            budget_verdict = f"<= {target:.3f} {'ok' if r['decode_vs_full'] <= target else 'MISSED':<6}"
+        theirs = (f"{r['hf_prefill_tok_s']:>9.1f}{r['prefill_vs_hf']:>7.2f} | {r['decode_tok_s']:>12.1f}{r['hf_decode_tok_s']:>9.1f}"
+                  f"{r['decode_vs_hf']:>7.2f}{max(r['spread_ours'], r['spread_hf']):>8.2f}") if hf else \
+                 f"{'':>16} | {r['decode_tok_s']:>12.1f}{'':>16}{r['spread_ours']:>8.2f}"
+        same = ("yes" if r["same_tokens"] else "NO") if hf else "-"
+        print(f"{r['budget']:<8}{r['batch']:>6}{r['active_ratio']:>8.3f} | {r['prefill_tok_s']:>13.1f}{theirs} | "
+              f"{r['decode_vs_full']:>9.3f}  {budget_verdict} | {same}")
+    if hf:
+        worst = {k: min(r[k] for r in rows) for k in ("decode_vs_hf", "prefill_vs_hf")}
+        print(f"targets vs transformers (every budget and batch): decode >= 1.0: {'ok' if worst['decode_vs_hf'] >= 1 else 'MISSED'} "
+              f"(lowest {worst['decode_vs_hf']:.2f}, goal 1.5), prefill >= 1.0: "
+              f"{'ok' if worst['prefill_vs_hf'] >= 1 else 'MISSED'} (lowest {worst['prefill_vs_hf']:.2f})")
+    one = [r for r in rows if r["budget"] == smallest and r["batch"] == 1]
+    if one and one[0]["active_ratio"] < 1:
+        r = one[0]
+        print(f"smallest budget ({smallest}) batch-1 decode time / full: {r['decode_vs_full']:.3f} against active share "
+              f"{r['active_ratio']:.3f} + 0.15: {'ok' if r['decode_vs_full'] <= r['active_ratio'] + 0.15 else 'MISSED'}")
+    contiguous = [r for r in rows if "contiguous_speedup" in r]
+    if contiguous:
+        print("contiguous copies of the strided weights (opt-in), decode against the views:")
+        for r in contiguous:
+            print(f"  {r['budget']:<8} batch {r['batch']:<3} views {r['decode_tok_s']:8.1f} tok/s, contiguous "
+                  f"{r['contiguous_decode_tok_s']:8.1f} tok/s: {r['contiguous_speedup']:.3f}x for {r['contiguous_mib']:.1f} MiB more "
+                  f"(spread {r['spread_contiguous']:.2f})")
+    c = result["budget_control"]
+    if c:
+        verdict = "faster" if c["ratio"] < 1 else "NOT faster"
+        print(f"budget control: {c['think_budget']} thinks {c['think_tokens']} tokens, {c['answer_budget']} answers "
+              f"{c['answer_tokens']}: budget_control {c['s_to_l_s']:.3f} s (its re-prefill of prompt + trace "
+              f"{c['reprefill_s']:.3f} s) vs {c['answer_budget']} alone {c['l_to_l_s']:.3f} s: {c['ratio']:.3f}x ({verdict}"
+              f"{', in every run' if c['faster_every_run'] else ''}; spread {c['spread']:.2f})")
 
 
 if __name__ == "__main__":

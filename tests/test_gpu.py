@@ -1,7 +1,8 @@
 """GPU-only checks (marker `gpu`; skipped with a reason on CPU machines).
 
 The local backend on GPU runs the Mamba scan with mamba_ssm's Triton kernel; it must give
-the logits of the pure-PyTorch SSD (the CPU path) for the same weights, in fp32."""
+the logits of the pure-PyTorch SSD (the CPU path) for the same weights, in fp32. The
+decode step, captured in a CUDA graph, must give the full forward's logits."""
 
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ def test_triton_scan_matches_pytorch_ssd_fp32(dist, name):
 
 @pytest.mark.skipif(not HAVE_MAMBA_SSM_KERNELS, reason="mamba_ssm Triton kernels are not installed")
 def test_decode_step_triton_matches_pytorch_fp32(dist):
-    """The cached decode step through mamba_ssm's selective_state_update equals the
-    pure-PyTorch recurrence (and so the full forward, tests/test_inference.py)."""
+    """Cached decoding with the Triton kernels (the prefill's chunked scan, the decode step's
+    selective_state_update) equals it with the pure-PyTorch ones (and so the full forward,
+    tests/test_inference.py)."""
     from elastic_megatron.inference.decoder import HybridDecoder
 
     cfg = preset("tiny")
@@ -74,3 +76,24 @@ def test_modelopt_gpu_fake_quant_equals_the_cpu_path(fmt):
     formats.set_amax(cpu, float(amax), torch.device("cpu"))
     formats.set_amax(gpu, float(amax), torch.device("cuda"))
     assert torch.equal(gpu(x.cuda()).cpu(), cpu(x))
+
+
+def test_decode_step_captured_in_a_cuda_graph_equals_the_full_forward(dist):
+    """The static decode step, captured once per state and replayed, gives the eager step's
+    logits and the full forward's at every position, also while sequences join and leave
+    the running state between replays (tests/test_inference.py's scenario)."""
+    from elastic_megatron.inference.decoder import HybridDecoder
+    from test_inference import assert_cached_equals_full, join_and_leave, prompts
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert next(model.parameters()).is_cuda
+    graphed, eager = HybridDecoder(model, cfg, cuda_graph=True), HybridDecoder(model, cfg)
+    batch = prompts((7, 45, 70))
+    replayed = assert_cached_equals_full(graphed, batch, 10, tol=2e-4)
+    stepped = assert_cached_equals_full(eager, batch, 10, tol=2e-4)
+    torch.testing.assert_close(replayed, stepped, atol=2e-4, rtol=2e-4)
+    _, state = graphed.prefill(batch[:1], 4)
+    assert state.graph is not None
+    join_and_leave(graphed, tol=2e-4)

@@ -1,8 +1,11 @@
-"""Inference (fp32, CPU): cached decoding equals the full forward at every position; a
-budget's view model equals the hard-masked parent and the sliced checkpoint; greedy
-generation equals transformers' on the HF export of the slice; budget control's answer
-equals the answer budget run from scratch; sampling is reproducible; bad input is one
-line, exit 2."""
+"""Inference (fp32, CPU): cached decoding equals the full forward at every position, on
+every path of the decode step (eager and static, one and several tokens per step, rows at
+one or at different positions, sequences joining and leaving a running state, fake
+quantization, both router score functions); a budget's view model (views or contiguous
+copies) equals the hard-masked parent and the sliced checkpoint; greedy generation equals
+transformers' on the HF export of the slice; budget control's answer is the answer
+budget's own greedy continuation (a plain forward of the sliced model, no cache);
+sampling is reproducible; bad input is one line, exit 2."""
 
 from __future__ import annotations
 
@@ -13,11 +16,12 @@ import pytest
 import torch
 
 from checkpoint_helpers import elastic_meta
-from conftest import REPO, preset, token_batch
+from conftest import REPO, preset, small_config, token_batch
 from elastic_helpers import logits, masked_logits, randomised_model
 from elastic_megatron.checkpoint import metadata, store
 from elastic_megatron.elastic.widths import Widths, full_widths
-from elastic_megatron.inference.decoder import HybridDecoder
+from elastic_megatron.inference.budgets import budget_model
+from elastic_megatron.inference.decoder import HybridDecoder, token_logprobs
 from elastic_megatron.inference.generator import ElasticGenerator, Sampling
 from elastic_megatron.models.hybrid import build_model
 from elastic_megatron.slicing.zero_shot import slice_checkpoint
@@ -51,11 +55,16 @@ def prompts(lengths=PROMPT_LENGTHS, seed=0) -> list[list[int]]:
     return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("budget", list(BUDGETS))
-def test_cached_decoding_equals_full_forward_at_every_position(generator, budget):
-    dec = generator.decoder(budget)
-    batch = prompts()
-    new = 10
+def full_forward_logits(model, seq: list[int]) -> torch.Tensor:
+    """Logits at every position of `seq` by the model's own forward, no cache [len, vocab]."""
+    device = next(model.parameters()).device
+    return logits(model, torch.tensor([seq], device=device), torch.arange(len(seq), device=device)[None])[0]
+
+
+def assert_cached_equals_full(dec: HybridDecoder, batch: list[list[int]], new: int, tol: float = 1e-5) -> torch.Tensor:
+    """Prefill `batch`, decode `new` greedy tokens; every position's logits against the
+    full forward of prompt + tokens so far (relative to the largest logit). Returns the
+    cached logits [b, new + 1, vocab]."""
     logits_now, state = dec.prefill(batch, new)
     steps, seqs = [logits_now], [list(p) for p in batch]
     for _ in range(new):
@@ -65,13 +74,124 @@ def test_cached_decoding_equals_full_forward_at_every_position(generator, budget
         steps.append(dec.step(nxt, state))
     cached = torch.stack(steps, dim=1)  # [b, new + 1, vocab]
     for i, (prompt, seq) in enumerate(zip(batch, seqs)):
-        ids = torch.tensor([seq])
-        full = logits(dec.model, ids, torch.arange(len(seq))[None])[0, len(prompt) - 1:]
+        full = full_forward_logits(dec.model, seq)[len(prompt) - 1:]
         rel = (cached[i, :len(full)] - full).abs().max() / full.abs().max()
-        assert rel <= 1e-5, (budget, len(prompt), rel.item())
+        assert rel <= tol, (len(prompt), rel.item())
+    return cached
 
 
-def test_prefill_of_a_padded_batch_equals_each_prompt_alone(generator):
+# Every budget on the eager step (one row: the one-token MoE path; ragged rows: per-row
+# positions and the routed MoE path); the static (CUDA-graph) step on the budget with
+# gathered heads.
+@pytest.mark.parametrize("budget, static", [*[(b, False) for b in BUDGETS], ("small", True)])
+def test_cached_decoding_equals_full_forward_at_every_position(generator, budget, static):
+    dec = generator.decoder(budget)
+    if static:
+        dec = HybridDecoder(dec.model, dec.cfg, static=True)
+    assert_cached_equals_full(dec, prompts()[:1], 6)
+    assert_cached_equals_full(dec, prompts(), 10)
+
+
+def join_and_leave(dec: HybridDecoder, tol: float = 1e-5) -> None:
+    """Continuous batching on one state: a request is prefilled into a free slot while
+    others are mid-sequence, a finished one releases its slot (a hole inside the rows
+    stepped), the slot is reused; every sequence's logits and log-probs are checked
+    against its full forward."""
+    state = dec.new_state(slots=3, max_len=80)
+    a, b, c = prompts((20, 9, 33), seed=5)
+    seqs, seen = {}, {}  # slot -> (tokens so far, prompt length), slot -> logits of each new position
+
+    def join(prompt):
+        slot = state.acquire()
+        first, _ = dec.prefill([prompt], state=state, slots=[slot])
+        seqs[slot], seen[slot] = (list(prompt), len(prompt)), [first[0]]
+        return slot
+
+    def steps(k):
+        for _ in range(k):
+            rows = state.span
+            tokens = torch.zeros(rows, dtype=torch.long)
+            for slot, (seq, _) in seqs.items():
+                tokens[slot] = seen[slot][-1].argmax()
+                seq.append(int(tokens[slot]))
+            out = dec.step(tokens, state)
+            assert out.shape[0] == rows
+            chosen = token_logprobs(out, tokens)
+            for slot in seqs:
+                seen[slot].append(out[slot])
+                torch.testing.assert_close(chosen[slot], torch.log_softmax(out[slot], -1)[tokens[slot]])
+
+    def leave(slot):
+        seq, prompt_len = seqs.pop(slot)
+        got = torch.stack(seen.pop(slot))
+        full = full_forward_logits(dec.model, seq)[prompt_len - 1:]
+        assert ((got[:len(full)] - full).abs().max() / full.abs().max()).item() <= tol
+        state.release(slot)
+
+    slot_a = join(a)
+    steps(3)
+    slot_b = join(b)  # joins A, which is 3 tokens ahead
+    steps(4)
+    leave(slot_a)  # slot 0 free; B in slot 1 keeps decoding
+    assert state.span == 2 and state.free_slots() == [0, 2]
+    steps(2)
+    assert join(c) == slot_a  # the freed slot is reused
+    steps(3)
+    leave(slot_b)
+    leave(slot_a)
+    assert state.span == 0
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_sequences_join_and_leave_a_running_state(generator, static):
+    dec = generator.decoder("medium")
+    join_and_leave(HybridDecoder(dec.model, dec.cfg, static=True) if static else dec)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_cached_decoding_with_fake_quantization_equals_full_forward(dist, fmt):
+    """QuantHooks wrap the linears' forward; the decode step calls wrapped linears through
+    their module, so it quantizes exactly as the full forward does."""
+    from elastic_megatron.quant.hooks import QuantHooks
+
+    model = randomised_model(CFG, seed=7)
+    batch = prompts((11, 30), seed=2)
+    plain = full_forward_logits(model, batch[1])
+    hooks = QuantHooks(model, fmt, "aggressive")
+    try:
+        ids, pos = token_batch(CFG.vocab_size, batch=2, seq=32, seed=1)
+        hooks.calibrate(lambda: model(ids, pos, None))
+        quantized = full_forward_logits(model, batch[1])
+        assert ((quantized - plain).abs().max() / plain.abs().max()).item() > 1e-2  # the hooks do quantize
+        for static in (False, True):
+            assert_cached_equals_full(HybridDecoder(model, CFG, static=static), batch, 6, tol=1e-4)
+    finally:
+        hooks.remove()
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_router_score_functions_and_dense_layers_decode_as_the_full_forward(dist, score):
+    cfg = small_config("M-E*E", moe_router_score_function=score, moe_router_enable_expert_bias=score == "sigmoid",
+                       moe_router_topk_scaling_factor=None if score == "softmax" else 2.5)
+    model = randomised_model(cfg, seed=3)
+    for static in (False, True):
+        assert_cached_equals_full(HybridDecoder(model, cfg, static=static), prompts((5, 40), seed=4), 6)
+
+
+def test_decoder_refuses_modules_with_hooks_it_would_bypass(dist):
+    from elastic_megatron.elastic.masks import ElasticHooks
+
+    model = randomised_model(CFG, seed=1)
+    hooks = ElasticHooks(model, CFG)
+    try:
+        with pytest.raises(RuntimeError, match="forward hooks or a replaced forward.*view model"):
+            HybridDecoder(model, CFG)
+    finally:
+        hooks.remove()
+    HybridDecoder(model, CFG)  # no hooks left: accepted
+
+
+def test_prefill_of_a_ragged_batch_equals_each_prompt_alone(generator):
     dec = generator.decoder("small")
     batch = prompts()
     together, _ = dec.prefill(batch, 0, all_logits=True)
@@ -109,40 +229,88 @@ def test_budgets_share_the_parents_weights(generator):
     assert all(p.untyped_storage().data_ptr() in shared for p in view_params)
 
 
+def test_contiguous_budget_copies_only_strided_weights_and_decodes_the_same(generator):
+    """The opt-in contiguous copies: every parameter contiguous, the extra bytes counted,
+    the same logits and the same greedy tokens as the views."""
+    views = generator.decoder("medium")
+    model, sub_cfg, stats = budget_model(generator.parent, CFG, BUDGETS["medium"], contiguous=True)
+    assert all(p.is_contiguous() for p in model.parameters())
+    strided = sum(p.numel() * p.element_size() for p in views.model.parameters() if not p.is_contiguous())
+    assert strided > 0 and stats.copied_bytes == strided
+    ids, pos = token_batch(CFG.vocab_size, batch=2, seq=40, seed=4)
+    torch.testing.assert_close(logits(model, ids, pos), logits(views.model, ids, pos), rtol=1e-5, atol=1e-5)
+    dec = HybridDecoder(model, sub_cfg)
+    batch = prompts((12,), seed=8)
+    tokens = []
+    for d in (views, dec):
+        out, state = d.prefill(batch, 16)
+        seq = []
+        for _ in range(16):
+            seq.append(int(out.argmax()))
+            out = d.step(out.argmax(-1), state)
+        tokens.append(seq)
+    assert tokens[0] == tokens[1]
+
+
 def test_greedy_generation_matches_transformers_on_the_hf_export_of_the_slice(elastic_run, generator, tmp_path):
+    """One prompt (the one-token step) and a ragged batch of two decoded together (rows at
+    different positions), each against transformers' generate on that prompt alone."""
     from transformers import NemotronHForCausalLM
 
     run_dir, _ = elastic_run
     hf_dir = slice_checkpoint(run_dir, tmp_path / "hf", "medium", precision="fp32", fmt="hf")
     reference = NemotronHForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    prompt = prompts((23,), seed=9)[0]
-    ours, _ = generator.generate_ids([prompt], "medium", 64)
-    with torch.no_grad():
-        theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False, eos_token_id=256,
-                                    suppress_tokens=list(range(257, CFG.vocab_size)), pad_token_id=0)
-    assert ours[0] == theirs[0, len(prompt):].tolist()
-    assert len(ours[0]) == 64
+    batch = prompts((23, 9), seed=9)
+    alone, _ = generator.generate_ids(batch[:1], "medium", 64)
+    together, _ = generator.generate_ids(batch, "medium", 48)
+    for i, prompt in enumerate(batch):
+        with torch.no_grad():
+            theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False, eos_token_id=256,
+                                        suppress_tokens=list(range(257, CFG.vocab_size)), pad_token_id=0)
+        theirs = theirs[0, len(prompt):].tolist()
+        if i == 0:
+            assert alone[0] == theirs and len(theirs) == 64
+        assert together[i] == theirs[:48]
 
 
-def test_budget_control_answer_equals_the_answer_budget_from_scratch(generator):
+def greedy_without_cache(model, ids: list[int], new: int) -> list[int]:
+    """Greedy continuation by the model's plain forward over the whole sequence for every
+    token (no cache), over the byte tokenizer's ids (rows past them are no tokens), ending
+    at end-of-document as the generator does."""
+    out = []
+    for _ in range(new):
+        token = int(full_forward_logits(model, ids + out)[-1, :257].argmax())
+        if token == 256:
+            break
+        out.append(token)
+    return out
+
+
+def test_budget_control_answer_is_the_answer_budgets_own_continuation(elastic_run, generator, tmp_path):
+    """The trace is the think budget's greedy text up to the delimiter; the answer is what
+    the answer budget's sliced checkpoint writes after prompt + trace, computed by its plain
+    forward token by token."""
     prompt = "def main(args):\n"
     ids = generator.encode(prompt)
-    # A delimiter the think budget does write (two printable bytes of its own greedy trace),
-    # so thinking ends at it rather than at the cap.
-    free, _ = generator.generate_ids([ids], "small", 48)
-    trace = free[0]
+    # A delimiter the think budget does write (two printable bytes of its own greedy trace,
+    # computed without the decoder), so thinking ends at it rather than at the cap.
+    small = generator.decoder("small").model
+    trace = greedy_without_cache(small, ids, 48)
     cut = next(j for j in range(2, len(trace)) if all(32 <= t < 127 for t in trace[j - 1:j + 1])
                and bytes(trace[j - 1:j + 1]).decode() not in bytes(trace[:j - 1]).decode("utf-8", "replace"))
     delimiter = bytes(trace[cut - 1:cut + 1]).decode()
-    out = generator.budget_control(prompt, "small", "full", delimiter, max_think_tokens=48, max_answer_tokens=12)
+    out = generator.budget_control(prompt, "small", "medium", delimiter, max_think_tokens=48, max_answer_tokens=12)
     assert out.token_ids[0] == trace[:cut + 1] and out.texts[0].endswith(delimiter)
-    scratch, _ = generator.generate_ids([ids + out.token_ids[0]], "full", 12, Sampling(seed=1))
-    assert out.token_ids[1] == scratch[0]
-    assert [p.budget for p in out.phases] == ["small", "full"]
+    sliced_dir = slice_checkpoint(elastic_run[0], tmp_path / "medium", "medium", precision="fp32")
+    sliced = build_model(metadata.checkpoint_model_config(sliced_dir)[0])
+    store.load_model_weights(sliced_dir, sliced)
+    assert out.token_ids[1] == greedy_without_cache(sliced.eval(), ids + out.token_ids[0], 12)
+    assert [p.budget for p in out.phases] == ["small", "medium"]
     assert out.phases[1].prompt_tokens == len(ids) + len(out.token_ids[0])
     # The cap: no delimiter within 5 thinking tokens -> forced, then the answer.
     capped = generator.budget_control(prompt, "small", "full", "\x01\x02", max_think_tokens=5, max_answer_tokens=4)
     assert capped.token_ids[0] == trace[:5] + [1, 2]
+    assert capped.token_ids[1] == greedy_without_cache(generator.parent, ids + trace[:5] + [1, 2], 4)
 
 
 def test_sampling_is_reproducible_for_a_seed(generator):

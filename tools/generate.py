@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     parser.add_argument("--answer-budget", default=None, help="budget control: the budget that writes the answer")
     parser.add_argument("--delimiter", default="</think>", help="budget control: where thinking ends")
     parser.add_argument("--max-think-tokens", type=int, default=256, help="budget control: the delimiter is forced after this many")
+    parser.add_argument("--contiguous-budgets", action="store_true",
+                        help="copy a budget's strided weight views into contiguous tensors (faster reads, more memory: printed)")
+    parser.add_argument("--cuda-graph", action="store_true", help="run each decode step as a captured CUDA graph (CUDA only)")
     parser.add_argument("--report", default=None, help="write tokens and timings as JSON here")
     args = parser.parse_args(argv)
 
@@ -44,6 +47,7 @@ def main(argv=None) -> int:
         from elastic_megatron.config.errors import ConfigError
         from elastic_megatron.inference.generator import ElasticGenerator, Sampling, write_report
         from elastic_megatron.parallel.setup import distributed
+        import torch
 
         if (args.prompt is None) == (args.prompts_file is None):
             raise ConfigError("--prompt", args.prompt, "give exactly one of --prompt and --prompts-file")
@@ -60,10 +64,13 @@ def main(argv=None) -> int:
             raise ConfigError("--think-budget", args.think_budget, "budget control needs --think-budget, --answer-budget and one --prompt")
         if control and args.budget is not None:
             raise ConfigError("--budget", args.budget, "not with budget control (--think-budget/--answer-budget)")
+        if args.cuda_graph and not torch.cuda.is_available():
+            raise ConfigError("--cuda-graph", True, "needs a CUDA device; this machine has none")
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
         stream = (lambda i, text: print(text, end="", flush=True)) if len(prompts) == 1 else None
         with distributed(1, 1, 1, seed=args.seed):
             gen = ElasticGenerator.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer)
+            gen.contiguous, gen.cuda_graph = args.contiguous_budgets, args.cuda_graph
             if control:
                 print(prompts[0], end="", flush=True)
                 out = gen.budget_control(prompts[0], args.think_budget, args.answer_budget, args.delimiter,
@@ -76,10 +83,14 @@ def main(argv=None) -> int:
             print(flush=True)  # the streamed text ends its line before the timings
         if args.report:
             write_report(out, args.report)
-        return prompts, out, stream is not None
+        return prompts, out, stream is not None, gen.view_stats
 
     def done(result) -> str:
-        prompts, out, streamed = result
+        prompts, out, streamed, view_stats = result
+        for name, stats in view_stats.items():
+            if stats.copied_bytes:
+                print(f"[{name}] weights: {stats.shared_bytes / 2**20:.1f} MiB views of the parent, "
+                      f"{stats.copied_bytes / 2**20:.1f} MiB copied", file=sys.stderr)
         for phase in out.phases:
             rate = phase.new_tokens / phase.decode_s if phase.decode_s else float("nan")
             print(f"[{phase.budget}] prompt {phase.prompt_tokens} tokens in {phase.prefill_s:.3f} s, "

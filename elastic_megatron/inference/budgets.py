@@ -11,6 +11,11 @@ leave gaps between groups are gathered into new tensors, and `ViewStats` says ho
 bytes that took. The skeleton is built on the meta device, so no full-size model is
 allocated on the way either.
 
+`contiguous=True` copies every narrowed weight that is not contiguous (a prefix of the
+input dimension is a strided view: each row skips the parent's remaining columns) into a
+contiguous tensor of its own, for a budget where strided reads cost time; `ViewStats`
+counts the bytes that costs (benchmarks/generation.py measures both).
+
 The view model equals the hard-masked parent at that budget, which equals the sliced
 checkpoint (tests/test_inference.py holds both).
 """
@@ -40,9 +45,11 @@ def _storage_of(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def budget_model(parent, cfg: ModelConfig, widths: Widths, name: str = "budget") -> tuple[nn.Module, ModelConfig, ViewStats]:
+def budget_model(parent, cfg: ModelConfig, widths: Widths, name: str = "budget",
+                 contiguous: bool = False) -> tuple[nn.Module, ModelConfig, ViewStats]:
     """(model, its config, stats) of budget `widths` of `parent` (a MambaModel of `cfg` whose
-    weights are in importance order), sharing the parent's weights."""
+    weights are in importance order), sharing the parent's weights (`contiguous`: except the
+    strided ones, copied)."""
     parent = unwrap(parent)
     sub_cfg = sub_model_config(cfg, widths, name=name)
     dtype = next(parent.parameters()).dtype
@@ -60,6 +67,8 @@ def budget_model(parent, cfg: ModelConfig, widths: Widths, name: str = "budget")
             continue
         new_name, cut = rule
         view = cut(tensor.detach())
+        if contiguous:
+            view = view.contiguous()
         _assign(model, new_name, view)
         wanted.discard(new_name)
         stats.tensors += 1

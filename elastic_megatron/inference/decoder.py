@@ -1,143 +1,305 @@
 """Cached decoding of one hybrid model (a parent, a budget's view model, a slice).
 
     decoder = HybridDecoder(model, cfg)
-    logits, state = decoder.prefill(prompts)          # list of token lists, any lengths
-    logits = decoder.step(next_tokens, state)         # one token per sequence
+    logits, state = decoder.prefill(prompts, max_new_tokens)   # list of token lists, any lengths
+    logits = decoder.step(next_tokens, state)                  # one token per sequence
 
-Prompts of a batch are left-padded to one length (see models/cache.py for why padding is
-invisible to the model). The forward is Megatron's own, with a cache attached to every
-attention core and Mamba mixer for its duration (models/cache.py); MoE, MLPs and norms
-run per token exactly as in training, with one decode-only shortcut: routed experts that
-receive no token are not called (Megatron's SequentialMLP calls all of them; at one token
-per sequence most get none, and the empty calls cost more than the two that run).
+Prefill runs each prompt through every layer (prompts of one length together): the Mamba
+mixers' and self-attentions' own forward with a cache attached for its duration
+(models/cache.py), norms, MLPs and MoE as rows of tokens (inference/layers.py). Only the
+last position's logits are computed (`all_logits`: every position's), so the MLP and MoE
+layers after the last layer that keeps state run on the last position alone. Each decode
+step runs the layers written for one token per sequence
+(inference/layers.py) on the model's own parameters: no MoE dispatcher, no
+sequence-parallel regions or autograd functions around linears, no bias-dropout-add, no
+re-slicing of weights, caches preallocated for the request's length.
+
+The state: slots (for a server's continuous batching)
+------------------------------------------------------
+A `DecodeState` (models/cache.py) holds preallocated caches for up to `slots` sequences
+of up to `max_len` positions. Sequences come and go between steps:
+
+    state = decoder.new_state(slots=8, max_len=2048)
+    slot = state.acquire()                                  # a free slot (RuntimeError if none)
+    logits = decoder.prefill([prompt], state=state, slots=[slot])[0]   # [1, vocab]: its first token
+    ...
+    rows = state.span                                       # one past the highest active slot
+    logits = decoder.step(tokens, state)                    # tokens [rows] (any id in free rows),
+                                                            # logits [rows, vocab] (free rows: ignore)
+    logprobs = token_logprobs(logits, tokens_chosen)        # per-token log-probabilities
+    state.release(slot)                                     # done: the slot is free at once
+
+A new request is prefilled into a free slot while others are mid-sequence (slots need not
+be at the same position: each has its own length) and joins the next step; a finished
+sequence releases its slot at once. Nothing is allocated per step. One state serves one
+budget (its caches have that budget's widths); a server keeps one per budget.
+
+CUDA graphs (`cuda_graph=True`, CUDA only): the step runs with static shapes (every slot,
+attention over all `max_len` positions under a mask, every routed expert weighted by its
+routing weight) and is captured once per state, when the state is made; each step then
+copies the tokens in and replays it. `static=True` runs that same static step without a
+graph (what the CPU tests check against the full forward).
 """
 
 from __future__ import annotations
 
 import contextlib
-import types
-from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from elastic_megatron.config.errors import ConfigError
-from elastic_megatron.config.model import ModelConfig
+from elastic_megatron.config.model import ATTENTION, MAMBA, MLP, MOE, ModelConfig
 from elastic_megatron.elastic.sites import layer_sites
-from elastic_megatron.models.cache import AttentionCache, MambaCache, Padding
-from elastic_megatron.models.forward import unwrap
+from elastic_megatron.inference.layers import (
+    AttentionStep, Linear, MambaStep, MlpStep, MoEStep, Norm, check_moe_supported, _wrapped,
+)
+from elastic_megatron.models.cache import AttentionCache, CacheShapes, DecodeState, MambaCache, Padding
+from elastic_megatron.models.forward import output_layer, unwrap
+
+__all__ = ["HybridDecoder", "DecodeState", "token_logprobs"]
 
 
 @dataclass
-class DecodeState:
-    """The caches of one batch being decoded, and where it stands."""
+class StepContext:
+    """Where the rows of one decode step stand (read by the attention and MoE steps)."""
 
-    caches: dict = field(default_factory=dict)  # module -> its cache
-    padding: Padding = field(default_factory=Padding)
-    length: int = 0  # positions filled (prompt padding included)
-    max_len: int = 0
-    batch: int = 0
+    static: bool = False
+    same_position: Optional[int] = None  # every row at this position (eager): no mask, slice writes
+    rows: Optional[torch.Tensor] = None  # [n] row ids, for writes at per-row positions
+    positions: Optional[torch.Tensor] = None  # [n] each row's position
+    width: int = 0  # positions attended to
+    mask: Optional[torch.Tensor] = None  # [n, 1, 1, width] bool, True = attend
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) of each row of `logits` [n, vocab] for `tokens` [n] (fp32)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, tokens.reshape(-1, 1).to(logits.device)).squeeze(1)
 
 
 class HybridDecoder:
-    def __init__(self, model, cfg: ModelConfig):
+    def __init__(self, model, cfg: ModelConfig, static: bool = False, cuda_graph: bool = False):
         self.model = unwrap(model)
         self.cfg = cfg
-        self.attention, self.mamba, self.experts = [], [], []
-        for site in layer_sites(self.model, cfg):
-            if site.moe is not None and _skippable(site.moe.experts_module):
-                self.experts.append(site.moe.experts_module)
-            if site.core_attention is not None:
-                if not hasattr(site.core_attention, "decode_cache"):
-                    raise ConfigError("model.backend", cfg.backend, "cached decoding runs the local backend's attention; allowed: local")
-                self.attention.append(site.core_attention)
-            if site.mamba is not None:
-                self.mamba.append(site.mamba)
+        config = self.model.config
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.cuda_graph = cuda_graph
+        self.static = static or cuda_graph
+        if cuda_graph and self.device.type != "cuda":
+            raise ConfigError("--cuda-graph", True, f"CUDA graphs need a model on a CUDA device; this one is on {self.device}")
+        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+                    "context_parallel_size"):
+            if getattr(config, key, 1) != 1:
+                raise ConfigError("parallel", f"{key}={getattr(config, key)}", "cached decoding runs on one rank (all sizes 1)")
+        if getattr(config, "fp32_residual_connection", False) or getattr(config, "gated_linear_unit", False):
+            raise NotImplementedError("cached decoding: fp32_residual_connection / gated_linear_unit are not reproduced")
+        act = config.activation_func
+        self.layers, self.attention, self.mamba = [], [], []
+        for site, layer in zip(layer_sites(self.model, cfg), self.model.decoder.layers):
+            if site.symbol == MAMBA:
+                self.layers.append(MambaStep(layer, len(self.mamba)))
+                self.mamba.append(site.mamba)
+            elif site.symbol == ATTENTION:
+                if not hasattr(site.core_attention, "decode_cache"):
+                    raise ConfigError("model.backend", cfg.backend, "cached decoding runs the local backend's attention; allowed: local")
+                self.layers.append(AttentionStep(layer, len(self.attention)))
+                self.attention.append(site.core_attention)
+            elif site.symbol == MLP:
+                self.layers.append(MlpStep(layer, act))
+            elif site.symbol == MOE:
+                check_moe_supported(config)
+                self.layers.append(MoEStep(layer, act))
+        self.last_stateful = max((i for i, s in enumerate(self.layers) if isinstance(s, (AttentionStep, MambaStep))), default=-1)
+        self.shapes = CacheShapes(tuple(s.cache_shape() for s in self.layers if isinstance(s, AttentionStep)),
+                                  tuple(s.cache_shape() for s in self.layers if isinstance(s, MambaStep)))
+        self.embedding = self.model.embedding.word_embeddings.weight
+        self.final_norm = Norm(self.model.decoder.final_norm)
+        self.output = Linear(output_layer(self.model))
+        self._fast = {id(m) for step in self.layers for m in step.linears()} | {id(self.output.module)}
+        self._states: list[DecodeState] = []  # kept for reuse when states carry a captured graph
+        self._check_hooks()
 
-    def new_state(self, batch: int, max_len: int) -> DecodeState:
+    # ---- states -----------------------------------------------------------------------------
+
+    def new_state(self, slots: int, max_len: int) -> DecodeState:
+        """Preallocated caches for `slots` sequences of up to `max_len` positions (with the
+        decode step captured in a CUDA graph when this decoder uses one)."""
         if max_len > self.cfg.max_sequence_length:
             raise ConfigError("max_new_tokens", max_len, f"prompt + new tokens must fit model.max_sequence_length={self.cfg.max_sequence_length}")
-        state = DecodeState(batch=batch, max_len=max_len)
-        for core in self.attention:
-            state.caches[core] = AttentionCache.empty(batch, max_len, self.cfg.num_query_groups, self.cfg.head_dim,
-                                                      self.dtype, self.device, state.padding)
-        for mixer in self.mamba:
-            state.caches[mixer] = MambaCache(padding=state.padding)
+        state = DecodeState(self.shapes, slots, max_len, self.dtype, self.device)
+        if self.cuda_graph:
+            self._capture(state)
         return state
 
-    @contextlib.contextmanager
-    def _attached(self, state: DecodeState) -> Iterator[None]:
-        for module, cache in state.caches.items():
-            module.decode_cache = cache
-        for experts in self.experts:
-            experts.forward = types.MethodType(_forward_busy_experts, experts)
-        try:
-            yield
-        finally:
-            for module in state.caches:
-                module.decode_cache = None
-            for experts in self.experts:
-                del experts.forward  # back to the class's method
+    def _request_state(self, batch: int, max_len: int) -> DecodeState:
+        """A state for one request: new, or (with CUDA graphs, whose capture is worth
+        keeping) a kept one of the same batch that is long enough, emptied."""
+        if not self.cuda_graph:
+            return self.new_state(batch, max_len)
+        for state in self._states:
+            if state.slots == batch and state.max_len >= max_len:
+                for slot in range(state.slots):
+                    if state.active[slot]:
+                        state.release(slot)
+                return state
+        bucket = min(self.cfg.max_sequence_length, -(-max_len // 256) * 256)
+        state = self.new_state(batch, bucket)
+        self._states.append(state)
+        return state
 
-    def _forward(self, tokens: torch.Tensor, state: DecodeState, pad) -> torch.Tensor:
-        """Logits [b, chunk, vocab] of a chunk continuing `state`."""
-        b, s = tokens.shape
-        if state.length + s > state.max_len:
-            raise ValueError(f"decoding past the {state.max_len} positions this state was made for")
-        state.padding.pad = pad
-        positions = torch.arange(state.length, state.length + s, device=self.device).expand(b, s)
-        with self._attached(state):
-            logits = self.model(tokens, positions, None)
-        state.length += s
-        state.padding.pad = None
-        return logits.float()
+    # ---- prefill ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 0,
-                state: DecodeState | None = None, all_logits: bool = False) -> tuple[torch.Tensor, DecodeState]:
-        """Run the (left-padded) prompts: (logits of each prompt's last token [b, vocab], or
-        of every position [b, longest prompt, vocab] with `all_logits`; the state)."""
+    def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 0, state: DecodeState | None = None,
+                slots: Optional[Sequence[int]] = None, all_logits: bool = False) -> tuple[torch.Tensor, DecodeState]:
+        """Run the prompts into their slots: (logits of each prompt's last token [b, vocab],
+        or of every position [b, longest prompt, vocab] with `all_logits`, right-aligned
+        (a shorter prompt's rows start later; the rows before are 0); the state).
+
+        Without `state`, a state for these prompts + `max_new_tokens` is made and the
+        prompts take slots 0 .. b - 1; with one, `slots` (acquired, one per prompt) say
+        where they go (default: newly acquired slots)."""
         lengths = [len(p) for p in prompts]
         if not prompts or min(lengths) == 0:
             raise ConfigError("prompt", "", "every prompt needs at least one token")
-        width = max(lengths)
         if state is None:
-            state = self.new_state(len(prompts), width + max_new_tokens)
-        tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
-        pad = torch.ones(len(prompts), width, dtype=torch.bool, device=self.device)
-        for i, p in enumerate(prompts):
-            tokens[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-            pad[i, width - len(p):] = False
-        logits = self._forward(tokens, state, pad if pad.any() else None)
-        return (logits if all_logits else logits[:, -1]), state
+            state = self._request_state(len(prompts), max(lengths) + max_new_tokens)
+        if slots is None:
+            slots = [state.acquire() for _ in prompts]
+        if len(slots) != len(prompts) or any(not 0 <= s < state.slots or not state.active[s] for s in slots):
+            raise ValueError(f"prefill: {len(prompts)} prompts need as many acquired slots of the state, got {list(slots)}")
+        if max(lengths) + max_new_tokens > state.max_len:
+            raise ValueError(f"a prompt of {max(lengths)} tokens + {max_new_tokens} new ones does not fit the "
+                             f"{state.max_len} positions of this decode state")
+        self._check_hooks()
+        self.refresh()
+        width = max(lengths)
+        out = torch.zeros(len(prompts), *((width,) if all_logits else ()), self.cfg.vocab_size, device=self.device)
+        by_length: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            by_length.setdefault(n, []).append(i)
+        for n, group in by_length.items():
+            tokens = torch.tensor([list(prompts[i]) for i in group], dtype=torch.long, device=self.device)
+            hidden = self._prefill_group(tokens, state, [slots[i] for i in group], all_logits)  # [n or 1, b, hidden]
+            logits = self.output(hidden if all_logits else hidden[-1]).float()
+            index = torch.tensor(group, device=self.device)
+            if all_logits:
+                out[index, width - n:] = logits.transpose(0, 1)
+            else:
+                out[index] = logits
+        return out, state
+
+    def _prefill_group(self, tokens: torch.Tensor, state: DecodeState, slots: list[int], every_position: bool) -> torch.Tensor:
+        """Prompts of one length through every layer's prefill (the Mamba mixers' and the
+        self-attentions' own forward with caches attached; norms, MLPs and MoE as rows);
+        the caches go into `slots`. Returns the final-norm hidden states [length, b, hidden],
+        or of the last position only [1, b, hidden] unless `every_position`: the layers
+        after the last one that keeps state (MLP, MoE) then run on that position alone."""
+        b, n = tokens.shape
+        padding = Padding()
+        attention = [AttentionCache.empty(b, n, g, hd, self.dtype, self.device, padding) for g, hd in self.shapes.attention]
+        mamba = [MambaCache(padding=padding) for _ in self.mamba]
+        h = F.embedding(tokens.t(), self.embedding)  # [length, b, hidden], Megatron's layout
+        with self._attached(attention, mamba):
+            for i, layer in enumerate(self.layers):
+                if i == self.last_stateful + 1 and not every_position:
+                    h = h[-1:]
+                h = layer.prefill(h)
+        state.store(slots, n, [c.keys for c in attention], [c.values for c in attention],
+                    [c.conv for c in mamba], [c.ssm for c in mamba])
+        return self.final_norm(h)
+
+    @contextlib.contextmanager
+    def _attached(self, attention: list[AttentionCache], mamba: list[MambaCache]) -> Iterator[None]:
+        for module, cache in zip(self.attention + self.mamba, attention + mamba):
+            module.decode_cache = cache
+        try:
+            yield
+        finally:
+            for module in self.attention + self.mamba:
+                module.decode_cache = None
+
+    def refresh(self) -> None:
+        """Recompute what the steps derive from parameters (after the weights changed)."""
+        for step in self.layers:
+            if isinstance(step, MambaStep):
+                step.refresh()
+
+    def _check_hooks(self) -> None:
+        """The decode step calls only linears through their modules; any other module
+        with hooks or a replaced forward (elastic masks, say) would be bypassed."""
+        for name, module in self.model.named_modules():
+            if id(module) not in self._fast and _wrapped(module):
+                raise RuntimeError(f"cached decoding: module {name or '(model)'} ({type(module).__name__}) has forward hooks or "
+                                   "a replaced forward, which the decode step does not run (for a budget, decode its view "
+                                   "model from inference/budgets.py instead of a masked parent)")
+
+    # ---- decode -----------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        """One new token per sequence ([b] ids): logits of the next one [b, vocab]."""
-        return self._forward(tokens.reshape(-1, 1).to(self.device), state, None)[:, -1]
+        """One new token for each row 0 .. state.span - 1 ([rows] ids; rows of free slots are
+        ignored): logits of the next token [rows, vocab]."""
+        tokens = tokens.reshape(-1).to(self.device)
+        n = state.span
+        if tokens.numel() != n:
+            raise ValueError(f"decode step: one token per row 0 .. {n - 1} of the state ({n}), got {tokens.numel()}")
+        if any(length >= state.max_len for length, on in zip(state.lengths[:n], state.active[:n]) if on):
+            raise ValueError(f"decoding past the {state.max_len} positions this state was made for")
+        if state.graph is not None:
+            graph, token_buffer, logits = state.graph
+            token_buffer[:n].copy_(tokens)
+            graph.replay()
+            state.advance(n)
+            return logits[:n].clone()  # the graph's output buffer is rewritten by the next replay
+        if self.static:
+            token_buffer = torch.zeros(state.slots, dtype=torch.long, device=self.device)
+            token_buffer[:n] = tokens
+            logits = self._static_step(token_buffer, state)[:n]
+        else:
+            logits = self._run(tokens, state, self._eager_context(state, n))
+        state.advance(n)
+        return logits
 
-    @torch.no_grad()
-    def extend(self, tokens: Sequence[Sequence[int]], state: DecodeState) -> torch.Tensor:
-        """Several tokens per sequence (same count for all): logits at each of them [b, n, vocab]."""
-        ids = torch.as_tensor([list(t) for t in tokens], dtype=torch.long, device=self.device)
-        return self._forward(ids, state, None)
+    def _eager_context(self, state: DecodeState, n: int) -> StepContext:
+        lengths = state.lengths[:n]
+        if all(state.active[:n]) and len(set(lengths)) == 1:
+            return StepContext(same_position=lengths[0])
+        width = max(lengths) + 1
+        positions = state.positions[:n]
+        mask = (torch.arange(width, device=self.device)[None, :] <= positions[:, None]).view(n, 1, 1, width)
+        return StepContext(rows=state.rows[:n], positions=positions, width=width, mask=mask)
 
+    def _static_step(self, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """The step over every slot with static shapes and no host sync (graph-capturable)."""
+        positions = state.positions
+        mask = (state.arange[None, :] <= positions[:, None]).view(state.slots, 1, 1, state.max_len)
+        context = StepContext(static=True, rows=state.rows, positions=positions, width=state.max_len, mask=mask)
+        return self._run(tokens, state, context)
 
-def _skippable(experts) -> bool:
-    """Megatron's SequentialMLP in the plain configuration the shortcut reproduces."""
-    from megatron.core.transformer.moe.experts import SequentialMLP
+    def _run(self, tokens: torch.Tensor, state: DecodeState, context: StepContext) -> torch.Tensor:
+        n = tokens.shape[0]
+        h = F.embedding(tokens, self.embedding)
+        for layer in self.layers:
+            h = layer(h, state, context)
+        state.positions[:n].add_(state.live[:n])
+        return self.output(self.final_norm(h)).float()
 
-    c = experts.config
-    return (isinstance(experts, SequentialMLP) and experts.num_local_experts > 1 and not c.fp8 and not c.fp4
-            and not c.moe_apply_probs_on_input)
-
-
-def _forward_busy_experts(self, hidden: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor):
-    """SequentialMLP.forward calling only the experts that received tokens (same output)."""
-    counts = tokens_per_expert.tolist()
-    outputs = []
-    for expert, tokens, p, n in zip(self.local_experts, torch.split(hidden, counts), torch.split(probs, counts), counts):
-        outputs.append(expert(tokens, p)[0] if n else tokens)  # an idle expert: its empty slice
-    return torch.cat(outputs, dim=0), None
+    def _capture(self, state: DecodeState) -> None:
+        """Capture the static step of `state` in a CUDA graph. Done when the state is made:
+        the warm-up runs only write what a prefill overwrites (no slot is active yet)."""
+        tokens = torch.zeros(state.slots, dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._static_step(tokens, state)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self._static_step(tokens, state)
+        state.graph = (graph, tokens, logits)

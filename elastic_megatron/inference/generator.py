@@ -102,8 +102,12 @@ class ElasticGenerator:
     """`model`: the parent, or a function that loads it (called on the first generation, so
     that every request is checked before the weights are read)."""
 
-    def __init__(self, model, cfg, budgets: dict[str, Widths], tokenizer, source: str = ""):
+    def __init__(self, model, cfg, budgets: dict[str, Widths], tokenizer, source: str = "", contiguous: bool = False,
+                 cuda_graph: bool = False):
         self._parent, self.cfg, self.tokenizer, self.source = model, cfg, tokenizer, source
+        # Set before the first generation: budgets' strided weights copied contiguous
+        # (memory: view_stats[name].copied_bytes), decode steps as CUDA graphs (CUDA only).
+        self.contiguous, self.cuda_graph = contiguous, cuda_graph
         self.budgets = budgets  # name -> widths (the parent itself under FULL when not elastic)
         self.elastic = any(w != full_widths(cfg) for w in budgets.values())
         self._decoders: dict[str, HybridDecoder] = {}
@@ -151,11 +155,12 @@ class ElasticGenerator:
         if name not in self._decoders:
             widths = self.budgets[name]
             if widths == full_widths(self.cfg):
-                self._decoders[name] = HybridDecoder(self.parent, self.cfg)
+                self._decoders[name] = HybridDecoder(self.parent, self.cfg, cuda_graph=self.cuda_graph)
             else:
-                model, sub_cfg, stats = budget_model(self.parent, self.cfg, widths, name=f"{self.cfg.name}_{name}")
+                model, sub_cfg, stats = budget_model(self.parent, self.cfg, widths, name=f"{self.cfg.name}_{name}",
+                                                     contiguous=self.contiguous)
                 self.view_stats[name] = stats
-                self._decoders[name] = HybridDecoder(model, sub_cfg)
+                self._decoders[name] = HybridDecoder(model, sub_cfg, cuda_graph=self.cuda_graph)
         return self._decoders[name]
 
     # ---- generation -------------------------------------------------------------------------

@@ -1,0 +1,348 @@
+"""The decode step of each layer kind, for one new token per sequence, on Megatron's modules.
+
+Megatron's training forward does work that one token per sequence does not need: MoE
+token permutation through a dispatcher, sequence-parallel regions and autograd functions
+around every linear, bias-dropout-add, [s, b, h] transposes, a conv kernel over a padded
+window. Here each layer kind is written for hidden states [rows, hidden] (one token per
+sequence) with as few tensor operations as the math allows, reading the parameters of
+the model's own modules (the weights are never copied; the training forward is
+untouched). tests/test_inference.py holds every path equal to the full forward.
+
+Two variants of the steps that depend on the data:
+- eager (default): attention over the filled positions only (no mask when every row is at
+  the same position), and routed experts called only for the tokens routed to them (the
+  routing is read on the host, one sync per MoE layer);
+- static (`static=True`): fixed shapes and no host sync, so the whole step can be
+  captured in a CUDA graph: attention over all `max_len` positions with a mask from the
+  device positions, and every routed expert applied to every row with its routing weight
+  (0 where not routed).
+
+Linears run as `F.linear` on the module's weight unless the module's forward is wrapped
+or hooked (fake quantization, quant/hooks.py): then the module itself is called, so the
+wrapper quantizes exactly as in the full forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from elastic_megatron.models.mamba_mixer import HAVE_SELECTIVE_STATE_UPDATE, selective_state_update
+
+
+def _wrapped(module) -> bool:
+    """Is `module`'s forward replaced on the instance or hooked (then it must be called)?"""
+    return "forward" in module.__dict__ or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
+
+
+class Linear:
+    """A Megatron Column/RowParallelLinear (one rank) as a function of [rows, in]."""
+
+    __slots__ = ("module", "weight", "bias")
+
+    def __init__(self, module):
+        self.module = module
+        self.weight = module.weight
+        bias = getattr(module, "bias", None)
+        self.bias = bias if isinstance(bias, torch.Tensor) else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if "forward" in m.__dict__ or m._forward_hooks or m._forward_pre_hooks:
+            out, bias = m(x)
+            return out if bias is None else out + bias
+        return F.linear(x, self.weight, self.bias)
+
+
+class Norm:
+    """The local backend's RMSNorm (fp32 statistics, output in the input's dtype)."""
+
+    __slots__ = ("weight", "eps", "shape")
+
+    def __init__(self, module):
+        self.weight, self.eps, self.shape = module.weight, module.eps, (module.weight.shape[0],)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.shape, self.weight.float(), self.eps).to(x.dtype)
+
+
+class Mlp:
+    """fc1 -> activation -> fc2 of a Megatron MLP (dense layer, shared or routed expert)."""
+
+    __slots__ = ("fc1", "fc2", "act")
+
+    def __init__(self, mlp, activation):
+        self.fc1, self.fc2, self.act = Linear(mlp.linear_fc1), Linear(mlp.linear_fc2), activation
+
+    def linears(self) -> list:
+        return [self.fc1.module, self.fc2.module]
+
+    def __call__(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        inter = self.act(self.fc1(x))
+        if scale is not None:  # a routed expert: the routing weight scales its activation (Megatron's order)
+            inter = (inter * scale).to(x.dtype)
+        return self.fc2(inter)
+
+
+class MambaStep:
+    """norm -> in_proj -> causal conv step -> SSM recurrence step -> gated norm -> out_proj."""
+
+    def __init__(self, layer, slot: int):
+        mixer = layer.mixer
+        self.mixer = mixer
+        self.slot = slot  # index of this layer's conv/ssm cache in the decode state
+        self.norm = Norm(layer.norm)
+        self.in_proj, self.out_proj = Linear(mixer.in_proj), Linear(mixer.out_proj)
+        self.heads, self.head_dim, self.groups = mixer.nheads_local_tp, mixer.headdim, mixer.ngroups_local_tp
+        self.state_dim = mixer.d_state
+        self.d_inner = mixer.d_inner_local_tp
+        gd = self.groups * self.state_dim
+        self.conv_dim = self.d_inner + 2 * gd
+        self.split = [self.d_inner, self.conv_dim, self.heads]
+        self.split_xbc = [self.d_inner, gd, gd]
+        self.conv_weight = mixer.conv1d.weight[:, 0]  # a view: [conv_dim, kernel]
+        self.conv_bias = mixer.conv1d.bias
+        self.kernel = self.conv_weight.shape[-1]
+        self.A_log, self.D, self.dt_bias = mixer.A_log, mixer.D, mixer.dt_bias
+        self.dt_limit = tuple(mixer.dt_limit)
+        self.gate_norm = mixer.norm  # GatedRMSNorm
+        self.A = torch.empty_like(mixer.A_log, dtype=torch.float32)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Derived parameters, recomputed in place (a captured graph keeps reading them)."""
+        with torch.no_grad():
+            self.A.copy_(-torch.exp(self.A_log.float()))
+
+    def linears(self) -> list:
+        return [self.in_proj.module, self.out_proj.module]
+
+    def prefill(self, h: torch.Tensor) -> torch.Tensor:
+        """A chunk [length, b, hidden] through the mixer's own forward (its decode cache,
+        attached by the decoder, starts from zero and keeps the final conv inputs and state)."""
+        out, bias = self.mixer(self.norm(h))
+        return h + out if bias is None else h + (out + bias)
+
+    def _step(self, ssm, x, dt, B, C) -> torch.Tensor:
+        """One step of the recurrence per head, in place on `ssm` [n, heads, head_dim, state]
+        (fp32); heads grouped: head i reads group i // (heads / groups). y [n, d_inner]."""
+        n = x.shape[0]
+        g, hg, p, s = self.groups, self.heads // self.groups, self.head_dim, self.state_dim
+        x32 = x.float().view(n, g, hg, p)
+        ssm = ssm.view(n, g, hg, p, s)
+        ssm.mul_(torch.exp(dt * self.A).view(n, g, hg, 1, 1))
+        ssm.addcmul_((dt.view(n, g, hg, 1) * x32).unsqueeze(-1), B.float().view(n, g, 1, 1, s))
+        y = torch.matmul(ssm, C.float().view(n, g, 1, s, 1)).squeeze(-1)  # [n, g, hg, p]
+        return torch.addcmul(y, self.D.float().view(g, hg, 1), x32).view(n, self.d_inner)
+
+    def _triton_step(self, ssm, x, dt, B, C) -> torch.Tensor:
+        """The same step through mamba_ssm's selective_state_update kernel (CUDA)."""
+        n, h, p, s = x.shape[0], self.heads, self.head_dim, self.state_dim
+        y = selective_state_update(
+            ssm, x.view(n, h, p), dt[..., None].expand(-1, -1, p), self.A[:, None, None].expand(h, p, s),
+            B.view(n, self.groups, s), C.view(n, self.groups, s), self.D.float()[:, None].expand(-1, p),
+            dt_bias=None, dt_softplus=False,
+        )
+        return y.view(n, self.d_inner)
+
+    def cache_shape(self) -> tuple[int, int, int, int, int]:
+        return (self.conv_dim, self.kernel - 1, self.heads, self.head_dim, self.state_dim)
+
+    def __call__(self, h: torch.Tensor, state, step) -> torch.Tensor:
+        n = h.shape[0]
+        z, xbc, dt = torch.split(self.in_proj(self.norm(h)), self.split, dim=-1)
+        # Causal depthwise conv over the last `kernel` inputs of each sequence.
+        conv = state.conv[self.slot][:n]
+        window = torch.cat([conv, xbc.unsqueeze(-1)], dim=-1)  # [n, conv_dim, kernel]
+        conv.copy_(window[..., 1:])
+        xbc = (window * self.conv_weight).sum(-1)
+        if self.conv_bias is not None:
+            xbc = xbc + self.conv_bias
+        x, B, C = torch.split(F.silu(xbc), self.split_xbc, dim=-1)
+        # One step of the recurrence per head (heads grouped: head i reads group i // per_group).
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        if self.dt_limit != (0.0, float("inf")):
+            dt = dt.clamp(*self.dt_limit)
+        ssm = state.ssm[self.slot][:n]
+        if x.is_cuda and HAVE_SELECTIVE_STATE_UPDATE and self.mixer.kernel != "torch":
+            y = self._triton_step(ssm, x, dt, B, C)
+        else:
+            y = self._step(ssm, x, dt, B, C)
+        # Gated RMSNorm within groups (of y in the model's dtype, as the scan returns it),
+        # then the output projection and the residual.
+        gn = self.gate_norm
+        gated = y.to(h.dtype).float() * F.silu(z.float())
+        gated = F.rms_norm(gated.view(n, -1, gn.group_size), (gn.group_size,), None, gn.eps).view(n, self.d_inner)
+        return h + self.out_proj((gated * gn.weight.float()).to(h.dtype))
+
+
+class AttentionStep:
+    """norm -> linear_qkv -> append k, v to the cache -> attention over the cache -> linear_proj."""
+
+    def __init__(self, layer, slot: int):
+        attn = layer.self_attention
+        self.attention = attn
+        self.slot = slot
+        self.norm = Norm(layer.input_layernorm)
+        self.qkv, self.proj = Linear(attn.linear_qkv), Linear(attn.linear_proj)
+        self.groups = attn.num_query_groups_per_partition
+        self.per_group = attn.num_attention_heads_per_partition // self.groups
+        self.head_dim = attn.hidden_size_per_attention_head
+        self.scale = attn.core_attention.softmax_scale
+
+    def linears(self) -> list:
+        return [self.qkv.module, self.proj.module]
+
+    def prefill(self, h: torch.Tensor) -> torch.Tensor:
+        """A chunk [length, b, hidden] through Megatron's self-attention (its core attention's
+        decode cache, attached by the decoder, keeps the keys and values)."""
+        out, bias = self.attention(self.norm(h), attention_mask=None)
+        return h + out if bias is None else h + (out + bias)
+
+    def cache_shape(self) -> tuple[int, int]:
+        return (self.groups, self.head_dim)
+
+    def __call__(self, h: torch.Tensor, state, step) -> torch.Tensor:
+        n = h.shape[0]
+        g, hg, d = self.groups, self.per_group, self.head_dim
+        qkv = self.qkv(self.norm(h)).view(n, g, hg + 2, d)  # Megatron's layout: per group, its queries, key, value
+        q, k, v = qkv[:, :, :hg], qkv[:, :, hg], qkv[:, :, hg + 1]
+        keys, values = state.keys[self.slot], state.values[self.slot]
+        if step.same_position is not None:  # every row at one position: write a slice, attend without a mask
+            p = step.same_position
+            keys[:n, :, p] = k
+            values[:n, :, p] = v
+            keys, values, mask = keys[:n, :, :p + 1], values[:n, :, :p + 1], None
+        else:
+            keys[step.rows, :, step.positions] = k
+            values[step.rows, :, step.positions] = v
+            keys, values, mask = keys[:n, :, :step.width], values[:n, :, :step.width], step.mask
+        # The queries of a group share its key and value: they are that group's query "sequence".
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+        return h + self.proj(out.reshape(n, g * hg * d))
+
+
+class MlpStep:
+    def __init__(self, layer, activation):
+        self.norm = Norm(layer.pre_mlp_layernorm)
+        self.mlp = Mlp(layer.mlp, activation)
+
+    def linears(self) -> list:
+        return self.mlp.linears()
+
+    def __call__(self, h: torch.Tensor, state, step) -> torch.Tensor:
+        return h + self.mlp(self.norm(h))
+
+    def prefill(self, h: torch.Tensor) -> torch.Tensor:
+        return self(h.view(-1, h.shape[-1]), None, None).view(h.shape)
+
+
+class MoEStep:
+    """Router (fp32 gate, sigmoid or softmax scores, expert bias, top-k, scaling) -> the
+    routed experts of each token (weighted) + the shared expert."""
+
+    def __init__(self, layer, activation):
+        moe = layer.mlp
+        c = moe.config
+        self.norm = Norm(layer.pre_mlp_layernorm)
+        self.router = moe.router
+        self.topk = moe.router.topk
+        self.score = c.moe_router_score_function
+        self.scaling = c.moe_router_topk_scaling_factor
+        self.router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(c.moe_router_dtype)
+        self.experts = [Mlp(e, activation) for e in moe.experts.local_experts]
+        self.shared = Mlp(moe.shared_experts, activation) if moe.shared_experts is not None else None
+
+    def linears(self) -> list:
+        return [m for mlp in self.experts + ([self.shared] if self.shared else []) for m in mlp.linears()]
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [n, k], expert ids [n, k]) as Megatron's topk_routing_with_score_function."""
+        r = self.router
+        dtype = self.router_dtype or x.dtype
+        logits = F.linear(x.to(dtype), r.weight.to(dtype), None if r.bias is None else r.bias.to(dtype))
+        if self.score == "sigmoid":
+            scores = torch.sigmoid(logits.float()).type_as(logits)
+            bias = r.expert_bias
+            chosen = torch.topk(scores if bias is None else scores + bias, self.topk, dim=1).indices
+            weights = torch.gather(scores, 1, chosen)
+            if self.topk > 1:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            top, chosen = torch.topk(logits, self.topk, dim=1)
+            weights = torch.softmax(top, dim=-1, dtype=torch.float32).type_as(logits)
+        if self.scaling:
+            weights = weights * self.scaling
+        return weights, chosen
+
+    def prefill(self, h: torch.Tensor) -> torch.Tensor:
+        """Every token of a chunk [length, b, hidden], as rows."""
+        rows = h.view(-1, h.shape[-1])
+        x = self.norm(rows)
+        weights, chosen = self.route(x)
+        out = self._routed(x, weights, chosen)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return (rows + out).view(h.shape)
+
+    def __call__(self, h: torch.Tensor, state, step) -> torch.Tensor:
+        x = self.norm(h)
+        weights, chosen = self.route(x)
+        if step.static:
+            out = self._every_expert(x, weights, chosen)
+        elif x.shape[0] == 1:
+            out = self._one_token(x, weights, chosen)
+        else:
+            out = self._routed(x, weights, chosen)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return h + out
+
+    def _one_token(self, x, weights, chosen):
+        out = None
+        for j, e in sorted(enumerate(chosen[0].tolist()), key=lambda je: je[1]):  # Megatron sums experts in id order
+            y = self.experts[e](x, weights[:, j:j + 1])
+            out = y if out is None else out + y
+        return out
+
+    def _routed(self, x, weights, chosen):
+        """Tokens sorted by expert (Megatron's permutation, without the dispatcher); each
+        expert that received tokens runs once on them; outputs summed back per token."""
+        n, k = chosen.shape
+        flat = chosen.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        token = order // k
+        xs, ws = x[token], weights.flatten()[order].unsqueeze(-1)
+        outs, start = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                outs.append(self.experts[e](xs[start:start + c], ws[start:start + c]))
+                start += c
+        return torch.zeros_like(x).index_add_(0, token, torch.cat(outs))
+
+    def _every_expert(self, x, weights, chosen):
+        """Static shapes: every expert on every row, weighted by its routing weight (0 if not routed)."""
+        dense = torch.zeros(x.shape[0], len(self.experts), dtype=weights.dtype, device=x.device).scatter(1, chosen, weights)
+        out = None
+        for e, expert in enumerate(self.experts):
+            y = expert(x, dense[:, e:e + 1])
+            out = y if out is None else out + y
+        return out
+
+
+def check_moe_supported(config) -> None:
+    """The routing options MoEStep reproduces; anything else is refused by name."""
+    unsupported = {
+        "moe_router_pre_softmax": False, "moe_router_num_groups": None, "moe_router_group_topk": None,
+        "moe_expert_capacity_factor": None, "moe_router_force_load_balancing": False, "moe_input_jitter_eps": None,
+        "moe_apply_probs_on_input": False, "moe_latent_size": None, "moe_shared_expert_gate": False,
+        "gated_linear_unit": False, "moe_router_fusion": False,
+    }
+    for key, plain in unsupported.items():
+        value = getattr(config, key, plain)
+        if value not in (plain, None, False, 0):
+            raise NotImplementedError(f"cached decoding does not reproduce {key}={value!r} (it supports the "
+                                      f"project's model configs: {key}={plain!r})")
+    if config.moe_router_score_function not in ("sigmoid", "softmax"):
+        raise NotImplementedError(f"cached decoding: router score function {config.moe_router_score_function!r}")
