@@ -82,8 +82,9 @@ def _spec(prefixes, tmp_path, seed=1, weights=None):
 
 
 def test_blend_datasets_and_exact_loader_resume(dist, stdlib_prefix, tmp_path):
-    tok = load_tokenizer_for([stdlib_prefix])
-    spec = _spec([stdlib_prefix, stdlib_prefix], tmp_path, weights=[0.7, 0.3])
+    letters = _letters(tmp_path, "a", "a", LENGTHS)
+    tok = load_tokenizer_for([stdlib_prefix, letters])
+    spec = _spec([stdlib_prefix, letters], tmp_path, weights=[0.7, 0.3])
     validate_data_spec(spec)
     train, valid = build_datasets(spec, tok, train_samples=64, valid_samples=8)
     assert len(train) >= 64 and len(valid) >= 8
@@ -101,9 +102,34 @@ def test_blend_datasets_and_exact_loader_resume(dist, stdlib_prefix, tmp_path):
     assert torch.equal(torch.cat([r0, r1]), one)
 
     again, _ = build_datasets(spec, tok, 64, 8)
-    other, _ = build_datasets(_spec([stdlib_prefix, stdlib_prefix], tmp_path, seed=2, weights=[0.7, 0.3]), tok, 64, 8)
+    other, _ = build_datasets(_spec([stdlib_prefix, letters], tmp_path, seed=2, weights=[0.7, 0.3]), tok, 64, 8)
     assert all(np.array_equal(again[i]["tokens"], train[i]["tokens"]) for i in range(8))
     assert not all(np.array_equal(other[i]["tokens"], train[i]["tokens"]) for i in range(8))
+    # Both prefixes are read, in the blend's proportions.
+    from_letters = [_from(train[i]["tokens"], ord("a")) for i in range(64)]
+    assert sum(from_letters) / 64 == pytest.approx(0.3, abs=1 / 32)
+
+
+def _from(tokens, letter: int) -> bool:
+    """Whether a sample comes from a letters dataset of `letter`: it holds that letter
+    and end-of-document tokens, nothing else."""
+    return set(np.asarray(tokens).tolist()) <= {letter, ByteTokenizer.eod}
+
+
+@pytest.mark.parametrize("weights", [[0.7, 0.3], [1.0, 4.0]])
+def test_blend_weights_set_each_prefix_share_of_the_samples(dist, tmp_path, weights):
+    """Two prefixes of different content: the share of samples from each, in the training
+    micro-batches the loader yields and in the validation split, is its weight's share."""
+    a = _letters(tmp_path, "a", "a", LENGTHS)
+    b = _letters(tmp_path, "b", "b", LENGTHS)
+    tok = load_tokenizer_for([a, b])
+    train, valid = build_datasets(_spec([a, b], tmp_path, weights=weights), tok, train_samples=400, valid_samples=100)
+    share_a = weights[0] / sum(weights)
+    loader = make_loader(train, 0, 8, 0, 1)
+    seen = [tokens for _ in range(50) for tokens in next(loader)["tokens"]]
+    assert all(_from(t, ord("a")) != _from(t, ord("b")) for t in seen)  # each sample from one prefix
+    assert sum(_from(t, ord("a")) for t in seen) / len(seen) == pytest.approx(share_a, abs=0.01)
+    assert sum(_from(valid[i]["tokens"], ord("a")) for i in range(100)) / 100 == pytest.approx(share_a, abs=0.02)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,9 @@ curriculum frequencies, and the importance -> stage 1 -> stage 2 chain with exac
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import math
 import os
 import signal
 
@@ -17,7 +20,7 @@ from elastic_helpers import logits, randomised_model, train_overrides as _common
 
 from elastic_megatron.config.elastic import BudgetConfig, ElasticConfig
 from elastic_megatron.config.errors import ConfigError
-from elastic_megatron.elastic.budgets import resolve_budgets
+from elastic_megatron.elastic.budgets import budgets_meta, resolve_budgets
 from elastic_megatron.distill.losses import kd_loss, kl_from_logits
 from elastic_megatron.elastic.importance import ImportanceCollector, sorting_index
 from elastic_megatron.elastic.masks import ElasticHooks, hard_masks, mixture_masks
@@ -25,7 +28,9 @@ from elastic_megatron.elastic.reindex import reindex_state_dict
 from elastic_megatron.elastic.router import BudgetRouter, gumbel_softmax
 from elastic_megatron.elastic.step import BudgetSampler, ElasticDistillStep
 from elastic_megatron.models.forward import stage_hidden
-from elastic_megatron.elastic.widths import full_widths, model_cost
+from elastic_megatron.elastic.widths import full_widths, model_cost, sub_model_config
+from elastic_megatron.models.counter import model_size
+from elastic_megatron.models.hybrid import build_model
 from elastic_megatron.checkpoint import metadata, store
 from elastic_megatron.train import compose_job, dispatch, run
 from elastic_megatron.training.loop import train
@@ -138,7 +143,7 @@ def test_router_gradients_flow_through_gumbel_softmax(dist):
     assert sum(g.abs().sum() for g in grads) > 0  # KD-side gradient reaches the router
 
 
-def test_short_run_at_a_fixed_budget_reaches_the_target():
+def test_short_run_at_a_fixed_budget_reaches_the_target(dist):
     cfg = preset("tiny")
     budgets = _router_budgets(cfg)
     router = BudgetRouter(budgets, cfg, hidden_size=16)
@@ -154,13 +159,59 @@ def test_short_run_at_a_fixed_budget_reaches_the_target():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    final = router.expected_cost(budgets[1], router.logits(*router.budget_input(1))).item()
-    assert abs(start / budgets[1].target - 1) > 0.05  # it had to move
-    assert abs(final / budgets[1].target - 1) < 0.01
-    # The expected cost is the closed-form counter of the expected widths, so at a pure
-    # (one-hot) distribution it is exactly the chosen architecture's parameter count.
+    logits = {a: v.detach() for a, v in router.logits(*router.budget_input(1)).items()}
+    final = router.expected_cost(budgets[1], logits).item()
+    target = budgets[1].target
+    assert abs(start / target - 1) > 0.05  # it had to move
+    assert abs(final / target - 1) < 0.01
+    # The expected cost is the mean parameter count of the architectures the router
+    # samples: every candidate combination's instantiated size (the counter's, held
+    # equal to numel in test_counter.py), weighted by its probability.
+    axes = router.routed_axes(budgets[1])
+    probs = {a: torch.softmax(logits[a].double(), -1) for a in axes}
+    mean = 0.0
+    for pick in itertools.product(*(range(len(router.choices[a])) for a in axes)):
+        arch = budgets[1].fixed.replace(**{a: router.choices[a][i] for a, i in zip(axes, pick)})
+        weight = math.prod(probs[a][i].item() for a, i in zip(axes, pick))
+        mean += weight * model_size(sub_model_config(cfg, arch)).total_params
+    assert final == pytest.approx(mean, rel=1e-6)
+    # What a checkpoint records is the argmax architecture: its recorded size is the sliced
+    # model's numel. The router loss steers the expected cost, not the argmax, so the
+    # recorded size is only near the target (5% above it here).
     resolved = router.resolve_budget(1)
-    assert model_cost(cfg, resolved) == int(model_cost(cfg, resolved.as_dict()))
+    assert resolved == budgets[1].fixed.replace(**{a: router.choices[a][int(logits[a].argmax())] for a in axes})
+    recorded = budgets_meta(ElasticConfig(enabled=True), cfg, budgets, {"full": full_widths(cfg), "mid": resolved})
+    sliced = sum(p.numel() for p in build_model(sub_model_config(cfg, resolved)).parameters())
+    assert recorded["budgets"][1]["total_params"] == sliced == model_cost(cfg, resolved)
+    assert abs(sliced / target - 1) < 0.10, (sliced, target)
+
+
+def test_at_a_one_hot_choice_the_expected_cost_is_the_chosen_models_numel(dist):
+    """With every axis's distribution one-hot (a router output that saturates softmax),
+    the router's expected cost, total and active, is the parameter count of the model
+    sliced to that choice and built, and `resolve` returns that choice."""
+    cfg = preset("tiny")
+    budgets = _router_budgets(cfg)
+    router = BudgetRouter(budgets, cfg, hidden_size=16)
+    choice = {"hidden": 40, "moe_ffn": 32, "mamba_heads": 6}
+    with torch.no_grad():
+        bias, start = torch.zeros_like(router.net[2].bias), 0
+        for a in router.axes:
+            bias[start + router.choices[a].index(choice[a])] = 200.0  # softmax: exactly 1 and 0 in fp32
+            start += len(router.choices[a])
+        router.net[2].bias.copy_(bias)
+    logits = router.logits(*router.budget_input(1))
+    assert all(torch.equal(torch.softmax(logits[a], -1), F.one_hot(logits[a].argmax(), len(router.choices[a])).float())
+               for a in router.axes)
+    arch = budgets[1].fixed.replace(**choice)
+    assert router.resolve_budget(1) == arch
+    sliced = build_model(sub_model_config(cfg, arch))
+    numel = sum(p.numel() for p in sliced.parameters())
+    assert router.expected_cost(budgets[1], logits).item() == numel
+    mid = dataclasses.replace(budgets[1], target_kind="active_params")
+    per_expert = 2 * choice["hidden"] * choice["moe_ffn"]
+    inactive = cfg.count("E") * (cfg.moe_num_experts - cfg.moe_router_topk) * per_expert
+    assert router.expected_cost(mid, logits).item() == numel - inactive
 
 
 def test_self_distillation_gives_zero_loss_and_zero_gradients(dist):

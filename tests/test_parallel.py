@@ -102,9 +102,11 @@ def estimated_activation_share(layout: list[str], nproc: int) -> float:
 
     job = compose_job("stage1_tiny", layout)
     p, cfg = job.parallel, job.model
-    rank = max(stage_activation_elements(cfg, st, p.tp, p.sequence_parallel, p.cp)[0] for st in pipeline_stages(cfg, p.pp, p.pp_layout))
+    fp32 = dict(activation_bytes=4)  # the worker trains in fp32
+    rank = max(stage_activation_elements(cfg, st, p.tp, p.sequence_parallel, p.cp, **fp32)[0]
+               for st in pipeline_stages(cfg, p.pp, p.pp_layout))
     tokens = 1 / (layout_data_parallel(p, nproc) * p.cp)  # of the global batch's tokens
-    return rank * tokens / stage_activation_elements(cfg, cfg.hybrid_pattern)[0]
+    return rank * tokens / stage_activation_elements(cfg, cfg.hybrid_pattern, **fp32)[0]
 
 
 def assert_activations_follow_the_estimate(ref: dict, got: dict, layout: list[str], nproc: int) -> None:
@@ -203,9 +205,15 @@ def test_invalid_layout_fails_before_any_process_work(tmp_path, stdlib_prefix, t
 
 
 def test_tp2_checkpoint_resumes_at_tp1_and_slices_like_a_tp1_model(tmp_path, stdlib_prefix, teacher, dist):
-    """stage 1 trained 2 steps at TP=2 (+SP, expert TP 2) by the real trainer under torchrun;
-    then, in one process (TP=1): slicing it gives the model that hard masks give on its
-    weights loaded at TP=1, and training resumes from it (model and optimizer resharded)."""
+    """stage 1 trained 4 steps at TP=2 (+SP, expert TP 2) by the real trainer under
+    torchrun, saving at steps 2 and 4; then, in one process (TP=1): slicing it gives the
+    model that hard masks give on its weights loaded at TP=1, and its step-2 checkpoint
+    resumed at TP=1 (model, optimizer and scheduler resharded) continues the TP=2 run:
+    the losses of steps 3 and 4 and the weights after step 4 are the TP=2 run's within
+    fp32 reduction-order noise. Step 4's loss follows step 3's Adam update, which reads
+    the resharded moments: a resume that reset the optimizer moves the weights by ~lr."""
+    import shutil
+
     from elastic_helpers import logits, masked_logits
     from elastic_megatron.elastic.budgets import recorded_budgets
     from elastic_megatron.models.hybrid import build_model
@@ -213,13 +221,15 @@ def test_tp2_checkpoint_resumes_at_tp1_and_slices_like_a_tp1_model(tmp_path, std
     from elastic_megatron.train import dispatch
 
     run_dir = tmp_path / "tp2"
-    common = [f"run.dir={run_dir}", f"data.prefixes=[{stdlib_prefix}]", f"elastic.teacher_checkpoint={teacher}",
+    common = [f"data.prefixes=[{stdlib_prefix}]", f"elastic.teacher_checkpoint={teacher}",
               "elastic=tiny_router", "data.seq_length=64", "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
-              "trainer.eval_iters=1", "trainer.eval_interval=2", "trainer.save_interval=2", "trainer.log_interval=1"]
-    proc = torchrun(2, "-m", "elastic_megatron.train", "--config-name=stage1_tiny", *common, "trainer.max_steps=2",
+              "trainer.eval_iters=1", "trainer.eval_interval=2", "trainer.save_interval=2", "trainer.log_interval=1",
+              "trainer.max_steps=4"]
+    proc = torchrun(2, "-m", "elastic_megatron.train", "--config-name=stage1_tiny", f"run.dir={run_dir}", *common,
                     "parallel.tp=2", "parallel.sequence_parallel=true")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert metadata.read_common_state(run_dir)["step"] == 2
+    assert metadata.read_common_state(run_dir)["step"] == 4
+    straight = logged_losses(run_dir)
 
     sliced_dir = slice_checkpoint(run_dir, tmp_path / "small", "small", precision="fp32")
     cfg, meta = metadata.checkpoint_model_config(run_dir)
@@ -232,8 +242,23 @@ def test_tp2_checkpoint_resumes_at_tp1_and_slices_like_a_tp1_model(tmp_path, std
     ids, pos = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(5)), torch.arange(40).expand(2, 40)
     assert (logits(sliced.eval(), ids, pos) - masked_logits(elastic.eval(), cfg, widths, ids, pos)).abs().max().item() <= 1e-5
 
-    resumed = dispatch(compose_job("stage1_tiny", [*common, "trainer.max_steps=3"]))
-    assert resumed.start_step == 2 and resumed.completed and torch.isfinite(torch.tensor(resumed.losses[3]))
+    resume_dir = tmp_path / "tp1"  # the TP=2 run as it stood at step 2
+    shutil.copytree(run_dir, resume_dir)
+    shutil.rmtree(store.iteration_dir(resume_dir, 4))
+    (resume_dir / "COMPLETED").unlink()
+    resumed = dispatch(compose_job("stage1_tiny", [f"run.dir={resume_dir}", *common]))
+    assert resumed.start_step == 2 and resumed.completed
+    for step in (3, 4):
+        assert resumed.losses[step] == pytest.approx(straight[step], rel=1e-5), (step, resumed.losses, straight)
+    at_tp2, at_tp1 = DistCheckpointSource(run_dir), DistCheckpointSource(resume_dir)
+    assert sorted(at_tp1.names()) == sorted(at_tp2.names())
+    moved = 0.0  # the largest change of a weight over steps 3 and 4 (what the optimizer did)
+    step2 = DistCheckpointSource(store.iteration_dir(resume_dir, 2))
+    for n in at_tp2.names():
+        a, b = at_tp2.get(n), at_tp1.get(n)
+        assert (a - b).abs().max() <= 1e-6 + 1e-5 * a.abs().max(), n
+        moved = max(moved, (a - step2.get(n)).abs().max().item())
+    assert moved > 1e-4  # far above the tolerance: steps 3 and 4 did move the weights
 
 
 def logged_losses(run_dir: Path) -> dict[int, float]:

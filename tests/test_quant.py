@@ -5,6 +5,7 @@ dequantized slice equal to the fake-quantized elastic model, and refusals."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -34,6 +35,10 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.element_size() == 1 else t
 
 
+def calibration_batches(cfg) -> list[dict]:
+    return [dict(zip(("tokens", "position_ids"), token_batch(cfg.vocab_size, 2, 32, seed=s))) for s in range(2)]
+
+
 @pytest.fixture(scope="module")
 def quant_ckpt(dist, tmp_path_factory):
     """A tiny elastic checkpoint whose budgets shrink hidden and MoE FFN in multiples of 16
@@ -49,8 +54,7 @@ def quant_ckpt(dist, tmp_path_factory):
     records = {}
     for fmt in FORMATS:
         hooks = QuantHooks(model, fmt, "aggressive")
-        batches = [dict(zip(("tokens", "position_ids"), token_batch(cfg.vocab_size, 2, 32, seed=s))) for s in range(2)]
-        calibrate_budgets(model, cfg, hooks, list(budgets.items()), batches)
+        calibrate_budgets(model, cfg, hooks, list(budgets.items()), calibration_batches(cfg))
         records[fmt] = hooks.record()
         hooks.remove()
     return run_dir, cfg, model, budgets, records
@@ -68,17 +72,61 @@ def test_recipe_keeps_what_modelopt_keeps_in_bf16():
         assert conservative == {m for m in on if ".mixer." not in m}
 
 
+def observed_input_amax(model, cfg, budgets: dict, batches: list[dict], names) -> dict[str, float]:
+    """max |input| each linear in `names` sees over `batches` run at every budget of
+    `budgets` (hard masks), read by forward pre-hooks behind the masks' own hooks: what
+    the one input scale of each linear must cover."""
+    from elastic_megatron.elastic.masks import ElasticHooks, hard_masks
+
+    elastic = ElasticHooks(model, cfg)
+    seen: dict[str, float] = {}
+
+    def observe(name):
+        def hook(module, args):
+            if args[0].numel():  # an expert no token was routed to sees nothing
+                seen[name] = max(seen.get(name, 0.0), float(args[0].detach().abs().max()))
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(observe(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for w in budgets.values():
+                elastic.set(hard_masks(cfg, w))
+                for b in batches:
+                    model(b["tokens"], b["position_ids"], None)
+    finally:
+        for h in handles:
+            h.remove()
+        elastic.remove()
+    # The routed experts of a MoE layer share one input scale: the max over them.
+    group = lambda n: re.sub(r"local_experts\.\d+\.", "local_experts.*.", n)  # noqa: E731
+    shared: dict[str, float] = {}
+    for n, v in seen.items():
+        shared[group(n)] = max(shared.get(group(n), 0.0), v)
+    return {n: shared[group(n)] for n in names}
+
+
 def test_scales_are_one_set_for_all_budgets(quant_ckpt):
+    """Weight amax is the parent's whole weight; input amax is the max over the
+    calibration batches run at EVERY budget (a calibration of the full budget alone
+    would miss the larger activations of the smaller budgets, whose norms normalise
+    over fewer channels); the experts of a MoE layer share one."""
     _, cfg, model, budgets, records = quant_ckpt
+    batches = calibration_batches(cfg)
     for fmt, record in records.items():
         amax = record["amax"]
+        inputs = [n for n, a in amax.items() if "input" in a]
+        assert len(inputs) > 20
         for name, a in amax.items():
-            # Weight scales are the parent's whole weight; input scales were seen at some budget.
             weight = dict(model.named_parameters())[f"{name}.weight"]
             assert a["weight"] == float(weight.detach().abs().max())
-            assert a["input"] > 0
+        every = observed_input_amax(model, cfg, budgets, batches, inputs)
+        full_only = observed_input_amax(model, cfg, {"full": budgets["full"]}, batches, inputs)
+        assert {n: amax[n]["input"] for n in inputs} == every
+        # The smaller budgets raise the scale of some linears above what the full model sees.
+        assert sum(every[n] > full_only[n] for n in inputs) >= 5
         experts = [a["input"] for n, a in amax.items() if ".local_experts." in n and n.startswith("decoder.layers.2.") and n.endswith("fc1")]
-        assert len(set(experts)) == 1  # one activation scale per MoE layer
+        assert len(experts) == cfg.moe_num_experts and len(set(experts)) == 1  # one activation scale per MoE layer
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -18,9 +18,11 @@ optimizer):
 
 Dense weights are split over TP (and stages); routed experts over EP x expert-TP (and
 stages). Activation elements per token and layer (`layer_activation_elements`) count
-what this project's layers keep for backward, divided by TP under sequence parallelism;
-tests/test_memory.py measures them on CPU (autograd's saved tensors) against this
-count. They are an estimate, not a measurement of a GPU: allocator fragmentation and
+what this project's layers keep for backward in the activation dtype (fp32 norm
+statistics and working copies counted at fp32 size), divided by TP under sequence
+parallelism; tests/test_memory.py measures them on CPU (autograd's saved tensors, fp32
+and bf16, the Mamba scan as mamba_ssm's Triton kernel keeps it) against this count.
+They are an estimate, not a measurement of a GPU: allocator fragmentation and
 communication buffers come on top (a margin is reported).
 """
 
@@ -56,62 +58,78 @@ class MemoryEstimate:
 
 def _layer_params(cfg: ModelConfig) -> tuple[dict[str, tuple[float, float]], float, float]:
     """(dense, expert) parameters of one layer of each type, and the embedding's and the
-    output layer's parameters."""
+    output layer's parameters (the final norm's included: the last stage holds both)."""
     per_type = {}
+    final_norm = cfg.hidden_size
     for t in (MAMBA, ATTENTION, MLP, MOE):
         n = cfg.count(t)
         if n:
             comp = model_size(dataclasses.replace(cfg, hybrid_pattern=t * n)).params_by_component
-            per_type[t] = (sum(v for k, v in comp.items() if k not in ("expert", "embedding", "output")) / n,
-                           comp.get("expert", 0) / n)
+            dense = sum(v for k, v in comp.items() if k not in ("expert", "embedding", "output")) - final_norm
+            per_type[t] = (dense / n, comp.get("expert", 0) / n)
     full = model_size(cfg).params_by_component
-    return per_type, full.get("embedding", 0), full.get("output", 0)
-
-
-# Elements kept per token on the residual stream by one layer: the pre-norm's input, its
-# normalised input and output (3 h, measured on this project's RMSNorm and bias-dropout-
-# add: tests/test_memory.py).
-RESIDUAL = 3.0
+    return per_type, full.get("embedding", 0), full.get("output", 0) + final_norm
 
 
 def layer_activation_elements(cfg: ModelConfig, layer_type: str, tp: int = 1, sp: bool = False, cp: int = 1,
-                              recompute: str = "none", modules=()) -> float:
+                              recompute: str = "none", modules=(), activation_bytes: int = 2) -> float:
     """Activation elements one layer keeps for backward per token of this rank's
-    sequence part (multiply by the activation dtype's bytes).
+    sequence part, in units of the activation dtype (`activation_bytes`: 2 for bf16
+    training, 4 for fp32): multiply by `activation_bytes` for bytes. Tensors this
+    project's layers keep in fp32 whatever the activation dtype (norm statistics and
+    the norms' fp32 working copies, router scores, the scan's cumulative decay, the
+    attention log-sum-exp) count 4 / activation_bytes units each, integer indices 8 /
+    activation_bytes.
 
     `recompute='full'`: the layer's input only. `selective`: the parts in `modules` keep
     only their inputs (already counted with the layer). Without recompute the Mamba scan
-    is counted as the Triton kernel keeps it (its inputs, y and the gated norm) and core
-    attention as flash attention does (q, k, v, output; no s x s scores); under context
-    parallelism attention also keeps the gathered keys and values of the whole sequence.
+    is counted as mamba_ssm's Triton kernel keeps it (`MambaChunkScanCombinedFn` saves
+    its output, x, dt, B, C and the fp32 cumulative decay dA_cumsum) and core attention
+    as flash attention does (q, k, v, output and the per-head log-sum-exp; no s x s
+    scores); under context parallelism attention also keeps the gathered keys and values
+    of the whole sequence. Each item is measured on CPU, in fp32 and in bf16, by
+    tests/test_memory.py (autograd's saved tensors).
     """
     h = cfg.hidden_size
     shard = tp if sp else 1  # tensors on the residual stream are split only under SP
     if recompute == "full":
         return h / shard
+    f32 = 4 / activation_bytes  # units of one fp32 element
+    upcast = 1 if activation_bytes != 4 else 0  # x.float() copies a bf16 tensor, returns an fp32 one itself
     selective = set(modules) if recompute == "selective" else set()
-    out = RESIDUAL * h / shard
+    # The pre-norm (RMSNorm in fp32): its fp32 input, 1/rms and normalised input, and its
+    # output in the activation dtype (the next linear's input).
+    out = (f32 * (2 * h + 1) + h) / shard
     if layer_type == MAMBA:
         d = cfg.mamba_num_heads * cfg.mamba_head_dim
         gs = cfg.mamba_num_groups * cfg.mamba_state_dim
-        in_proj = 2 * d + 2 * gs + cfg.mamba_num_heads
-        out += (in_proj + d) / tp  # in_proj output (the scan's input), out_proj input
+        nh = cfg.mamba_num_heads
+        in_proj = 2 * d + 2 * gs + nh
+        out += (in_proj + d) / tp  # in_proj output (z, x, B, C, dt: the mixer's input), out_proj input
         if "mamba_scan" not in selective:
-            out += (d + 2 * gs + 2 * d) / tp  # conv output, scan output, gated-norm input/statistics
+            out += (d + 2 * gs) / tp  # the causal conv's output (SiLU's input)
+            out += (d + 2 * gs + nh + f32 * nh + d) / tp  # the scan: contiguous x, B, C, dt; dA_cumsum; its output y
+            # The gated norm in fp32: y and z upcast, silu(z), y * silu(z), 1/rms per group, the normalised values.
+            out += f32 * (upcast * 2 * d + 3 * d + cfg.mamba_num_groups) / tp
     elif layer_type == ATTENTION:
         q = cfg.num_attention_heads * cfg.head_dim
         kv = 2 * cfg.num_query_groups * cfg.head_dim
         out += (q + kv + 2 * q) / tp  # q, k, v (linear_qkv output), core attention output, linear_proj input
         if "core_attn" not in selective:
+            out += f32 * cfg.num_attention_heads / tp  # the softmax's log-sum-exp per head (flash attention, SDPA)
             out += (cp - 1) * kv / tp  # keys and values gathered from the other CP ranks
     elif layer_type == MLP:
         if "mlp" not in selective:
-            out += 2 * cfg.ffn_hidden_size / tp  # fc1 output, activation output
-    else:  # MoE: router logits and probabilities (fp32), the routed tokens' copies, the shared expert
-        out += 4 * cfg.moe_num_experts / shard
-        out += cfg.moe_router_topk * h / shard  # the permuted tokens (the experts' input)
+            out += 2 * cfg.ffn_hidden_size / tp  # activation input and output (fc1 output, fc2 input)
+    else:
+        e, k = cfg.moe_num_experts, cfg.moe_router_topk
+        # The router: scores and routing probabilities (fp32, per expert), the top-k
+        # probabilities, their sum and the probability each routed copy is scaled by
+        # (fp32), the top-k and permutation indices (int64), the routing map (bool).
+        out += (4 * (2 * e + 2 * k + 1) + 8 * 2 * k + e) / activation_bytes / shard
+        out += k * h / shard  # the permuted tokens (the experts' input)
         if "moe" not in selective:  # fc1 output, activation output, times the routing probability
-            out += cfg.moe_router_topk * 3 * cfg.moe_ffn_hidden_size / shard
+            out += k * 3 * cfg.moe_ffn_hidden_size / shard
         if cfg.moe_shared_expert_ffn_hidden_size and "mlp" not in selective:
             out += 2 * cfg.moe_shared_expert_ffn_hidden_size / tp
     return out
@@ -119,14 +137,15 @@ def layer_activation_elements(cfg: ModelConfig, layer_type: str, tp: int = 1, sp
 
 def stage_activation_elements(cfg: ModelConfig, stage: str, tp: int = 1, sp: bool = False, cp: int = 1,
                               recompute: str = "none", method: str = "uniform", num_layers: int = 1,
-                              modules=()) -> tuple[float, float]:
+                              modules=(), activation_bytes: int = 2) -> tuple[float, float]:
     """(elements per token kept until backward by a pipeline stage's layers, elements
-    per token alive on top while one recomputed group is rebuilt in backward)."""
+    per token alive on top while one recomputed group is rebuilt in backward), in units
+    of the activation dtype (`layer_activation_elements`)."""
     def full(t):
-        return layer_activation_elements(cfg, t, tp, sp, cp)
+        return layer_activation_elements(cfg, t, tp, sp, cp, activation_bytes=activation_bytes)
 
     if recompute != "full":
-        return sum(layer_activation_elements(cfg, t, tp, sp, cp, recompute, modules) for t in stage), 0.0
+        return sum(layer_activation_elements(cfg, t, tp, sp, cp, recompute, modules, activation_bytes) for t in stage), 0.0
     h = layer_activation_elements(cfg, stage[0], tp, sp, cp, "full")  # a recomputed layer keeps its input
     if method == "block":
         first, rest = stage[:num_layers], stage[num_layers:]
@@ -158,7 +177,8 @@ def estimate_memory(cfg: ModelConfig, parallel, world_size: int, seq_length: int
         dense_gpu, expert_gpu = dense / tp, expert / (ep * etp)
         tokens = seq_length // cp * micro_batch_size  # this CP rank's part of each sequence
         kept, rebuilt = stage_activation_elements(cfg, stage, tp, parallel.sequence_parallel, cp, recompute,
-                                                  recompute_method, recompute_num_layers, recompute_modules)
+                                                  recompute_method, recompute_num_layers, recompute_modules,
+                                                  activation_bytes)
         # One student pass per budget in the micro-batch keeps its activations; the
         # teacher runs without grad (only its current layer's output is alive). A
         # recomputed group is rebuilt one at a time.
