@@ -33,7 +33,9 @@ from elastic_megatron.parallel.memory import estimate_memory
 from elastic_megatron.parallel.simulate import Shard, check_tiling
 from elastic_megatron.train import compose_job
 
-COMMON = ["elastic.teacher_checkpoint=unused", "trainer.micro_batch_size=1", "trainer.global_batch_size=4"]
+# The small budget narrows every axis (heads too), so every mask hook's shard is checked.
+COMMON = ["elastic.teacher_checkpoint=unused", "trainer.micro_batch_size=1", "trainer.global_batch_size=4",
+          "++elastic.budgets.2.widths={hidden:32,moe_ffn:32,attn_heads:2,mamba_heads:4,mamba_head_dim:8,ffn:64,shared_ffn:32}"]
 LAYOUTS = {
     "tp2_ep2": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2", "parallel.etp=1"],
     "tp2_pp2": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2"],  # expert TP = tp = 2
@@ -91,6 +93,8 @@ def tiny(sorted_parent, tmp_path_factory):
     jobs = {name: {"recipe": "stage1_tiny", "overrides": o, "nodes": 1, "gpus_per_node": 4, "ranks": "all"}
             for name, o in layouts.items()}
     jobs["tp2_ep2_classes"] = {**jobs["tp2_ep2"], "ranks": "classes"}
+    jobs["ep4_bf16"] = {**jobs["ep4"], "overrides": jobs["ep4"]["overrides"] + ["trainer.precision=bf16"]}
+    jobs["tp2_ep2_router"] = {**jobs["tp2_ep2"], "overrides": COMMON[:3] + LAYOUTS["tp2_ep2"] + ["elastic=tiny_router"]}
     root, prefix = sorted_parent
     data = [f"data.prefixes=[{prefix}]", "data.seq_length=64", "trainer.micro_batch_size=2",
             "trainer.global_batch_size=4", "trainer.max_steps=10"]
@@ -142,6 +146,30 @@ def test_one_rank_per_class_covers_the_layout(tiny_layouts):
     assert not [f for f in report["failures"] if "memory estimate" not in f]
     for r in report["ranks"]:
         assert shard_set(report["shards"][str(r["coords"]["rank"])]) == shard_set(real[r["coords"]["rank"]]["shards"])
+
+
+def test_memory_per_rank_follows_the_gpu_trainer(tiny_layouts, tiny):
+    """bf16 on EP 4 (DP 4 for dense weights, every expert once): weights and teacher 2 B,
+    gradients 4 B, the distributed optimizer's 12 B sharded over each weight's
+    data-parallel ranks; at TP 1 the estimate counts the same parameters, so every term
+    agrees with it and nothing fails."""
+    report = tiny[0]["ep4_bf16"]
+    _, real = tiny_layouts["ep4"]
+    assert report["failures"] == []
+    for r in report["ranks"]:
+        rec, m = real[r["coords"]["rank"]], r["memory"]
+        dense, expert = rec["params"] - rec["expert_params"], rec["expert_params"]
+        assert (m["weights"], m["teacher"], m["gradients"]) == (2 * rec["params"], 2 * rec["params"], 4 * rec["params"])
+        assert m["optimizer"] == pytest.approx(12 * (dense / 4 + expert / 1))
+
+
+def test_routed_budgets_masks_fit_every_shard(tiny):
+    """Router-chosen budgets (every axis routed): the router's mixture masks, split for
+    each rank, fit every masked module; their counts are known only after training."""
+    report = tiny[0]["tp2_ep2_router"]
+    assert [f for f in report["failures"] if "memory estimate" not in f] == []
+    assert sum("router-chosen widths" in n for n in report["notes"]) == 2
+    assert [b["name"] for b in report["budgets"]] == ["full"]
 
 
 def _tiling_input(report: dict) -> dict[int, list[Shard]]:
