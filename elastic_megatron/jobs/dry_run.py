@@ -21,7 +21,8 @@ device (no weight is allocated), and checks it:
   training/optim.py builds on GPU, counted rather than built because Megatron's
   optimizer needs CUDA), activations and KD logits (the memory estimate's, which it
   reports for the heaviest pipeline stage), against the GPU's memory and against the
-  analytic estimate (`describe_model memory=true`, parallel/memory.py): the parameters
+  analytic estimate for the job's own settings (parallel/memory.py, as `describe_model
+  memory=true` prints it, there with its default KD chunk): the parameters
   exactly, the other terms by its formula (bf16 jobs, which it assumes).
 - **Checkpoint.** The sharded state a save would write, model and optimizer (the CPU
   trainer's Adam, whose moments are sharded like the parameters, built on meta as the
@@ -66,6 +67,7 @@ from typing import Optional, Union
 
 import torch
 
+from elastic_megatron.cli import debug_requested
 from elastic_megatron.config.errors import ConfigError, require_positive_int
 from elastic_megatron.config.model import ModelConfig
 from elastic_megatron.config.parallel import expert_tensor_parallel, layout_data_parallel, pipeline_stages
@@ -644,6 +646,8 @@ class _DryRun:
             try:
                 model = build_model(cfg, self.dtype, parallel=p, meta=True)
             except Exception as err:  # a layout Megatron cannot build: this rank's line, the others go on
+                if debug_requested():
+                    raise
                 self.fail(f"{where}: building its model failed: {type(err).__name__}: {err}")
                 return
             built = self.check_stage(model, coords, where)
@@ -826,7 +830,7 @@ def render(report: DryRunReport) -> str:
         c = r.coords
         lines.append(f"{c.rank:>5} {c.pp:>3} {c.tp:>3} {c.cp:>3} {c.ep:>3} {c.etp:>3} {len(r.stands_for):>6} "
                      f"{r.params:>15,} {_gib(r.memory)}   of {report.gpu_gib:.0f}")
-    lines.append(f"{'estimate (describe_model, heaviest stage)':<48} {_gib(report.estimate)}")
+    lines.append(f"{'estimate (memory.py, heaviest stage)':<48} {_gib(report.estimate)}")
     cpu = max((r.cpu_params for r in report.ranks), default=0)
     lines += [f"meta build: no weight allocated; at most {cpu:,} small parameters per rank left on the CPU "
               "(norms, Mamba's per-head tensors and conv1d)",
