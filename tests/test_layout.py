@@ -16,19 +16,21 @@ PACKAGE = REPO / "elastic_megatron"
 
 # package -> packages of elastic_megatron it must never import (directly or lazily)
 FORBIDDEN = {
-    "config": {"models", "elastic", "training", "jobs", "checkpoint", "convert", "slicing", "parallel", "data", "distill", "inference", "quant"},
-    "checkpoint": {"elastic", "training", "jobs", "convert", "slicing", "models", "distill", "inference", "quant"},
-    "models": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing", "distill", "inference", "quant"},
-    "parallel": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing", "inference", "quant"},
-    "data": {"models", "elastic", "training", "jobs", "checkpoint", "convert", "slicing", "inference", "quant"},
-    "training": {"elastic", "jobs", "convert", "slicing", "inference", "quant"},
-    "convert": {"elastic", "training", "jobs", "slicing", "inference", "quant"},
-    "slicing": {"training", "jobs", "inference"},
-    "elastic": {"jobs", "slicing", "inference", "quant"},
-    "distill": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing", "inference", "quant"},
-    "inference": {"training", "jobs", "convert", "slicing", "distill"},
+    "config": {"models", "elastic", "training", "jobs", "checkpoint", "convert", "slicing", "parallel", "data", "distill", "inference", "quant", "serving"},
+    "checkpoint": {"elastic", "training", "jobs", "convert", "slicing", "models", "distill", "inference", "quant", "serving"},
+    "models": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing", "distill", "inference", "quant", "serving"},
+    "parallel": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing", "inference", "quant", "serving"},
+    "data": {"models", "elastic", "training", "jobs", "checkpoint", "convert", "slicing", "inference", "quant", "serving"},
+    "training": {"elastic", "jobs", "convert", "slicing", "inference", "quant", "serving"},
+    "convert": {"elastic", "training", "jobs", "slicing", "inference", "quant", "serving"},
+    "slicing": {"training", "jobs", "inference", "serving"},
+    "elastic": {"jobs", "slicing", "inference", "quant", "serving"},
+    "distill": {"elastic", "training", "jobs", "checkpoint", "convert", "slicing", "inference", "quant", "serving"},
+    "inference": {"training", "jobs", "convert", "slicing", "distill", "serving"},
     # Quantization is a later stage: it builds on the elastic machinery, never the reverse.
-    "quant": {"jobs", "slicing", "inference"},
+    "quant": {"jobs", "slicing", "inference", "serving"},
+    # The server sits on top: it may import inference/, convert/, config/, checkpoint/, data/.
+    "serving": {"models", "elastic", "training", "jobs", "slicing", "parallel", "distill", "quant"},
 }
 # The one import of training/ from elastic/: the elastic step implements the training
 # loop's StepFunction contract.

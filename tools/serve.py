@@ -1,0 +1,92 @@
+"""Serve every budget of one checkpoint behind an OpenAI-compatible API (continuous batching,
+elastic budget control).
+
+    python tools/serve.py --checkpoint runs/demo-stage2                      # http://127.0.0.1:8000/v1
+    python tools/serve.py --checkpoint runs/demo-stage2 --host 0.0.0.0 --port 8000 --api-key "$KEY" \
+        --max-batch 16 --max-queue 128 --max-model-len 4096
+
+Model ids: `<name>` (the largest budget) and `<name>:<budget>` for each budget (GET /v1/models);
+`--model-name` sets <name> (default: the checkpoint directory's name). Loads whatever
+tools/generate.py loads (a parent, an elastic checkpoint, a slice, an HF directory in BF16,
+FP8 or NVFP4). Prints `serving <name> on http://HOST:PORT/v1` when it accepts requests;
+SIGTERM stops accepting, lets the requests in flight finish (--grace-period), exits 0.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    from elastic_megatron.cli import run_tool, tool_parser
+
+    parser = tool_parser(__doc__)
+    parser.add_argument("--checkpoint", required=True, help="run dir, iter_* checkpoint dir or HF directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (0: any free port; the one taken is printed)")
+    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer <key>` on every route but /health")
+    parser.add_argument("--model-name", default=None, help="the model id (default: the checkpoint directory's name)")
+    parser.add_argument("--max-batch", type=int, default=8, help="decode slots per budget (sequences decoded together)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="sequences that may wait for a slot; beyond it a request gets 429 with Retry-After")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="prompt + new tokens per sequence (default: the model's max_sequence_length); sets the "
+                             "cache memory, printed at start")
+    parser.add_argument("--grace-period", type=float, default=30.0, help="SIGTERM: seconds requests in flight get to finish")
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer.json to use instead of the checkpoint's")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and activations (default fp32, "
+                        "as tools/generate.py; bf16 on GPUs)")
+    parser.add_argument("--precision", default=None,
+                        help="not supported yet: fake-quantized budgets of an elastic or QAD checkpoint; serve a quantized "
+                             "HF export instead (tools/zero_shot_slicing.py --precision fp8|nvfp4 --format hf)")
+    parser.add_argument("--contiguous-budgets", action="store_true",
+                        help="copy a budget's strided weight views into contiguous tensors (faster reads, more memory)")
+    parser.add_argument("--cuda-graph", action="store_true", help="run each decode step as a captured CUDA graph (CUDA only)")
+    parser.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    def job():
+        from elastic_megatron.config.errors import ConfigError
+        from elastic_megatron.serving.options import ServeOptions, bind, exposure_warning
+
+        if args.precision is not None:
+            raise ConfigError("--precision", args.precision, "serving fake-quantized budgets is not supported yet; serve the "
+                              "checkpoint as it is stored, or a quantized HF export (tools/zero_shot_slicing.py --precision "
+                              "fp8|nvfp4 --format hf)")
+        options = ServeOptions(args.max_batch, args.max_queue, args.max_model_len, args.api_key, args.grace_period)
+        options.check()  # before anything heavy is imported
+
+        import torch
+
+        from elastic_megatron.inference.generator import ElasticGenerator
+        from elastic_megatron.parallel.setup import distributed
+        from elastic_megatron.serving.app import Server
+
+        if args.cuda_graph and not torch.cuda.is_available():
+            raise ConfigError("--cuda-graph", True, "needs a CUDA device; this machine has none")
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        name = args.model_name or Path(args.checkpoint).resolve().name
+        with distributed(1, 1, 1, seed=args.seed):
+            gen = ElasticGenerator.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, dtype=dtype)
+            options.check(gen.cfg.max_sequence_length)  # the length limit: before the weights are read
+            sock = bind(args.host, args.port)
+            gen.contiguous, gen.cuda_graph = args.contiguous_budgets, args.cuda_graph
+            server = Server(gen, name, options)
+            warning = exposure_warning(args.host, args.api_key)
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
+            port = sock.getsockname()[1]
+            print(f"budgets {server.served.budgets}, {options.max_batch} slots each of {server.served.max_len} positions: "
+                  f"{server.scheduler.cache_bytes / 2**20:.1f} MiB of caches", file=sys.stderr, flush=True)
+            print(f"serving {name} on http://{args.host}:{port}/v1", flush=True)
+            server.run(sock, access_log=args.access_log)
+
+    return run_tool(args, job, lambda _: "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
