@@ -56,19 +56,22 @@ class MemoryEstimate:
                 "total": self.total}
 
 
-def _layer_params(cfg: ModelConfig) -> tuple[dict[str, tuple[float, float]], float, float]:
-    """(dense, expert) parameters of one layer of each type, and the embedding's and the
-    output layer's parameters (the final norm's included: the last stage holds both)."""
+def _layer_params(cfg: ModelConfig) -> tuple[dict[str, tuple[float, float, float]], float, float, float]:
+    """Per layer of each type: (parameters split over TP, parameters every TP rank holds
+    whole, routed-expert parameters); then the embedding's and the output layer's (both
+    split over TP) and the final norm's (whole on every TP rank of the last stage). What
+    TP replicates: the RMSNorm weights and the MoE router (Megatron keeps both unsplit)."""
     per_type = {}
     final_norm = cfg.hidden_size
     for t in (MAMBA, ATTENTION, MLP, MOE):
         n = cfg.count(t)
         if n:
             comp = model_size(dataclasses.replace(cfg, hybrid_pattern=t * n)).params_by_component
-            dense = sum(v for k, v in comp.items() if k not in ("expert", "embedding", "output")) - final_norm
-            per_type[t] = (dense / n, comp.get("expert", 0) / n)
+            replicated = comp.get("norm", 0) + comp.get("router", 0) - final_norm
+            split = sum(v for k, v in comp.items() if k not in ("expert", "embedding", "output", "norm", "router"))
+            per_type[t] = (split / n, replicated / n, comp.get("expert", 0) / n)
     full = model_size(cfg).params_by_component
-    return per_type, full.get("embedding", 0), full.get("output", 0) + final_norm
+    return per_type, full.get("embedding", 0), full.get("output", 0), final_norm
 
 
 def layer_activation_elements(cfg: ModelConfig, layer_type: str, tp: int = 1, sp: bool = False, cp: int = 1,
@@ -168,13 +171,15 @@ def estimate_memory(cfg: ModelConfig, parallel, world_size: int, seq_length: int
     micro_per_step = global_batch_size // (micro_batch_size * dp)
     in_flight = micro_per_step if pp > 1 else 1
     stages = pipeline_stages(cfg, pp, parallel.pp_layout)
-    per_type, embedding, output = _layer_params(cfg)
+    per_type, embedding, output, final_norm = _layer_params(cfg)
     worst = None
     for i, stage in enumerate(stages):
-        dense = sum(stage.count(t) * d for t, (d, _) in per_type.items())
-        expert = sum(stage.count(t) * e for t, (_, e) in per_type.items())
-        dense += (embedding if i == 0 else 0) + (output if i == len(stages) - 1 else 0)
-        dense_gpu, expert_gpu = dense / tp, expert / (ep * etp)
+        last = i == len(stages) - 1
+        split = sum(stage.count(t) * d for t, (d, _, _) in per_type.items())
+        whole = sum(stage.count(t) * r for t, (_, r, _) in per_type.items()) + (final_norm if last else 0)
+        expert = sum(stage.count(t) * e for t, (_, _, e) in per_type.items())
+        split += (embedding if i == 0 else 0) + (output if last else 0)
+        dense_gpu, expert_gpu = split / tp + whole, expert / (ep * etp)
         tokens = seq_length // cp * micro_batch_size  # this CP rank's part of each sequence
         kept, rebuilt = stage_activation_elements(cfg, stage, tp, parallel.sequence_parallel, cp, recompute,
                                                   recompute_method, recompute_num_layers, recompute_modules,
