@@ -185,6 +185,11 @@ def test_every_budget_completion_stream_and_chat_equal_the_generator(server, gen
                                     extra_body={"budget": "medium"})
     assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [
         p + text_of(generator, solo(generator, p, "medium", 6)) for p in (prompt, "x = ")]
+    # one event is one line, even with characters line readers split on (httpx's iter_lines does)
+    breaks = "a\u2028b\x85c\u2029"
+    with server.http().stream("POST", "/v1/completions", json={"prompt": breaks, "max_tokens": 4, "temperature": 0,
+                                                               "echo": True, "stream": True}) as r:
+        assert sse_texts(list(r.iter_lines()))[0] == breaks + text_of(generator, solo(generator, breaks, "full", 4))
     # chat: the byte tokenizer has no template, so the plain one ("Role: content" lines, then "Assistant:")
     info = server.http().get("/tokenizer_info").json()
     assert info["eos_token"] == "<|endoftext|>" and "Assistant:" in info["chat_template"]

@@ -293,9 +293,14 @@ class EventStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
+# Characters JSON leaves raw in strings that line readers split on (Python's splitlines, which
+# httpx's iter_lines follows): escaped, so one event stays one line for every client.
+LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload) -> str:
     body = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
-    return f"data: {body}\n\n"
+    return f"data: {body.translate(LINE_BREAKS)}\n\n"
 
 
 def usage(seqs: list[Sequence], finished: list[Optional[Finished]]) -> Usage:

@@ -181,18 +181,26 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+FinishReason = Optional[Literal["stop", "length", "abort"]]
+
+
+class _Reply(BaseModel):
+    """What every response and stream chunk carries."""
+
+    id: str
+    created: int
+    model: str
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length", "abort"]] = None
+    finish_reason: FinishReason = None
 
 
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(_Reply):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Optional[Usage] = None
 
@@ -206,14 +214,11 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     logprobs: None = None
-    finish_reason: Optional[Literal["stop", "length", "abort"]] = None
+    finish_reason: FinishReason = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Reply):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -227,14 +232,11 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: None = None
-    finish_reason: Optional[Literal["stop", "length", "abort"]] = None
+    finish_reason: FinishReason = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Reply):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Optional[Usage] = None
 

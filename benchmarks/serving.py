@@ -1,0 +1,224 @@
+"""The server against the bare generator: aggregate tokens/s, time to first token and
+inter-token latency through real HTTP on 127.0.0.1, 1/4/8/16 concurrent clients per budget
+and over mixed budgets, next to `ElasticGenerator.generate_ids` at batch 1 and batch 8 in the
+same run (random weights: speed does not depend on them).
+
+    python benchmarks/serving.py                                   # small preset, its elastic spec
+    python benchmarks/serving.py model=tiny elastic=tiny prompt=32 new=16 repeat=3
+    python benchmarks/serving.py clients=1,8 budgets=full repeat=5 json=serving.json
+
+The parent is saved as an elastic checkpoint; the server is tools/serve.py on it in its own
+process (--max-batch = the most clients, so every client decodes in one batch), the clients
+are asyncio + httpx in this process, each streaming `requests` completions one after the
+other (`new` greedy tokens of its own `prompt`-token prompt; `logprobs=0` so every token
+arrives as its own chunk, however its bytes split into characters). The bare generator runs
+in this process on the same checkpoint with the same prompts. Every round runs every
+configuration once, the order rotated between rounds; tokens/s are medians over rounds
+(spread = (max - min) / median says how noisy the machine was), latency percentiles are over
+all requests and tokens of all rounds.
+
+Per request: TTFT = request sent -> first token received (bare: call -> first token, its
+prefill); ITL = between consecutive tokens of one request; e2e = request -> last token.
+Targets (issue 28): 8 concurrent clients >= 3x the aggregate tokens/s of one client; server
+overhead at one client <= 10% (e2e of one request through the server / the bare generator's
+batch-1 e2e for the same prompt and tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+from elastic_megatron.checkpoint.store import save_checkpoint  # noqa: E402
+from elastic_megatron.convert.megatron_dist import config_yaml  # noqa: E402
+from elastic_megatron.elastic.budgets import validate_elastic  # noqa: E402
+from elastic_megatron.elastic.reindex import prefix_index  # noqa: E402
+from elastic_megatron.elastic.widths import full_widths  # noqa: E402
+from elastic_megatron.inference.generator import ElasticGenerator  # noqa: E402
+from elastic_megatron.models.hybrid import build_model  # noqa: E402
+from elastic_megatron.parallel.setup import distributed  # noqa: E402
+from elastic_megatron.train import compose_job  # noqa: E402
+from generation import median, spread  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MIXED = "mixed"
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+def save_elastic(cfg, budgets: dict, directory: Path, dtype: torch.dtype) -> Path:
+    """A random parent of `cfg` as an elastic checkpoint over the identity sort (byte tokenizer)."""
+    torch.manual_seed(0)
+    parent = build_model(cfg, params_dtype=dtype).eval()
+    meta = {"config": config_yaml(cfg), "sort_index": prefix_index(cfg, full_widths(cfg)).to_lists(),
+            "data": {"tokenizer": {"type": "byte"}},
+            "elastic": {"spec": "benchmark", "budgets": [{"name": n, "target_kind": "total_params", "target": None,
+                                                          "widths": w.as_dict()} for n, w in budgets.items()]}}
+    save_checkpoint(directory, parent, None, None, 1, 0, meta)
+    return directory
+
+
+def start_server(checkpoint: Path, max_batch: int, log: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "serve.py"), "--checkpoint", str(checkpoint), "--port", "0",
+                             "--model-name", "bench", "--max-batch", str(max_batch), "--max-queue", "256"],
+                            stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    line = proc.stdout.readline()
+    if not line.startswith("serving bench on "):
+        proc.kill()
+        raise RuntimeError(f"the server did not start: {line!r}\n{log.read_text()[-3000:]}")
+    return proc, line.split()[-1].removesuffix("/v1")
+
+
+def bare(gen: ElasticGenerator, budget: str, prompts: list[list[int]], new: int) -> dict:
+    """One generate_ids call: per sequence TTFT (its prefill), ITLs, e2e; tokens; wall seconds."""
+    ticks: list[list[float]] = [[] for _ in prompts]
+    start = time.perf_counter()
+    out, _ = gen.generate_ids(prompts, budget, new, on_token=lambda i, _: ticks[i].append(time.perf_counter()))
+    wall = time.perf_counter() - start
+    return {"ttft": [t[0] - start for t in ticks if t], "itl": [b - a for t in ticks for a, b in zip(t, t[1:])],
+            "e2e": [t[-1] - start for t in ticks if t], "tokens": sum(len(o) for o in out), "seconds": wall,
+            "token_ids": out}
+
+
+async def through_server(url: str, budgets: list[str], prompts: list[str], new: int, requests: int) -> dict:
+    """Client i streams `requests` completions of prompts[i] at budgets[i], one after the other."""
+    records = []
+
+    async def client_loop(client: httpx.AsyncClient, budget: str, prompt: str):
+        for _ in range(requests):
+            times = []
+            start = time.perf_counter()
+            async with client.stream("POST", "/v1/completions", json={
+                    "model": f"bench:{budget}", "prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
+                    "logprobs": 0, "return_tokens_as_token_ids": True}) as response:
+                if response.status_code != 200:
+                    raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:500]!r}")
+                ids = []
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {"):
+                        logprobs = json.loads(line[6:])["choices"][0]["logprobs"]
+                        if logprobs and logprobs["tokens"]:
+                            times.append(time.perf_counter())
+                            ids += [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]]
+            records.append({"ttft": times[0] - start, "itl": [b - a for a, b in zip(times, times[1:])],
+                            "e2e": times[-1] - start, "tokens": len(times), "budget": budget, "token_ids": ids})
+
+    limits = httpx.Limits(max_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client, b, p) for b, p in zip(budgets, prompts)))
+        wall = time.perf_counter() - start
+    return {"ttft": [r["ttft"] for r in records], "itl": [x for r in records for x in r["itl"]],
+            "e2e": [r["e2e"] for r in records], "tokens": sum(r["tokens"] for r in records), "seconds": wall,
+            "records": records}
+
+
+def main(argv: list[str]) -> dict:
+    args = dict(a.split("=", 1) for a in argv)
+    model_name, spec = args.get("model", "small"), args.get("elastic", args.get("model", "small"))
+    prompt_len, new, repeat = int(args.get("prompt", 64)), int(args.get("new", 32)), int(args.get("repeat", 3))
+    client_counts = [int(c) for c in args.get("clients", "1,4,8,16").split(",")]
+    requests = int(args.get("requests", 1))
+    job = compose_job("stage1", [f"model={model_name}", f"elastic={spec}", "elastic.teacher_checkpoint=unused"])
+    cfg = job.model
+    budgets = {b.name: b.fixed for b in validate_elastic(job.elastic, cfg) if not b.routed}
+    names = [b for b in args.get("budgets", ",".join(budgets)).split(",")]
+    modes = names + ([MIXED] if len(names) > 1 and args.get("mixed", "1") != "0" else [])
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    g = torch.Generator().manual_seed(1)
+    texts = ["".join(chr(32 + int(x)) for x in torch.randint(0, 95, (prompt_len,), generator=g)) for _ in range(max(client_counts))]
+    with distributed(), tempfile.TemporaryDirectory() as tmp:
+        checkpoint = save_elastic(cfg, budgets, Path(tmp) / "elastic", dtype)
+        gen = ElasticGenerator.from_checkpoint(checkpoint, dtype=dtype)
+        prompts = [gen.encode(t) for t in texts]
+        server, url = start_server(checkpoint, max(client_counts), Path(tmp) / "server.log")
+        try:
+            configs = [("bare", name, b) for name in names for b in (1, 8)]
+            configs += [("server", mode, c) for mode in modes for c in client_counts]
+
+            def run(who, mode, n):
+                if who == "bare":
+                    return bare(gen, mode, [prompts[i % len(prompts)] for i in range(n)], new)
+                per_client = [names[i % len(names)] if mode == MIXED else mode for i in range(n)]
+                return asyncio.run(through_server(url, per_client, texts[:n], new, requests))
+
+            for who, mode in [("bare", m) for m in names] + [("server", m) for m in names]:  # warm-up: first calls
+                run(who, mode, 1)
+            runs: dict = {}
+            for r in range(repeat):
+                shift = (r * 7) % len(configs)
+                for who, mode, n in configs[shift:] + configs[:shift]:
+                    result = run(who, mode, n)
+                    runs.setdefault((who, mode, n), []).append(result)
+                    print(f"  round {r + 1}/{repeat}: {who:<6} {mode:<7} {n:>2}  {result['tokens'] / result['seconds']:8.1f} tok/s",
+                          file=sys.stderr, flush=True)
+        finally:
+            server.terminate()
+            server.wait(120)
+
+    rows = []
+    for (who, mode, n), results in runs.items():
+        rates = [x["tokens"] / x["seconds"] for x in results]
+        rows.append({"who": who, "mode": mode, "n": n, "tok_s": median(rates), "spread": spread(rates),
+                     "ttft_p50": percentile([t for x in results for t in x["ttft"]], 50),
+                     "ttft_p99": percentile([t for x in results for t in x["ttft"]], 99),
+                     "itl_p50": percentile([t for x in results for t in x["itl"]], 50),
+                     "itl_p99": percentile([t for x in results for t in x["itl"]], 99),
+                     "e2e_p50": percentile([t for x in results for t in x["e2e"]], 50)})
+    by = {(r["who"], r["mode"], r["n"]): r for r in rows}
+    same = all(rec["token_ids"] == runs["bare", rec["budget"], 1][0]["token_ids"][0]
+               for (who, mode, n), results in runs.items() if who == "server" and n == 1 and mode != MIXED
+               for x in results for rec in x["records"])
+    result = {"model": cfg.name, "spec": spec, "device": device, "dtype": str(dtype), "prompt": prompt_len, "new": new,
+              "repeat": repeat, "requests": requests, "rows": rows, "same_tokens_at_one_client": same,
+              "scaling_8": {m: by["server", m, 8]["tok_s"] / by["server", m, 1]["tok_s"]
+                            for m in modes if ("server", m, 8) in by and ("server", m, 1) in by},
+              "overhead_1": {m: by["server", m, 1]["e2e_p50"] / by["bare", m, 1]["e2e_p50"] - 1
+                             for m in names if ("server", m, 1) in by},
+              "bare_scaling_8": {m: by["bare", m, 8]["tok_s"] / by["bare", m, 1]["tok_s"] for m in names},
+              "vs_bare_8": {m: by["server", m, 8]["tok_s"] / by["bare", m, 8]["tok_s"] for m in names if ("server", m, 8) in by}}
+    report(result)
+    if "json" in args:
+        Path(args["json"]).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def report(result: dict) -> None:
+    print(f"serving: model {result['model']}, spec {result['spec']}, {result['dtype']}, {result['device']}; prompt "
+          f"{result['prompt']} tokens, {result['new']} new tokens, {result['requests']} request(s) per client; median of "
+          f"{result['repeat']} interleaved rounds (percentiles over all rounds)")
+    print(f"{'':<7}{'budget':<8}{'batch':>6} | {'tok/s':>8}{'x one':>7}{'spread':>8} | {'TTFT p50':>9}{'p99':>8} | "
+          f"{'ITL p50':>8}{'p99':>8} | {'e2e p50':>8}  (seconds)")
+    rows = sorted(result["rows"], key=lambda r: (r["who"], r["mode"] == MIXED, r["mode"], r["n"]))
+    one = {(r["who"], r["mode"]): r["tok_s"] for r in rows if r["n"] == 1}
+    for r in rows:
+        print(f"{r['who']:<7}{r['mode']:<8}{r['n']:>6} | {r['tok_s']:>8.1f}{r['tok_s'] / one[r['who'], r['mode']]:>7.2f}"
+              f"{r['spread']:>8.2f} | {r['ttft_p50']:>9.3f}{r['ttft_p99']:>8.3f} | {r['itl_p50']:>8.4f}{r['itl_p99']:>8.4f} | "
+              f"{r['e2e_p50']:>8.3f}")
+    scaling = ", ".join(f"{m} {x:.2f}x {'ok' if x >= 3 else 'MISSED'}" for m, x in result["scaling_8"].items())
+    overhead = ", ".join(f"{m} {x * 100:+.1f}% {'ok' if x <= 0.10 else 'MISSED'}" for m, x in result["overhead_1"].items())
+    print(f"8 clients / 1 client, aggregate tok/s (target >= 3x): {scaling}")
+    print("  the bare generator's own batch 8 / batch 1: " + ", ".join(f"{m} {x:.2f}x" for m, x in result["bare_scaling_8"].items())
+          + "; server at 8 clients / bare at batch 8: " + ", ".join(f"{m} {x:.2f}" for m, x in result["vs_bare_8"].items()))
+    print(f"server overhead at one client, e2e p50 vs the bare generator at batch 1 (target <= 10%): {overhead}")
+    print(f"greedy tokens through the server == the bare generator's: {'yes' if result['same_tokens_at_one_client'] else 'NO'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
