@@ -7,14 +7,15 @@ depend on them).
     python benchmarks/generation.py model=tiny elastic=tiny prompt=64 new=16 repeat=3
     python benchmarks/generation.py batches=1,8,16 think=128 answer=32
     python benchmarks/generation.py hf=0 contiguous=0 control=0 # leave parts out
+    python benchmarks/generation.py threads=1                    # torch threads (default: torch's)
 
 The parent is saved as an elastic checkpoint and each budget is exported with the
 project's exporter (slice_checkpoint(..., fmt="hf")); transformers' NemotronHForCausalLM
 loads that export. Ours is `ElasticGenerator.generate_ids` on views of the one parent.
 Both are timed the same way, from one call of their generate: prefill = call to the first
-new token (setup, prompt forward, first pick), decode = first to last new token over
-`new` - 1 steps (token callbacks for ours, a streamer for transformers). Greedy, no early
-stop, `batch` copies of one `prompt`-token prompt. Printed per budget and batch: tokens/s of
+new token (setup, prompt forward, first pick); decode = the time between consecutive new
+tokens (token callbacks for ours, a streamer for transformers), `new` - 1 steps per call.
+Greedy, no early stop, `batch` copies of one `prompt`-token prompt. Printed per budget and batch: tokens/s of
 both and ours / theirs (targets: decode >= 1.0, prefill >= 1.0), the budget's decode time
 against the full budget's next to its share of active parameters (target: share + 0.15),
 and whether our tokens equal theirs.
@@ -24,7 +25,10 @@ contiguous (ElasticGenerator.contiguous), interleaved with the views, and prints
 that costs. `control=1` (default) times `budget_control` itself (the smallest budget thinks
 `think` tokens, forced delimiter, the largest re-prefills prompt + trace and answers
 `answer` tokens) against the largest budget writing as many tokens alone (L->L).
-Medians; the spread (max - min) / median of each compared pair says how noisy the run was.
+Prefill: the median over 2 x `repeat` calls (one more call per run, with one new token);
+decode: the median step over all steps of all
+calls (robust to the stalls of a shared machine); `spread` is the interquartile range of
+the samples over their median, the larger of each compared pair: how noisy the run was.
 """
 
 from __future__ import annotations
@@ -77,16 +81,23 @@ def median(xs: list[float]) -> float:
 
 
 def spread(xs: list[float]) -> float:
-    return (max(xs) - min(xs)) / median(xs)
+    """Interquartile range over the median."""
+    s = sorted(xs)
+    return (s[(3 * len(s)) // 4] - s[len(s) // 4]) / median(xs)
 
 
-def ours(gen: ElasticGenerator, budget: str, prompts: list[list[int]], new: int) -> tuple[float, float, list[list[int]]]:
-    """(prefill s, decode s over new - 1 steps, tokens) of one generate_ids call."""
+def _steps(start: float, ticks: list[float]) -> tuple[float, list[float]]:
+    """(prefill s, each decode step's s) from the call's start and each new token's time."""
+    return ticks[0] - start, [b - a for a, b in zip(ticks, ticks[1:])]
+
+
+def ours(gen: ElasticGenerator, budget: str, prompts: list[list[int]], new: int) -> tuple[float, list[float], list[list[int]]]:
+    """(prefill s, decode steps' s, tokens) of one generate_ids call."""
     ticks = []
     _sync()
     start = time.perf_counter()
     out, _ = gen.generate_ids(prompts, budget, new, on_token=lambda i, _: ticks.append(time.perf_counter()) if i == 0 else None)
-    return ticks[0] - start, ticks[-1] - ticks[0], out
+    return (*_steps(start, ticks), out)
 
 
 class _Clock:
@@ -102,16 +113,15 @@ class _Clock:
         pass
 
 
-def theirs(model, prompts: list[list[int]], new: int) -> tuple[float, float, list[list[int]]]:
+def theirs(model, prompts: list[list[int]], new: int) -> tuple[float, list[float], list[list[int]]]:
     clock = _Clock()
     ids = torch.tensor(prompts, device=model.device)
     _sync()
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False, streamer=clock)
-    _sync()
-    first = clock.times[1]  # times[0]: the prompt, handed to the streamer before the first forward
-    return first - start, clock.times[-1] - first, out[:, ids.shape[1]:].tolist()
+    # times[0]: the prompt, handed to the streamer before the first forward
+    return (*_steps(start, clock.times[1:]), out[:, ids.shape[1]:].tolist())
 
 
 def export_budgets(parent, cfg, budgets: dict, directory: Path, dtype: torch.dtype) -> dict:
@@ -143,6 +153,8 @@ def main(argv: list[str]) -> dict:
     batches = [int(b) for b in args.get("batches", "1,8").split(",")]
     think, answer = int(args.get("think", 64)), int(args.get("answer", 16))
     with_hf, with_contiguous, with_control = (args.get(k, "1") != "0" for k in ("hf", "contiguous", "control"))
+    if "threads" in args:
+        torch.set_num_threads(int(args["threads"]))
     job = compose_job("stage1", [f"model={model_name}", f"elastic={spec}", "elastic.teacher_checkpoint=unused"])
     cfg = job.model
     budgets = {b.name: b.fixed for b in validate_elastic(job.elastic, cfg) if not b.routed}
@@ -173,29 +185,35 @@ def main(argv: list[str]) -> dict:
                         contenders.append(("hf", lambda: theirs(hf[name], [prompt] * b, new)))
                     if contiguous is not None and name != full:
                         contenders.append(("contiguous", lambda: ours(contiguous, name, [prompt] * b, new)))
+                    prefill_only = [("ours", lambda: ours(gen, name, [prompt] * b, 1))]
+                    if name in hf:
+                        prefill_only.append(("hf", lambda: theirs(hf[name], [prompt] * b, 1)))
                     for who, run in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:  # rotate the order
                         p, d, tokens = run()
                         slot = runs.setdefault((who, name, b), {"prefill": [], "decode": [], "tokens": tokens})
                         slot["prefill"].append(p)
-                        slot["decode"].append(d)
+                        slot["decode"] += d
+                    for who, run in prefill_only[::1 if r % 2 else -1]:  # a second prefill sample per run
+                        runs[who, name, b]["prefill"].append(run()[0])
         rows = []
         for name in names:
             active = model_cost(cfg, budgets[name], "active_params") / model_cost(cfg, budgets[full], "active_params")
             for b in batches:
                 o = runs["ours", name, b]
                 row = {"budget": name, "batch": b, "active_ratio": active,
-                       "prefill_tok_s": b * prompt_len / median(o["prefill"]), "decode_tok_s": b * (new - 1) / median(o["decode"]),
+                       "prefill_tok_s": b * prompt_len / median(o["prefill"]), "decode_tok_s": b / median(o["decode"]),
                        "decode_vs_full": median(o["decode"]) / median(runs["ours", full, b]["decode"]),
-                       "spread_ours": spread(o["decode"])}
+                       "spread_ours": spread(o["decode"]), "prefill_spread_ours": spread(o["prefill"])}
                 if ("hf", name, b) in runs:
                     t = runs["hf", name, b]
-                    row.update(hf_prefill_tok_s=b * prompt_len / median(t["prefill"]), hf_decode_tok_s=b * (new - 1) / median(t["decode"]),
-                               same_tokens=o["tokens"] == t["tokens"], spread_hf=spread(t["decode"]))
+                    row.update(hf_prefill_tok_s=b * prompt_len / median(t["prefill"]), hf_decode_tok_s=b / median(t["decode"]),
+                               same_tokens=o["tokens"] == t["tokens"], spread_hf=spread(t["decode"]),
+                               prefill_spread_hf=spread(t["prefill"]))
                     row["prefill_vs_hf"] = row["prefill_tok_s"] / row["hf_prefill_tok_s"]
                     row["decode_vs_hf"] = row["decode_tok_s"] / row["hf_decode_tok_s"]
                 if ("contiguous", name, b) in runs:
                     c = runs["contiguous", name, b]
-                    row.update(contiguous_decode_tok_s=b * (new - 1) / median(c["decode"]),
+                    row.update(contiguous_decode_tok_s=b / median(c["decode"]),
                                contiguous_speedup=median(o["decode"]) / median(c["decode"]),
                                contiguous_mib=contiguous.view_stats[name].copied_bytes / 2**20,
                                spread_contiguous=spread(c["decode"]))
@@ -249,20 +267,25 @@ def report(result: dict) -> None:
     print(f"generation: model {result['model']}, spec {result['spec']}, {result['dtype']}, {result['device']}; "
           f"prompt {result['prompt']} tokens, {result['new']} new tokens; median of {result['repeat']} interleaved runs")
     hf = "hf_decode_tok_s" in rows[0]
-    print(f"{'budget':<8}{'batch':>6}{'active':>8} | {'prefill tok/s':>13}{'HF':>9}{'/ HF':>7} | {'decode tok/s':>12}{'HF':>9}"
-          f"{'/ HF':>7}{'spread':>8} | {'time/full':>9}  target          | same tokens")
+    print(f"{'budget':<8}{'batch':>6}{'active':>8} | {'prefill tok/s':>13}{'HF':>9}{'/ HF':>7}{'spread':>8} | {'decode tok/s':>12}"
+          f"{'HF':>9}{'/ HF':>7}{'spread':>8} | {'time/full':>9}  target          | same tokens")
     smallest = rows[-1]["budget"]
     for r in rows:
         target = r["active_ratio"] + 0.15
-        if r["decode_vs_full"] == 1.0 and r["active_ratio"] == 1.0:
+        if r["active_ratio"] == 1.0:
             budget_verdict = "reference      "
         else:
             budget_verdict = f"<= {target:.3f} {'ok' if r['decode_vs_full'] <= target else 'MISSED':<6}"
-        theirs = (f"{r['hf_prefill_tok_s']:>9.1f}{r['prefill_vs_hf']:>7.2f} | {r['decode_tok_s']:>12.1f}{r['hf_decode_tok_s']:>9.1f}"
-                  f"{r['decode_vs_hf']:>7.2f}{max(r['spread_ours'], r['spread_hf']):>8.2f}") if hf else \
-                 f"{'':>16} | {r['decode_tok_s']:>12.1f}{'':>16}{r['spread_ours']:>8.2f}"
+        if hf:
+            prefill = (f"{r['prefill_tok_s']:>13.1f}{r['hf_prefill_tok_s']:>9.1f}{r['prefill_vs_hf']:>7.2f}"
+                       f"{max(r['prefill_spread_ours'], r['prefill_spread_hf']):>8.2f}")
+            decode = (f"{r['decode_tok_s']:>12.1f}{r['hf_decode_tok_s']:>9.1f}{r['decode_vs_hf']:>7.2f}"
+                      f"{max(r['spread_ours'], r['spread_hf']):>8.2f}")
+        else:
+            prefill = f"{r['prefill_tok_s']:>13.1f}{'':>16}{r['prefill_spread_ours']:>8.2f}"
+            decode = f"{r['decode_tok_s']:>12.1f}{'':>16}{r['spread_ours']:>8.2f}"
         same = ("yes" if r["same_tokens"] else "NO") if hf else "-"
-        print(f"{r['budget']:<8}{r['batch']:>6}{r['active_ratio']:>8.3f} | {r['prefill_tok_s']:>13.1f}{theirs} | "
+        print(f"{r['budget']:<8}{r['batch']:>6}{r['active_ratio']:>8.3f} | {prefill} | {decode} | "
               f"{r['decode_vs_full']:>9.3f}  {budget_verdict} | {same}")
     if hf:
         worst = {k: min(r[k] for r in rows) for k in ("decode_vs_hf", "prefill_vs_hf")}

@@ -352,6 +352,18 @@ def test_generate_tool_refuses_bad_input(elastic_run, args, says):
     assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr[-2000:]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_generate_tool_refuses_cuda_graphs_without_cuda(elastic_run, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_tool", REPO / "tools" / "generate.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    code = tool.main(["--checkpoint", str(elastic_run[0]), "--prompt", "a", "--cuda-graph"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "--cuda-graph" in lines[0] and "CUDA" in lines[0], lines
+
+
 def test_budget_on_a_plain_checkpoint_is_refused(dist, tmp_path):
     from elastic_megatron.config.errors import ConfigError
     from elastic_megatron.convert.megatron_dist import config_yaml

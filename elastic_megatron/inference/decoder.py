@@ -4,11 +4,12 @@
     logits, state = decoder.prefill(prompts, max_new_tokens)   # list of token lists, any lengths
     logits = decoder.step(next_tokens, state)                  # one token per sequence
 
-Prefill runs each prompt through every layer (prompts of one length together): the Mamba
-mixers' and self-attentions' own forward with a cache attached for its duration
-(models/cache.py), norms, MLPs and MoE as rows of tokens (inference/layers.py). Only the
-last position's logits are computed (`all_logits`: every position's), so the MLP and MoE
-layers after the last layer that keeps state run on the last position alone. Each decode
+Prefill runs each prompt through every layer (prompts of one length together): causal
+attention within the prompt, the Mamba mixers' own cached conv + chunked scan from a zero
+state, norms, MLPs and MoE as rows of tokens (inference/layers.py); the keys, values,
+conv inputs and SSM states go into the prompts' slots. Only the last position's logits
+are computed (`all_logits`: every position's), so the MLP and MoE layers after the last
+layer that keeps state run on the last position alone. Each decode
 step runs the layers written for one token per sequence
 (inference/layers.py) on the model's own parameters: no MoE dispatcher, no
 sequence-parallel regions or autograd functions around linears, no bias-dropout-add, no
@@ -43,9 +44,8 @@ graph (what the CPU tests check against the full forward).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +54,9 @@ from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.config.model import ATTENTION, MAMBA, MLP, MOE, ModelConfig
 from elastic_megatron.elastic.sites import layer_sites
 from elastic_megatron.inference.layers import (
-    AttentionStep, Linear, MambaStep, MlpStep, MoEStep, Norm, check_moe_supported, _wrapped,
+    AttentionStep, Linear, MambaStep, MlpStep, MoEStep, Norm, PrefillCaches, check_moe_supported, is_wrapped,
 )
-from elastic_megatron.models.cache import AttentionCache, CacheShapes, DecodeState, MambaCache, Padding
+from elastic_megatron.models.cache import CacheShapes, DecodeState
 from elastic_megatron.models.forward import output_layer, unwrap
 
 __all__ = ["HybridDecoder", "DecodeState", "token_logprobs"]
@@ -97,16 +97,14 @@ class HybridDecoder:
         if getattr(config, "fp32_residual_connection", False) or getattr(config, "gated_linear_unit", False):
             raise NotImplementedError("cached decoding: fp32_residual_connection / gated_linear_unit are not reproduced")
         act = config.activation_func
-        self.layers, self.attention, self.mamba = [], [], []
+        self.layers = []
         for site, layer in zip(layer_sites(self.model, cfg), self.model.decoder.layers):
             if site.symbol == MAMBA:
-                self.layers.append(MambaStep(layer, len(self.mamba)))
-                self.mamba.append(site.mamba)
+                self.layers.append(MambaStep(layer, sum(isinstance(s, MambaStep) for s in self.layers)))
             elif site.symbol == ATTENTION:
                 if not hasattr(site.core_attention, "decode_cache"):
                     raise ConfigError("model.backend", cfg.backend, "cached decoding runs the local backend's attention; allowed: local")
-                self.layers.append(AttentionStep(layer, len(self.attention)))
-                self.attention.append(site.core_attention)
+                self.layers.append(AttentionStep(layer, sum(isinstance(s, AttentionStep) for s in self.layers)))
             elif site.symbol == MLP:
                 self.layers.append(MlpStep(layer, act))
             elif site.symbol == MOE:
@@ -193,34 +191,19 @@ class HybridDecoder:
         return out, state
 
     def _prefill_group(self, tokens: torch.Tensor, state: DecodeState, slots: list[int], every_position: bool) -> torch.Tensor:
-        """Prompts of one length through every layer's prefill (the Mamba mixers' and the
-        self-attentions' own forward with caches attached; norms, MLPs and MoE as rows);
-        the caches go into `slots`. Returns the final-norm hidden states [length, b, hidden],
-        or of the last position only [1, b, hidden] unless `every_position`: the layers
-        after the last one that keeps state (MLP, MoE) then run on that position alone."""
-        b, n = tokens.shape
-        padding = Padding()
-        attention = [AttentionCache.empty(b, n, g, hd, self.dtype, self.device, padding) for g, hd in self.shapes.attention]
-        mamba = [MambaCache(padding=padding) for _ in self.mamba]
+        """Prompts of one length through every layer's prefill; their caches go into
+        `slots`. Returns the final-norm hidden states [length, b, hidden], or of the last
+        position only [1, b, hidden] unless `every_position`: the layers after the last one
+        that keeps state (MLP, MoE) then run on that position alone."""
+        n = tokens.shape[1]
+        caches = PrefillCaches(len(self.shapes.attention), len(self.shapes.mamba))
         h = F.embedding(tokens.t(), self.embedding)  # [length, b, hidden], Megatron's layout
-        with self._attached(attention, mamba):
-            for i, layer in enumerate(self.layers):
-                if i == self.last_stateful + 1 and not every_position:
-                    h = h[-1:]
-                h = layer.prefill(h)
-        state.store(slots, n, [c.keys for c in attention], [c.values for c in attention],
-                    [c.conv for c in mamba], [c.ssm for c in mamba])
+        for i, layer in enumerate(self.layers):
+            if i == self.last_stateful + 1 and not every_position:
+                h = h[-1:]
+            h = layer.prefill(h, caches)
+        state.store(slots, n, caches.keys, caches.values, caches.conv, caches.ssm)
         return self.final_norm(h)
-
-    @contextlib.contextmanager
-    def _attached(self, attention: list[AttentionCache], mamba: list[MambaCache]) -> Iterator[None]:
-        for module, cache in zip(self.attention + self.mamba, attention + mamba):
-            module.decode_cache = cache
-        try:
-            yield
-        finally:
-            for module in self.attention + self.mamba:
-                module.decode_cache = None
 
     def refresh(self) -> None:
         """Recompute what the steps derive from parameters (after the weights changed)."""
@@ -232,7 +215,7 @@ class HybridDecoder:
         """The decode step calls only linears through their modules; any other module
         with hooks or a replaced forward (elastic masks, say) would be bypassed."""
         for name, module in self.model.named_modules():
-            if id(module) not in self._fast and _wrapped(module):
+            if id(module) not in self._fast and is_wrapped(module):
                 raise RuntimeError(f"cached decoding: module {name or '(model)'} ({type(module).__name__}) has forward hooks or "
                                    "a replaced forward, which the decode step does not run (for a budget, decode its view "
                                    "model from inference/budgets.py instead of a masked parent)")
@@ -245,6 +228,8 @@ class HybridDecoder:
         ignored): logits of the next token [rows, vocab]."""
         tokens = tokens.reshape(-1).to(self.device)
         n = state.span
+        if n == 0:
+            raise ValueError("decode step: no slot of the state holds a sequence (prefill one first)")
         if tokens.numel() != n:
             raise ValueError(f"decode step: one token per row 0 .. {n - 1} of the state ({n}), got {tokens.numel()}")
         if any(length >= state.max_len for length, on in zip(state.lengths[:n], state.active[:n]) if on):

@@ -1,12 +1,16 @@
-"""The decode step of each layer kind, for one new token per sequence, on Megatron's modules.
+"""Each layer kind's decode step (one new token per sequence) and prefill (a prompt chunk),
+on Megatron's modules.
 
 Megatron's training forward does work that one token per sequence does not need: MoE
 token permutation through a dispatcher, sequence-parallel regions and autograd functions
 around every linear, bias-dropout-add, [s, b, h] transposes, a conv kernel over a padded
-window. Here each layer kind is written for hidden states [rows, hidden] (one token per
-sequence) with as few tensor operations as the math allows, reading the parameters of
-the model's own modules (the weights are never copied; the training forward is
-untouched). tests/test_inference.py holds every path equal to the full forward.
+window. Here each layer kind's step (`__call__`) is written for hidden states
+[rows, hidden] (one token per sequence) with as few tensor operations as the math allows,
+reading the parameters of the model's own modules (the weights are never copied; the
+training forward is untouched). `prefill` takes a chunk [length, b, hidden]: causal
+attention within it, the Mamba mixer's own cached conv + chunked scan + gated norm from a
+zero state, norms, MLPs and MoE on the tokens as rows. tests/test_inference.py holds
+every path equal to the full forward.
 
 Two variants of the steps that depend on the data:
 - eager (default): attention over the filled positions only (no mask when every row is at
@@ -27,10 +31,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from elastic_megatron.models.cache import MambaCache
 from elastic_megatron.models.mamba_mixer import HAVE_SELECTIVE_STATE_UPDATE, selective_state_update
 
 
-def _wrapped(module) -> bool:
+class PrefillCaches:
+    """What a prefill leaves per stateful layer (indexed by the layer's slot): keys and
+    values [b, length, groups, head_dim] of each attention layer, conv inputs and SSM
+    state of each Mamba layer; the decoder stores them in the prompts' slots."""
+
+    def __init__(self, attention: int, mamba: int):
+        self.keys, self.values = [None] * attention, [None] * attention
+        self.conv, self.ssm = [None] * mamba, [None] * mamba
+
+
+def is_wrapped(module) -> bool:
     """Is `module`'s forward replaced on the instance or hooked (then it must be called)?"""
     return "forward" in module.__dict__ or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
 
@@ -117,11 +132,21 @@ class MambaStep:
     def linears(self) -> list:
         return [self.in_proj.module, self.out_proj.module]
 
-    def prefill(self, h: torch.Tensor) -> torch.Tensor:
-        """A chunk [length, b, hidden] through the mixer's own forward (its decode cache,
-        attached by the decoder, starts from zero and keeps the final conv inputs and state)."""
-        out, bias = self.mixer(self.norm(h))
-        return h + out if bias is None else h + (out + bias)
+    def prefill(self, h: torch.Tensor, caches: "PrefillCaches") -> torch.Tensor:
+        """A chunk [length, b, hidden]: in_proj, the mixer's own cached conv + scan + gated
+        norm (from a zero state; the final conv inputs and state go to `caches`), out_proj
+        on the batch-first output. (The mixer's forward hands out_proj a transposed
+        [length, b, d_inner] view; with weights that need no gradient, as a budget's views,
+        torch.matmul then runs one matrix-vector product per position.)"""
+        zxbcdt = self.in_proj(self.norm(h))
+        cache = MambaCache()
+        self.mixer.decode_cache = cache
+        try:
+            y = self.mixer.mix_cached(zxbcdt.transpose(0, 1))  # [b, length, d_inner]
+        finally:
+            self.mixer.decode_cache = None
+        caches.conv[self.slot], caches.ssm[self.slot] = cache.conv, cache.ssm
+        return h + self.out_proj(y).transpose(0, 1)
 
     def _step(self, ssm, x, dt, B, C) -> torch.Tensor:
         """One step of the recurrence per head, in place on `ssm` [n, heads, head_dim, state]
@@ -181,7 +206,6 @@ class AttentionStep:
 
     def __init__(self, layer, slot: int):
         attn = layer.self_attention
-        self.attention = attn
         self.slot = slot
         self.norm = Norm(layer.input_layernorm)
         self.qkv, self.proj = Linear(attn.linear_qkv), Linear(attn.linear_proj)
@@ -193,11 +217,18 @@ class AttentionStep:
     def linears(self) -> list:
         return [self.qkv.module, self.proj.module]
 
-    def prefill(self, h: torch.Tensor) -> torch.Tensor:
-        """A chunk [length, b, hidden] through Megatron's self-attention (its core attention's
-        decode cache, attached by the decoder, keeps the keys and values)."""
-        out, bias = self.attention(self.norm(h), attention_mask=None)
-        return h + out if bias is None else h + (out + bias)
+    def prefill(self, h: torch.Tensor, caches: "PrefillCaches") -> torch.Tensor:
+        """A chunk [length, b, hidden]: causal attention within it; its keys and values
+        [b, length, groups, head_dim] go to `caches`."""
+        n, b = h.shape[:2]
+        g, hg, d = self.groups, self.per_group, self.head_dim
+        qkv = self.qkv(self.norm(h)).view(n, b, g, hg + 2, d)
+        q = qkv[:, :, :, :hg].reshape(n, b, g * hg, d).permute(1, 2, 0, 3)  # [b, heads, length, d]
+        k, v = qkv[:, :, :, hg].transpose(0, 1), qkv[:, :, :, hg + 1].transpose(0, 1)  # [b, length, groups, d]
+        caches.keys[self.slot], caches.values[self.slot] = k, v
+        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale,
+                                             enable_gqa=g != g * hg)
+        return h + self.proj(out.permute(2, 0, 1, 3).reshape(n, b, g * hg * d))
 
     def cache_shape(self) -> tuple[int, int]:
         return (self.groups, self.head_dim)
@@ -233,7 +264,7 @@ class MlpStep:
     def __call__(self, h: torch.Tensor, state, step) -> torch.Tensor:
         return h + self.mlp(self.norm(h))
 
-    def prefill(self, h: torch.Tensor) -> torch.Tensor:
+    def prefill(self, h: torch.Tensor, caches=None) -> torch.Tensor:
         return self(h.view(-1, h.shape[-1]), None, None).view(h.shape)
 
 
@@ -275,7 +306,7 @@ class MoEStep:
             weights = weights * self.scaling
         return weights, chosen
 
-    def prefill(self, h: torch.Tensor) -> torch.Tensor:
+    def prefill(self, h: torch.Tensor, caches=None) -> torch.Tensor:
         """Every token of a chunk [length, b, hidden], as rows."""
         rows = h.view(-1, h.shape[-1])
         x = self.norm(rows)

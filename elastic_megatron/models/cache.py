@@ -1,7 +1,6 @@
 """Decoding caches of the two modules of the hybrid model that carry state over time.
 
-Everything else in the model is per token (norms, projections, MLP, MoE). Two kinds of
-object live here:
+Everything else in the model is per token (norms, projections, MLP, MoE). Two objects:
 
 - `DecodeState`: the preallocated caches of one decoder (inference/decoder.py) for up to
   `slots` sequences of up to `max_len` positions each: keys and values of every attention
@@ -10,13 +9,9 @@ object live here:
   decoded with the others one token per step, and released, at any time between steps;
   nothing is reallocated while decoding (so a decode step has static shapes and can be
   captured in a CUDA graph).
-- `AttentionCache` / `MambaCache` (with `Padding`): what the prefill attaches, for the
-  duration of one forward, to each `SDPACoreAttention` and `HybridMambaMixer` (their
-  `decode_cache` attribute), so that Megatron's ordinary forward runs over the prompt and
-  leaves its keys, values and states behind; the decoder then copies them into the
-  prompt's slots. `Padding.pad` marks left-padded positions of a chunk, which the two
-  modules make invisible (no attention to them; a zero conv input and a step of length
-  dt = 0 in the scan).
+- `MambaCache`: what the prefill attaches to a `HybridMambaMixer` (its `decode_cache`)
+  while the mixer's `mix_cached` runs the prompt's conv and chunked scan from a zero
+  state; it leaves the last conv inputs and the final SSM state there.
 
 Megatron-Core's own inference contexts are not used: they allocate on CUDA, its Mamba
 decode path needs mamba_ssm's CUDA extension, and budgets run on narrow views of one set
@@ -32,36 +27,12 @@ import torch
 
 
 @dataclass
-class Padding:
-    """Shared by every cache of one forward: which positions of the current chunk are padding."""
-
-    pad: Optional[torch.Tensor] = None  # [batch, chunk] bool, True = padding; None = none
-
-
-@dataclass
-class AttentionCache:
-    """Keys and values of every position so far, grouped-query layout [b, max_len, groups, hd]."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    key_pad: torch.Tensor  # [b, max_len] bool: padded positions, never attended to
-    padding: Padding
-    length: int = 0
-
-    @classmethod
-    def empty(cls, batch: int, max_len: int, groups: int, head_dim: int, dtype, device, padding: Padding) -> "AttentionCache":
-        shape = (batch, max_len, groups, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
-                   torch.zeros(batch, max_len, dtype=torch.bool, device=device), padding)
-
-
-@dataclass
 class MambaCache:
     """The last conv_kernel - 1 inputs of the causal conv, and the SSM state."""
 
     conv: Optional[torch.Tensor] = None  # [b, conv_dim, kernel - 1]
     ssm: Optional[torch.Tensor] = None  # [b, heads, head_dim, state], fp32
-    padding: Optional[Padding] = None
+    padding: Optional[object] = None  # the mixer reads `padding.pad` (left-padded positions); never set here
 
 
 @dataclass(frozen=True)
