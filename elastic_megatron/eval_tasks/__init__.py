@@ -8,10 +8,10 @@ any lm-eval task name.
 
 | task | kind | metric | chance |
 |---|---|---|---|
-| stdlib_cloze | multiple choice, 4 lines of Python then the next line among 4 | acc, acc_norm | 25% |
+| stdlib_cloze | multiple choice: 4 lines of Python and a line up to an identifier; which identifier of the document comes next (of 4) | acc, acc_norm | 25% |
 | stdlib_identifier | generate_until: finish an identifier cut after >= 2 characters | exact_match | ~0 (most frequent answer 2%) |
-| stdlib_nextline | generate_until with a reasoning delimiter ("\\n"): finish the line, answer the next line's first word | exact_match | ~0 (most frequent answer 16%) |
-| shakespeare_cloze | multiple choice, 4 lines of verse then the next line among 4 | acc, acc_norm | 25% |
+| stdlib_assign | generate_until with a reasoning delimiter (" = "): finish an assignment's target, then its value's first word | exact_match | ~0 (most frequent answer 13%) |
+| shakespeare_cloze | multiple choice: 4 lines of verse and a line up to a word; which nearby word comes next (of 4) | acc, acc_norm | 25% |
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import re
 from pathlib import Path
 
 TASKS_DIR = Path(__file__).resolve().parent
-# stdlib_nextline's trace ends at the end of the line being written (its YAML's metadata too).
-THINK_DELIMITER = "\n"
 # Accuracy of a random choice (multiple choice); the figures draw it.
 CHANCE = {"stdlib_cloze": 0.25, "shakespeare_cloze": 0.25}
 

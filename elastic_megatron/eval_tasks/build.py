@@ -14,15 +14,17 @@ Every item comes from text the demo chain and the benchmarks hold out of trainin
 - English task: the last 100 KB of the shipped tinyshakespeare (inside the last 10% of its
   documents that benchmarks/fidelity.py holds out); the same on every machine.
 
-Tasks (one JSON object per line):
-- stdlib_cloze, shakespeare_cloze: {"context", "choices", "label"}: the 4 lines before a
-  line, the true line and 3 distractors (lines of other held-out documents with the same
-  indentation and a similar length; for Shakespeare, other verse lines), shuffled.
-- stdlib_identifier: {"prompt", "answer"}: the 4 lines before a line and the line cut inside
-  an identifier of >= 5 characters after >= 2 of them; the answer is the rest (>= 2 chars).
-- stdlib_nextline: {"prompt", "trace", "answer"}: the 4 lines before a line and its first
-  word; the model writes the rest of the line (the trace, ending at the delimiter "\\n"),
-  then the answer: the first word of the next line.
+Tasks (one JSON object per line; "context lines" are the 4 lines before the line in question):
+- stdlib_cloze, shakespeare_cloze: {"context", "choices", "label"}: the context lines and the
+  line up to a word (an identifier / a word of >= 3 letters); the choices are that word and 3
+  other words of the same document (for Shakespeare: within 40 lines), none a prefix of
+  another, shuffled.
+- stdlib_identifier: {"prompt", "answer"}: the context lines and the line cut inside an
+  identifier of >= 5 characters after >= 2 of them; the answer is the rest (>= 2 chars).
+- stdlib_assign: {"prompt", "trace", "answer"}: the context lines and the start of an
+  assignment line, cut 2-6 characters into its target; the model finishes the target up to
+  " = " (the trace, " = " its delimiter), then writes the value: the answer is the value's
+  first word.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ CONTEXT_LINES = 4
 N_CHOICES = 4
 PY_VALID_SPLIT = (0.98, 1.0)  # recipes/data/embedded.yaml split "98,2,0": the validation documents
 SHAKESPEARE_TAIL_BYTES = 100_000
-COUNTS = {"stdlib_cloze": 150, "stdlib_identifier": 200, "stdlib_nextline": 120, "shakespeare_cloze": 150}
+COUNTS = {"stdlib_cloze": 150, "stdlib_identifier": 200, "stdlib_assign": 150, "shakespeare_cloze": 150}
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-WORD_START = re.compile(r"^([ \t]*)([A-Za-z_][A-Za-z0-9_]*)")
+WORD = re.compile(r"[A-Za-z]{3,}")
+# an assignment line: indentation, target (a name, dotted, maybe one subscript), " = ", the value's first word
+ASSIGN = re.compile(r"^([ \t]*)([A-Za-z_][\w.]*(?:\[[^\]=]*\])?) = ([A-Za-z_][A-Za-z0-9_]*)")
 
 
 def python_heldout_documents() -> list[str]:
@@ -65,10 +69,6 @@ def shakespeare_heldout_documents() -> list[str]:
     tail = shipped_text("tinyshakespeare").read_text(encoding="utf-8")[-SHAKESPEARE_TAIL_BYTES:]
     tail = tail[tail.index("\n\n") + 2:]
     return [p for p in tail.split("\n\n") if p.strip()]
-
-
-def _indent(line: str) -> str:
-    return line[: len(line) - len(line.lstrip(" \t"))]
 
 
 def _python_line_ok(line: str) -> bool:
@@ -97,25 +97,33 @@ def _context(lines: list[str], j: int) -> str:
     return "".join(x + "\n" for x in lines[j - CONTEXT_LINES:j])
 
 
-def cloze_items(docs: list[list[str]], ok, group, n: int, rng: random.Random) -> list[dict]:
-    """`n` multiple-choice items: the line after a context among N_CHOICES - 1 distractors of
-    the same `group(line)` from other documents, length within a factor of 1.6."""
-    positions = _positions(docs, ok)
-    pool: dict[str, list[tuple[int, str]]] = {}
-    for d, j in positions:
-        pool.setdefault(group(docs[d][j]), []).append((d, docs[d][j]))
+def cloze_items(docs: list[list[str]], ok, words: re.Pattern, n: int, rng: random.Random, near: int = 0) -> list[dict]:
+    """`n` multiple-choice items: the context lines and a line up to one of its `words`; the
+    choices are that word and N_CHOICES - 1 other words of the same document (`near` > 0:
+    of the lines within `near` of it), no choice a prefix of another."""
     items = []
-    for d, j in rng.sample(positions, len(positions)):
-        line = docs[d][j]
-        size = len(line.strip())
-        candidates = sorted({x for e, x in pool[group(line)] if e != d and x.strip() != line.strip()
-                             and size / 1.6 <= len(x.strip()) <= size * 1.6})
-        if len(candidates) < N_CHOICES - 1:
+    for d, j in rng.sample(_positions(docs, ok), len(_positions(docs, ok))):
+        line, lines = docs[d][j], docs[d]
+        found = [m for m in words.finditer(line.split("#")[0]) if len(m.group()) >= 3]
+        if not found:
             continue
-        choices = [line] + rng.sample(candidates, N_CHOICES - 1)
+        m = rng.choice(found)
+        scope = lines[max(0, j - near):j + near + 1] if near else lines
+        pool = sorted({w for x in scope for w in words.findall(x)
+                       if len(w) >= 3 and not w.startswith(m.group()) and not m.group().startswith(w)})
+        others: list[str] = []
+        for w in rng.sample(pool, len(pool)):
+            if not any(w.startswith(o) or o.startswith(w) for o in others):
+                others.append(w)
+            if len(others) == N_CHOICES - 1:
+                break
+        if len(others) < N_CHOICES - 1:
+            continue
+        choices = [m.group()] + others
         order = list(range(N_CHOICES))
         rng.shuffle(order)
-        items.append({"context": _context(docs[d], j), "choices": [choices[i] + "\n" for i in order], "label": order.index(0)})
+        items.append({"context": _context(lines, j) + line[: m.start()], "choices": [choices[i] for i in order],
+                      "label": order.index(0)})
         if len(items) == n:
             break
     return items
@@ -137,16 +145,16 @@ def identifier_items(docs: list[list[str]], n: int, rng: random.Random) -> list[
     return items
 
 
-def nextline_items(docs: list[list[str]], n: int, rng: random.Random) -> list[dict]:
-    positions = [(d, j) for d, j in _positions(docs, _python_line_ok) if j + 1 < len(docs[d])]
+def assign_items(docs: list[list[str]], n: int, rng: random.Random) -> list[dict]:
     items = []
+    positions = _positions(docs, lambda x: ASSIGN.match(x) is not None)
     for d, j in rng.sample(positions, len(positions)):
-        line, nxt = docs[d][j], docs[d][j + 1]
-        head, answer = WORD_START.match(line), WORD_START.match(nxt)
-        if head is None or answer is None or len(line) - head.end() < 2 or nxt[answer.end():answer.end() + 1] in ("'", '"'):
-            continue  # no trace to write, or the next line opens a string (r"...", b'...')
-        items.append({"prompt": _context(docs[d], j) + line[: head.end()], "trace": line[head.end():] + "\n",
-                      "answer": answer.group(2)})
+        m = ASSIGN.match(docs[d][j])
+        indent, target, value = m.groups()
+        if len(target) < 4:
+            continue
+        cut = rng.randint(2, min(len(target) - 1, 6))
+        items.append({"prompt": _context(docs[d], j) + indent + target[:cut], "trace": target[cut:] + " = ", "answer": value})
         if len(items) == n:
             break
     return items
@@ -155,11 +163,13 @@ def nextline_items(docs: list[list[str]], n: int, rng: random.Random) -> list[di
 def build() -> dict[str, list[dict]]:
     py = [d.split("\n") for d in python_heldout_documents()]
     verse = [p.split("\n") for p in shakespeare_heldout_documents()]
+    verse = ["\n\n".join("\n".join(p) for p in verse).split("\n")]  # one document: distractors come from nearby lines
     return {
-        "stdlib_cloze": cloze_items(py, _python_line_ok, _indent, COUNTS["stdlib_cloze"], random.Random(SEED)),
+        "stdlib_cloze": cloze_items(py, _python_line_ok, IDENT, COUNTS["stdlib_cloze"], random.Random(SEED)),
         "stdlib_identifier": identifier_items(py, COUNTS["stdlib_identifier"], random.Random(SEED + 1)),
-        "stdlib_nextline": nextline_items(py, COUNTS["stdlib_nextline"], random.Random(SEED + 2)),
-        "shakespeare_cloze": cloze_items(verse, _verse_line_ok, lambda _: "", COUNTS["shakespeare_cloze"], random.Random(SEED + 3)),
+        "stdlib_assign": assign_items(py, COUNTS["stdlib_assign"], random.Random(SEED + 2)),
+        "shakespeare_cloze": cloze_items(verse, _verse_line_ok, WORD, COUNTS["shakespeare_cloze"], random.Random(SEED + 3),
+                                         near=40),
     }
 
 
