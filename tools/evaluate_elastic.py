@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     def job():
         from elastic_megatron.config.errors import require_positive_int
-        from elastic_megatron.convert.loading import open_for_inference
+        from elastic_megatron.inference.loading import open_for_inference
 
         if args.batches is not None:
             require_positive_int("--batches", args.batches)

@@ -121,7 +121,7 @@ def export_tokenizer(checkpoint_dir: Path, meta: dict, cfg: ModelConfig, tokeniz
     """The tokenizer an export of a checkpoint (a model of `cfg`) carries: the one in
     `tokenizer_dir` (a directory holding tokenizer.json) when given, else the one the
     checkpoint records (None when it records none). Checked before anything is written."""
-    from elastic_megatron.convert.loading import recorded_tokenizer
+    from elastic_megatron.convert.checkpoint_tokenizer import recorded_tokenizer
     from elastic_megatron.data.tokenizer import tokenizer_of_hf_dir
 
     if tokenizer_dir is None:

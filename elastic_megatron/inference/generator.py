@@ -9,7 +9,7 @@ answer).
 One copy of the weights serves every budget: the parent is loaded once and each budget is
 a view model over it (inference/budgets.py), built on first use. Works on a parent, an
 elastic checkpoint (any recorded budget), a sliced checkpoint, an imported HF model and any
-HF directory, quantized ones included (convert/loading.py: one loading path for the
+HF directory, quantized ones included (inference/loading.py: one loading path for the
 generator, the evaluation tools and the server).
 
 Budget control: the trace is generated at the think budget until the delimiter appears
@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from elastic_megatron.config.errors import ConfigError
-from elastic_megatron.convert.loading import open_for_inference
+from elastic_megatron.inference.loading import open_for_inference
 from elastic_megatron.elastic.budgets import recorded_budgets
 from elastic_megatron.elastic.widths import Widths, full_widths
 from elastic_megatron.inference.budgets import ViewStats, budget_model
@@ -124,7 +124,7 @@ class ElasticGenerator:
     @classmethod
     def from_checkpoint(cls, path: str | Path, tokenizer: Optional[str] = None, dtype: torch.dtype = torch.float32) -> "ElasticGenerator":
         """Load a checkpoint (run dir or iter_* dir, or a Hugging Face directory: BF16, FP8 or
-        NVFP4, convert/loading.py) once; `tokenizer`: a tokenizer.json to use instead of the
+        NVFP4, inference/loading.py) once; `tokenizer`: a tokenizer.json to use instead of the
         one the checkpoint records."""
         checkpoint = open_for_inference(path)
         cfg, meta, directory = checkpoint.cfg, checkpoint.meta, checkpoint.path

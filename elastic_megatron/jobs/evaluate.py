@@ -10,7 +10,7 @@ masked full model, which equals the sliced model: the mask = slice invariant), a
 checkpoint (a parent, a separately distilled baseline) as it is or hard-masked at another
 checkpoint's budgets, a sliced checkpoint as the budget it was cut at, and a Hugging Face
 directory (an export or a slice, BF16, FP8 or NVFP4: run as the quantized model it is)
-as one row; every kind is opened by convert/loading.py, the generator's loading path. Each row gives
+as one row; every kind is opened by inference/loading.py, the generator's loading path. Each row gives
 the loss (nats per predicted token), perplexity and bits per byte (the same loss per byte
 of text, so byte and BPE tokenizers compare).
 
@@ -34,7 +34,7 @@ import yaml
 from elastic_megatron.checkpoint.metadata import checkpoint_model_config, read_common_state, require_same_architecture
 from elastic_megatron.checkpoint.store import load_model_weights
 from elastic_megatron.config.errors import ConfigError
-from elastic_megatron.convert.loading import open_for_inference
+from elastic_megatron.inference.loading import open_for_inference
 from elastic_megatron.data.datasets import heldout_dataset, load_tokenizer_for, make_loader, recorded_batches, require_prefix
 from elastic_megatron.data.tokenizer import same_tokenizer
 from elastic_megatron.elastic.budgets import checkpoint_budgets, recorded_budgets

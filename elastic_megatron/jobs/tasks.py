@@ -213,7 +213,7 @@ def _in_lm_eval_library(name: str) -> bool:
 def plan_servers(req: TaskRequest) -> list[Served]:
     """One server per (model, precision), each input checked; nothing started."""
     from elastic_megatron.checkpoint.metadata import require_same_architecture
-    from elastic_megatron.convert.loading import HF, open_for_inference
+    from elastic_megatron.inference.loading import HF, open_for_inference
     from elastic_megatron.jobs.evaluate import checkpoint_rows
 
     bad = [p for p in req.precisions if p not in PRECISIONS]
@@ -409,7 +409,7 @@ def check_request(req: TaskRequest):
 def run_tasks(req: TaskRequest) -> TaskResults:
     """Check everything, evaluate every (model, precision) x budget x task through the server,
     write the outputs, log them to W&B; the results."""
-    from elastic_megatron.convert.loading import open_for_inference
+    from elastic_megatron.inference.loading import open_for_inference
     from elastic_megatron.jobs.evaluate import checkpoint_rows, row_params
 
     manager, plan = check_request(req)
@@ -539,7 +539,7 @@ def write_outputs(result: TaskResults, req: TaskRequest) -> dict[str, Path]:
 
 def run_dir_of(checkpoint) -> Path:
     """The run directory a checkpoint belongs to (a run dir, or the run dir above checkpoints/iter_*)."""
-    from elastic_megatron.convert.loading import open_for_inference
+    from elastic_megatron.inference.loading import open_for_inference
 
     path = open_for_inference(checkpoint).path
     return path.parent.parent if path.parent.name == "checkpoints" else path
@@ -551,7 +551,7 @@ def log_to_wandb(checkpoint, paths: dict[str, Path]) -> Optional[str]:
     mode it used (offline works); the run id, or None when it did not use W&B."""
     import yaml
 
-    from elastic_megatron.convert.loading import open_for_inference
+    from elastic_megatron.inference.loading import open_for_inference
 
     run_dir = run_dir_of(checkpoint)
     id_file = run_dir / "wandb_run_id.txt"
@@ -599,7 +599,7 @@ def serve_at_budgets_of(argv=None) -> int:
         import torch
 
         from elastic_megatron.checkpoint.metadata import require_same_architecture
-        from elastic_megatron.convert.loading import open_for_inference
+        from elastic_megatron.inference.loading import open_for_inference
         from elastic_megatron.elastic.budgets import checkpoint_budgets
         from elastic_megatron.inference.generator import ElasticGenerator
         from elastic_megatron.parallel.setup import distributed

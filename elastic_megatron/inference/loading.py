@@ -19,8 +19,8 @@ scales, nested quantization: tests/test_export_engines.py). An elastic checkpoin
 carries QAD scales is loaded as its BF16 weights (its budgets are views built later, see
 inference/budgets.py); quantize its budgets with quant/hooks.attach.
 
-`checkpoint_tokenizer` is the tokenizer a checkpoint was trained with, wherever it is
-recorded; the exporters carry the same one into every HF directory.
+The tokenizer is the one the checkpoint was trained with, wherever it is recorded
+(convert/checkpoint_tokenizer.py); the exporters carry the same one into every HF directory.
 """
 
 from __future__ import annotations
@@ -33,16 +33,10 @@ import torch
 
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.config.model import ModelConfig
+from elastic_megatron.convert.checkpoint_tokenizer import checkpoint_tokenizer, is_hf_dir
 
 HF = "hf"
 MEGATRON = "megatron"
-
-
-def is_hf_dir(path: str | Path) -> bool:
-    """A Hugging Face model directory (config.json and safetensors shards, no dist checkpoint)."""
-    path = Path(path)
-    return ((path / "config.json").is_file() and not (path / "metadata.json").exists()
-            and any(path.glob("*.safetensors")))
 
 
 @dataclass
@@ -127,63 +121,3 @@ def _load_hf_weights(ckpt: InferenceCheckpoint, model, dtype: torch.dtype) -> No
         hooks.load_amax(q["amax"])
         for quantizer in hooks.weight_q.values():
             quantizer.disable()  # the weights already are the decoded packed values
-
-
-# ---- the tokenizer of a checkpoint ------------------------------------------------------------
-
-def recorded_tokenizer(directory: Path, meta: dict, key: str = "--tokenizer"):
-    """The tokenizer a checkpoint records, or None when it records none: the files of an HF
-    directory, the description its training data recorded, the files next to an import, the
-    tokenizer of its data prefixes, or that of the checkpoint it was sliced from."""
-    from elastic_megatron.data.tokenizer import tokenizer_from_description, tokenizer_of_hf_dir
-
-    directory = Path(directory)
-    if is_hf_dir(directory):
-        return tokenizer_of_hf_dir(directory)
-    described = (meta.get("data") or {}).get("tokenizer")
-    if described:
-        try:
-            return tokenizer_from_description(described)
-        except ConfigError as err:  # e.g. a tokenizer.json path of the machine that trained it
-            raise ConfigError(key, None, f"the checkpoint's tokenizer {described} cannot be loaded here "
-                              f"({err.allowed}); pass {key} <a tokenizer.json, or a directory holding one>") from None
-    run_dir = directory.parent.parent if directory.parent.name == "checkpoints" else directory
-    imported = tokenizer_of_hf_dir(run_dir / "tokenizer")
-    if imported is not None:
-        return imported
-    config = meta.get("config")
-    if config:
-        import yaml
-
-        prefixes = (yaml.safe_load(config).get("data") or {}).get("prefixes")
-        if prefixes:
-            from elastic_megatron.data.datasets import load_tokenizer_for
-
-            try:
-                return load_tokenizer_for(list(prefixes))
-            except ConfigError:
-                pass
-    source = (meta.get("sliced_from") or {}).get("checkpoint")
-    if source and Path(source).exists():
-        from elastic_megatron.checkpoint.metadata import checkpoint_model_config
-        from elastic_megatron.checkpoint.store import resolve_checkpoint_dir
-
-        _, source_meta = checkpoint_model_config(source)
-        return recorded_tokenizer(resolve_checkpoint_dir(source), source_meta, key)
-    return None
-
-
-def checkpoint_tokenizer(directory: Path, meta: dict, override: Optional[str] = None):
-    """`override` (a tokenizer.json, or a directory holding one) or the tokenizer the
-    checkpoint records; a checkpoint that records none needs the override."""
-    from elastic_megatron.data.tokenizer import HFTokenizer
-
-    if override:
-        if not Path(override).exists():
-            raise ConfigError("--tokenizer", override, "does not exist (a tokenizer.json, or a directory holding one)")
-        return HFTokenizer(override)
-    tok = recorded_tokenizer(directory, meta)
-    if tok is None:
-        raise ConfigError("--tokenizer", None, f"no tokenizer is recorded for {directory}: pass --tokenizer <tokenizer.json>")
-    return tok
-
