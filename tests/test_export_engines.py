@@ -285,7 +285,7 @@ def test_exclude_modules_and_ignore_are_modelopts_lists(elastic):
 # ---- 5. generation and evaluation from quantized HF slices -------------------------------------
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_quantized_hf_slice_generates_like_the_fake_quantized_elastic_checkpoint(elastic, fmt):
+def test_quantized_hf_slice_generates_like_the_fake_quantized_elastic_checkpoint(elastic, fmt, tmp_path):
     from elastic_megatron.inference.generator import ElasticGenerator
     from elastic_megatron.quant.hooks import attach
 
@@ -308,8 +308,20 @@ def test_quantized_hf_slice_generates_like_the_fake_quantized_elastic_checkpoint
     tolerance = {"nvfp4": 1e-5, "fp8": 5e-3}[fmt]
     assert (got - expected).abs().max().item() <= tolerance * expected.abs().max().item()
     assert (plain - expected).abs().max().item() > 1e-3  # quantization is not a no-op here
+
+    # The elastic checkpoint with the parent's scales recorded (as QAD writes them), run at
+    # `fmt` by the generator: every budget's view fake-quantized with the one set of scales.
+    qad = tmp_path / "qad"
+    meta = elastic_meta(cfg, elastic.budgets, data={"tokenizer": {"type": "byte"}}, quantization=elastic.records[fmt])
+    store.save_checkpoint(qad, elastic.model, None, None, 1, 0, meta)
+    quantized = ElasticGenerator.from_checkpoint(qad)  # default: as stored, with its scales
+    assert quantized.quantization["format"] == fmt
+    through_generator, _ = quantized.decoder("small").prefill(prompts, 4)
+    assert torch.equal(through_generator, expected)
+    as_bf16, _ = ElasticGenerator.from_checkpoint(qad, precision="bf16").decoder("small").prefill(prompts, 4)
+    assert torch.equal(as_bf16, plain)
     a, _ = from_hf.generate_ids(prompts, max_new_tokens=6)
-    b, _ = from_elastic.generate_ids(prompts, "small", max_new_tokens=6)
+    b, _ = quantized.generate_ids(prompts, "small", max_new_tokens=6)
     assert a == b and len(a[0]) == 6
 
 

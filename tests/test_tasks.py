@@ -228,7 +228,7 @@ doc_to_target: label
     ({"tasks": ["no_such_task_anywhere"]}, "--tasks", "is not a task; shipped: ['shakespeare_cloze'"),
     ({"tasks": ["stdlib_cloze", "my_missing_task"]}, "--tasks", "'my_missing_task': its data are not available offline"),
     ({"budgets": ["medium"]}, "--budgets", "is not a budget of"),
-    ({"precisions": ["nvfp4"]}, "--precisions", "not supported by tools/serve.py yet"),
+    ({"qad": "QAD"}, "--qad", "applies to --precisions fp8/nvfp4"),
     ({"precisions": ["int4"]}, "--precisions", "allowed: ['bf16', 'fp8', 'nvfp4']"),
     ({"limit": 0}, "--limit", "must be a positive integer"),
 ])
@@ -238,7 +238,7 @@ def test_bad_input_is_refused_before_a_server_starts(checkpoint, tmp_path, chang
     (tasks_dir / "my_missing_task.yaml").write_text(MISSING_TASK.format(path=tmp_path / "gone.jsonl"))
     req = TaskRequest(str(checkpoint), ["stdlib_cloze"], str(tmp_path / "out"), include_paths=[str(tasks_dir)])
     for k, v in change.items():
-        setattr(req, k, v)
+        setattr(req, k, str(checkpoint) if v == "QAD" else v)
     with pytest.raises(ConfigError) as err:
         check_request(req)
     assert err.value.key == key and says in str(err.value), str(err.value)

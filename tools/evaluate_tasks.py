@@ -19,9 +19,10 @@ OpenAI client reach a model.
 package), tasks of --include-path directories of lm-eval YAMLs, or any lm-eval task whose
 data are in the local datasets cache: nothing is downloaded (HF_DATASETS_OFFLINE /
 HF_HUB_OFFLINE are set). --precisions: bf16 is the checkpoint as stored (a quantized HF
-export is its own format, e.g. --precisions nvfp4); fp8/nvfp4 of an elastic checkpoint
-(PTQ, or --qad <QAD run> for its format) need fake-quantized budgets in the server, which it
-does not serve yet: refused until then. --sorted: the sorted parent served at the same
+export is its own format, e.g. --precisions nvfp4); fp8/nvfp4 of an elastic checkpoint are
+its budgets fake-quantized with one set of scales, served by tools/serve.py --precision:
+post-training quantization calibrated at every budget, or --qad <QAD run> (its own scales)
+for the QAD run's format. --sorted: the sorted parent served at the same
 budgets (the untrained slices of the same sizes), in bf16.
 
 Writes <out>/results.json (per task, budget, precision: metric, stderr, samples, seconds),

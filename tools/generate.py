@@ -33,6 +33,10 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", default=None, help="a tokenizer.json to use instead of the checkpoint's")
+    parser.add_argument("--precision", default=None, choices=("bf16", "fp8", "nvfp4"),
+                        help="every budget fake-quantized with one set of scales: a QAD checkpoint's own, else "
+                             "post-training quantization calibrated at every budget (default: as stored)")
+    parser.add_argument("--calibration-batches", type=int, default=16, help="--precision PTQ: training micro-batches")
     parser.add_argument("--think-budget", default=None, help="budget control: the budget that writes the reasoning trace")
     parser.add_argument("--answer-budget", default=None, help="budget control: the budget that writes the answer")
     parser.add_argument("--delimiter", default="</think>", help="budget control: where thinking ends")
@@ -69,7 +73,8 @@ def main(argv=None) -> int:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
         stream = (lambda i, text: print(text, end="", flush=True)) if len(prompts) == 1 else None
         with distributed(1, 1, 1, seed=args.seed):
-            gen = ElasticGenerator.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer)
+            gen = ElasticGenerator.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, precision=args.precision,
+                                                   calibration_batches=args.calibration_batches)
             gen.contiguous, gen.cuda_graph = args.contiguous_budgets, args.cuda_graph
             if control:
                 print(prompts[0], end="", flush=True)

@@ -39,9 +39,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", default=None, help="a tokenizer.json to use instead of the checkpoint's")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and activations (default fp32, "
                         "as tools/generate.py; bf16 on GPUs)")
-    parser.add_argument("--precision", default=None,
-                        help="not supported yet: fake-quantized budgets of an elastic or QAD checkpoint; serve a quantized "
-                             "HF export instead (tools/zero_shot_slicing.py --precision fp8|nvfp4 --format hf)")
+    parser.add_argument("--precision", default=None, choices=("bf16", "fp8", "nvfp4"),
+                        help="every budget fake-quantized with one set of scales: a QAD checkpoint's own, else "
+                             "post-training quantization calibrated at every budget (default: as stored; a quantized "
+                             "HF export always runs as its format)")
+    parser.add_argument("--calibration-batches", type=int, default=16, help="--precision PTQ: training micro-batches")
     parser.add_argument("--contiguous-budgets", action="store_true",
                         help="copy a budget's strided weight views into contiguous tensors (faster reads, more memory)")
     parser.add_argument("--cuda-graph", action="store_true", help="run each decode step as a captured CUDA graph (CUDA only)")
@@ -53,10 +55,6 @@ def main(argv=None) -> int:
         from elastic_megatron.config.errors import ConfigError
         from elastic_megatron.serving.options import ServeOptions, bind, exposure_warning
 
-        if args.precision is not None:
-            raise ConfigError("--precision", args.precision, "serving fake-quantized budgets is not supported yet; serve the "
-                              "checkpoint as it is stored, or a quantized HF export (tools/zero_shot_slicing.py --precision "
-                              "fp8|nvfp4 --format hf)")
         options = ServeOptions(args.max_batch, args.max_queue, args.max_model_len, args.api_key, args.grace_period)
         options.check()  # before anything heavy is imported
 
@@ -71,7 +69,8 @@ def main(argv=None) -> int:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
         name = args.model_name or Path(args.checkpoint).resolve().name
         with distributed(1, 1, 1, seed=args.seed):
-            gen = ElasticGenerator.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, dtype=dtype)
+            gen = ElasticGenerator.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, dtype=dtype,
+                                                   precision=args.precision, calibration_batches=args.calibration_batches)
             options.check(gen.cfg.max_sequence_length)  # the length limit: before the weights are read
             sock = bind(args.host, args.port)
             gen.contiguous, gen.cuda_graph = args.contiguous_budgets, args.cuda_graph

@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from elastic_megatron.config.errors import ConfigError
-from elastic_megatron.inference.loading import open_for_inference
+from elastic_megatron.inference.loading import budget_quantization, open_for_inference
 from elastic_megatron.elastic.budgets import recorded_budgets
 from elastic_megatron.elastic.widths import Widths, full_widths
 from elastic_megatron.inference.budgets import ViewStats, budget_model
@@ -103,8 +103,11 @@ class ElasticGenerator:
     that every request is checked before the weights are read)."""
 
     def __init__(self, model, cfg, budgets: dict[str, Widths], tokenizer, source: str = "", contiguous: bool = False,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, quantization: Optional[dict] = None):
         self._parent, self.cfg, self.tokenizer, self.source = model, cfg, tokenizer, source
+        # Scales (a QuantHooks record) every budget's model runs fake-quantized with, or None
+        # (inference/loading.py budget_quantization); attached to each model as it is built.
+        self.quantization = quantization
         # Set before the first generation: budgets' strided weights copied contiguous
         # (memory: view_stats[name].copied_bytes), decode steps as CUDA graphs (CUDA only).
         self.contiguous, self.cuda_graph = contiguous, cuda_graph
@@ -122,10 +125,13 @@ class ElasticGenerator:
     # ---- loading ---------------------------------------------------------------------------
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, tokenizer: Optional[str] = None, dtype: torch.dtype = torch.float32) -> "ElasticGenerator":
+    def from_checkpoint(cls, path: str | Path, tokenizer: Optional[str] = None, dtype: torch.dtype = torch.float32,
+                        precision: Optional[str] = None, calibration_batches: int = 16) -> "ElasticGenerator":
         """Load a checkpoint (run dir or iter_* dir, or a Hugging Face directory: BF16, FP8 or
         NVFP4, inference/loading.py) once; `tokenizer`: a tokenizer.json to use instead of the
-        one the checkpoint records."""
+        one the checkpoint records. `precision` (bf16, fp8, nvfp4; default: as stored, a QAD
+        checkpoint with its scales): every budget fake-quantized with one set of scales, see
+        `budget_quantization`."""
         checkpoint = open_for_inference(path)
         cfg, meta, directory = checkpoint.cfg, checkpoint.meta, checkpoint.path
         tok = checkpoint.tokenizer(tokenizer)
@@ -134,7 +140,8 @@ class ElasticGenerator:
         budgets = {FULL: full_widths(cfg)}
         if (meta.get("elastic") or {}).get("budgets"):
             budgets = dict(recorded_budgets(meta, directory))
-        return cls(lambda: checkpoint.load_model(dtype), cfg, budgets, tok, str(directory))
+        quantization = budget_quantization(checkpoint, precision, calibration_batches)
+        return cls(lambda: checkpoint.load_model(dtype), cfg, budgets, tok, str(directory), quantization=quantization)
 
     def budget_names(self) -> list[str]:
         return list(self.budgets)
@@ -155,12 +162,17 @@ class ElasticGenerator:
         if name not in self._decoders:
             widths = self.budgets[name]
             if widths == full_widths(self.cfg):
-                self._decoders[name] = HybridDecoder(self.parent, self.cfg, cuda_graph=self.cuda_graph)
+                model, sub_cfg = self.parent, self.cfg
             else:
                 model, sub_cfg, stats = budget_model(self.parent, self.cfg, widths, name=f"{self.cfg.name}_{name}",
                                                      contiguous=self.contiguous)
                 self.view_stats[name] = stats
-                self._decoders[name] = HybridDecoder(model, sub_cfg, cuda_graph=self.cuda_graph)
+            if self.quantization is not None:  # after any contiguous copy, before a CUDA graph is captured
+                from elastic_megatron.quant.hooks import attach
+
+                q = self.quantization
+                attach(model, q, q["format"], q["recipe"])
+            self._decoders[name] = HybridDecoder(model, sub_cfg, cuda_graph=self.cuda_graph)
         return self._decoders[name]
 
     # ---- generation -------------------------------------------------------------------------

@@ -121,3 +121,44 @@ def _load_hf_weights(ckpt: InferenceCheckpoint, model, dtype: torch.dtype) -> No
         hooks.load_amax(q["amax"])
         for quantizer in hooks.weight_q.values():
             quantizer.disable()  # the weights already are the decoded packed values
+
+
+# ---- precision of the budgets ----------------------------------------------------------------
+
+PRECISIONS = ("bf16", "fp8", "nvfp4")
+
+
+def budget_quantization(ckpt: InferenceCheckpoint, precision: Optional[str], calibration_batches: int = 16,
+                        key: str = "--precision") -> Optional[dict]:
+    """The scales every budget of `ckpt` runs fake-quantized with (a QuantHooks record), or
+    None to run them as stored. One set of scales serves every budget (nested quantization),
+    so a budget's logits equal those of its quantized slice.
+
+    `precision` None: as the checkpoint is — a QAD elastic checkpoint with its own scales, a
+    quantized slice or export as its format, anything else unquantized. "bf16": the stored
+    weights, no quantization (a QAD checkpoint's BF16 master weights). "fp8"/"nvfp4": the
+    checkpoint's own scales when it records scales of that format (QAD), else post-training
+    quantization calibrated at every budget on the training data its run recorded
+    (`calibration_batches` micro-batches, as tools/evaluate_elastic.py and slicing do)."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ConfigError(key, precision, f"allowed: {list(PRECISIONS)}")
+    if ckpt.quantization is not None:  # one quantized model: it runs as its format, set at load
+        own = ckpt.quantization["format"]
+        if precision not in (None, own):
+            raise ConfigError(key, precision, f"{ckpt.path} is a {own} checkpoint and runs as one: omit {key} or give {own}")
+        return None
+    recorded = ckpt.meta.get("quantization") if ckpt.format == MEGATRON else None
+    if precision is None:
+        return recorded
+    if precision == "bf16":
+        return None
+    if recorded is not None and recorded["format"] == precision:
+        return recorded
+    if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
+        raise ConfigError("--calibration-batches", calibration_batches, "must be a positive integer")
+    if ckpt.format == HF:
+        raise ConfigError(key, precision, f"{ckpt.path} is a BF16 Hugging Face directory, which records no calibration "
+                          "data: quantize the elastic checkpoint it came from, or export a quantized slice")
+    from elastic_megatron.quant.calibrate import ptq_scales
+
+    return ptq_scales(ckpt.path, precision, "aggressive", calibration_batches, key=key)

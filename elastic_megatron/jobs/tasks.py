@@ -50,10 +50,6 @@ REPO = Path(__file__).resolve().parents[2]
 PRECISIONS = ("bf16", "fp8", "nvfp4")
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 SERVING_LINE = re.compile(r"^serving (\S+) on (http://\S+)/v1\s*$", re.M)
-# tools/serve.py cannot serve fake-quantized budgets of an elastic checkpoint yet (its
-# --precision refuses). When it can, set this and each precision maps to `--precision <p>`
-# (PTQ of the checkpoint; the --qad checkpoint with its own scales for the QAD format).
-SERVER_QUANTIZES_BUDGETS = False
 SEED = 1234  # lm-eval's default seeds (simple_evaluate: numpy, torch, few-shot sampler)
 
 
@@ -236,10 +232,6 @@ def plan_servers(req: TaskRequest) -> list[Served]:
         elif not elastic:
             raise ConfigError("--precisions", p, f"{req.checkpoint} is one BF16 model; evaluate a {p} export of it "
                                                  f"(tools/zero_shot_slicing.py --precision {p} --format hf)")
-        elif not SERVER_QUANTIZES_BUDGETS:
-            raise ConfigError("--precisions", p, "serving fake-quantized budgets of an elastic checkpoint is not supported "
-                              "by tools/serve.py yet; evaluate a quantized slice instead (tools/zero_shot_slicing.py "
-                              f"--precision {p} --format hf, then --checkpoint <target>/hf) or use --precisions bf16")
         else:
             out.append(_quantized(req, p, name, budgets))
     if req.qad and "nvfp4" not in req.precisions and "fp8" not in req.precisions:
