@@ -217,6 +217,8 @@ def main(argv: list[str]) -> dict:
                                contiguous_speedup=median(o["decode"]) / median(c["decode"]),
                                contiguous_mib=contiguous.view_stats[name].copied_bytes / 2**20,
                                spread_contiguous=spread(c["decode"]))
+                row["samples"] = {who: {k: runs[who, name, b][k] for k in ("prefill", "decode")}
+                                  for who in ("ours", "hf", "contiguous") if (who, name, b) in runs}
                 rows.append(row)
         control = budget_control(gen, text, smallest, full, think, answer, repeat) if with_control else None
 

@@ -88,6 +88,8 @@ class HybridDecoder:
         self.device, self.dtype = param.device, param.dtype
         self.cuda_graph = cuda_graph
         self.static = static or cuda_graph
+        if cfg.backend != "local":  # TE fuses the norms into its linears: other modules, other parameters
+            raise ConfigError("model.backend", cfg.backend, "cached decoding runs the local backend's modules; allowed: local")
         if cuda_graph and self.device.type != "cuda":
             raise ConfigError("--cuda-graph", True, f"CUDA graphs need a model on a CUDA device; this one is on {self.device}")
         for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
@@ -102,8 +104,6 @@ class HybridDecoder:
             if site.symbol == MAMBA:
                 self.layers.append(MambaStep(layer, sum(isinstance(s, MambaStep) for s in self.layers)))
             elif site.symbol == ATTENTION:
-                if not hasattr(site.core_attention, "decode_cache"):
-                    raise ConfigError("model.backend", cfg.backend, "cached decoding runs the local backend's attention; allowed: local")
                 self.layers.append(AttentionStep(layer, sum(isinstance(s, AttentionStep) for s in self.layers)))
             elif site.symbol == MLP:
                 self.layers.append(MlpStep(layer, act))
