@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 from elastic_megatron.checkpoint.store import save_checkpoint  # noqa: E402
 from elastic_megatron.convert.megatron_dist import config_yaml  # noqa: E402
-from elastic_megatron.elastic.budgets import validate_elastic  # noqa: E402
+from elastic_megatron.elastic.budgets import budgets_meta, validate_elastic  # noqa: E402
 from elastic_megatron.elastic.reindex import prefix_index  # noqa: E402
 from elastic_megatron.elastic.widths import full_widths, model_cost  # noqa: E402
 from elastic_megatron.inference.generator import ElasticGenerator  # noqa: E402
@@ -124,16 +124,15 @@ def theirs(model, prompts: list[list[int]], new: int) -> tuple[float, list[float
     return (*_steps(start, clock.times[1:]), out[:, ids.shape[1]:].tolist())
 
 
-def export_budgets(parent, cfg, budgets: dict, directory: Path, dtype: torch.dtype) -> dict:
-    """transformers models of every budget, each loaded from the project's HF export of the
-    budget's slice of `parent` (saved as an elastic checkpoint over the identity sort)."""
+def export_budgets(parent, cfg, spec, resolved: list, directory: Path, dtype: torch.dtype) -> dict:
+    """transformers models of every budget (`resolved`: the spec's fixed budgets), each
+    loaded from the project's HF export of the budget's slice of `parent`, saved as an
+    elastic checkpoint over the identity sort with the metadata an elastic run writes."""
     from transformers import NemotronHForCausalLM
 
+    budgets = {b.name: b.fixed for b in resolved}
     meta = {"config": config_yaml(cfg), "sort_index": prefix_index(cfg, full_widths(cfg)).to_lists(),
-            "elastic": {"spec": "benchmark", "budgets": [
-                {"name": n, "target_kind": "total_params", "target": None, "widths": w.as_dict(),
-                 "total_params": int(model_cost(cfg, w, "total_params")),
-                 "active_params": int(model_cost(cfg, w, "active_params"))} for n, w in budgets.items()]}}
+            "elastic": budgets_meta(spec, cfg, resolved, budgets)}
     save_checkpoint(directory / "elastic", parent, None, None, 1, 0, meta)
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
     models = {}
@@ -157,7 +156,8 @@ def main(argv: list[str]) -> dict:
         torch.set_num_threads(int(args["threads"]))
     job = compose_job("stage1", [f"model={model_name}", f"elastic={spec}", "elastic.teacher_checkpoint=unused"])
     cfg = job.model
-    budgets = {b.name: b.fixed for b in validate_elastic(job.elastic, cfg) if not b.routed}
+    resolved = [b for b in validate_elastic(job.elastic, cfg) if not b.routed]
+    budgets = {b.name: b.fixed for b in resolved}
     names = list(budgets)
     full, smallest = names[0], names[-1]
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -166,7 +166,7 @@ def main(argv: list[str]) -> dict:
     with distributed(), tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         parent = build_model(cfg, params_dtype=dtype).eval()
-        hf = export_budgets(parent, cfg, budgets, Path(tmp), dtype) if with_hf else {}
+        hf = export_budgets(parent, cfg, job.elastic, resolved, Path(tmp), dtype) if with_hf else {}
         gen = ElasticGenerator(parent, cfg, budgets, _Vocab(cfg.vocab_size))
         contiguous = ElasticGenerator(parent, cfg, budgets, _Vocab(cfg.vocab_size), contiguous=True) if with_contiguous else None
         prompt = gen.encode(text)
