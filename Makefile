@@ -57,12 +57,13 @@ $(DEMO_DATA)_text_document.idx: | $(VENV)/.installed
 # text generated at the smallest and the full budget and with elastic budget control
 # (the small budget writes the class header, the full one its body), and last the shipped
 # downstream tasks through lm-evaluation-harness and tools/serve.py (every budget against
-# the untrained sorted slices, and the NVFP4 QAD slice), next to the held-out losses.
+# the untrained sorted slices, in BF16 and with the QAD run's NVFP4 scales), next to the
+# held-out losses.
 TRAIN := $(PY) -m elastic_megatron.train
 # A 287K-parameter byte model loops when greedy: the demo samples, with a fixed seed.
 SAMPLE := --temperature 0.8 --top-p 0.95 --seed 1
 demo: install $(DEMO_DATA)_text_document.idx
-	rm -rf runs/demo-pretrain runs/demo-importance runs/demo-stage1 runs/demo-stage2 runs/demo-qad runs/demo-eval runs/demo-small runs/demo-small-nvfp4 runs/demo-tasks runs/demo-tasks-small-nvfp4
+	rm -rf runs/demo-pretrain runs/demo-importance runs/demo-stage1 runs/demo-stage2 runs/demo-qad runs/demo-eval runs/demo-small runs/demo-small-nvfp4 runs/demo-tasks
 	$(TRAIN) --config-name=pretrain model=tiny run.dir=runs/demo-pretrain
 	$(PY) -c "import torch; from elastic_megatron.data.datasets import read_tokens; from elastic_megatron.data.stdlib_corpus import unigram_entropy_nats as h; \
 	print(f'unigram entropy of the demo corpus: {h(torch.from_numpy(read_tokens(\"$(DEMO_DATA)_text_document\").astype(\"int64\")), 257):.4f} nats (validation loss above should be well below it)')"
@@ -83,11 +84,10 @@ demo: install $(DEMO_DATA)_text_document.idx
 	$(PY) tools/generate.py --checkpoint runs/demo-stage2 --budget full --prompt "def __init__(self" --max-new-tokens 160 $(SAMPLE)
 	$(PY) tools/generate.py --checkpoint runs/demo-stage2 --think-budget small --answer-budget full \
 		--prompt "class Parser" --delimiter ":" --max-think-tokens 60 --max-new-tokens 160 $(SAMPLE)
-	@echo "--- downstream tasks (lm-evaluation-harness through tools/serve.py): every budget next to the untrained sorted slices, and the NVFP4 QAD slice of the smallest budget"
+	@echo "--- downstream tasks (lm-evaluation-harness through tools/serve.py): every budget in BF16 and NVFP4 (the QAD run's scales) next to the untrained sorted slices"
 	$(PY) tools/evaluate_tasks.py --checkpoint runs/demo-stage2 --sorted runs/demo-importance \
+		--qad runs/demo-qad --precisions bf16,nvfp4 \
 		--tasks stdlib_cloze,stdlib_identifier,stdlib_assign --out runs/demo-tasks
-	$(PY) tools/evaluate_tasks.py --checkpoint runs/demo-small-nvfp4/hf --precisions nvfp4 \
-		--tasks stdlib_cloze,stdlib_identifier,stdlib_assign --out runs/demo-tasks-small-nvfp4
 	@echo "--- held-out loss per budget (runs/demo-eval) next to the task scores above"
 	@$(PY) -c "import json; rows = json.load(open('runs/demo-eval/evaluation.json'))['rows']; \
 	[print(f\"{r['model']:9} {r['budget']:7} loss {r['loss']:.4f}  ppl {r['ppl']:7.3f}\") for r in rows]"

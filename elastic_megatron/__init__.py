@@ -17,18 +17,22 @@ warnings.filterwarnings("ignore", message=r"Please use DTensor instead and we ar
 warnings.filterwarnings("ignore", message=r"absl\.logging is not installed", category=UserWarning)
 
 
-def _drop_no_cuda_runtime_note() -> None:
-    """A CUDA build of torch on a machine without a GPU (Python 3.12 wheels are CUDA builds)
-    logs 'No CUDA runtime is found, using CUDA_HOME=...' when anything imports
-    torch.utils.cpp_extension (Megatron-Core and ModelOpt do). This project compiles no
-    extensions; the line is noise on every command. Only that record is dropped."""
+def _drop_log_record(logger: str, prefix: str) -> None:
+    """Drop the records of `logger` whose message starts with `prefix` (nothing else)."""
     import logging
 
     class _Drop(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            return not str(record.msg).startswith("No CUDA runtime is found")
+            return not str(record.msg).startswith(prefix)
 
-    logging.getLogger("torch.utils.cpp_extension").addFilter(_Drop())
+    logging.getLogger(logger).addFilter(_Drop())
 
 
-_drop_no_cuda_runtime_note()
+# A CUDA build of torch on a machine without a GPU (Python 3.12 wheels are CUDA builds) logs
+# 'No CUDA runtime is found, using CUDA_HOME=...' when anything imports
+# torch.utils.cpp_extension (Megatron-Core and ModelOpt do); this project compiles no extensions.
+_drop_log_record("torch.utils.cpp_extension", "No CUDA runtime is found")
+# Megatron-Core 0.19 logs 'load_common is deprecated ...' whenever it reads a checkpoint's
+# common.pt, which every checkpoint of this project carries so that 0.16-0.18 read it too
+# (models/compat.py, write_common_state_file).
+_drop_log_record("megatron.core.dist_checkpointing.strategies.common", "load_common is deprecated")

@@ -11,9 +11,8 @@ every sequence: it gathers the keys and values of all CP ranks (GQA keeps them s
 and attends each of its query chunks to the keys up to that chunk's end, causal by true
 position (lower-right aligned), which is exactly the single-rank result.
 
-With a `decode_cache` attached (models/cache.py, set by the decoder) it appends the chunk's
-keys and values to the cache and attends over everything cached: prefill, then one token
-at a time, left-padded batches included.
+Cached decoding does not go through this module: inference/layers.py attends over its
+preallocated slot caches itself.
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ class SDPACoreAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.decode_cache = None  # an AttentionCache while decoding
 
     def forward(
         self,
@@ -63,8 +61,6 @@ class SDPACoreAttention(MegatronModule):
     ) -> torch.Tensor:
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("SDPACoreAttention: packed sequences and attention bias need the te backend")
-        if self.decode_cache is not None:
-            return self._cached(query, key, value)
         mask_type = attn_mask_type or self.attn_mask_type
         if self.cp > 1:
             if mask_type != AttnMaskType.causal or attention_mask is not None:
@@ -107,27 +103,3 @@ class SDPACoreAttention(MegatronModule):
             )
             outs.append(out.permute(2, 0, 1, 3).reshape(half, b, nh * hd))
         return torch.cat(outs, dim=0)
-
-    def _cached(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Causal attention of a chunk over the cache (which the chunk's keys extend)."""
-        cache = self.decode_cache
-        sq, b, nh, hd = query.shape
-        start, end = cache.length, cache.length + sq
-        if end > cache.keys.shape[1]:
-            raise ValueError(f"decode cache holds {cache.keys.shape[1]} positions; {end} requested")
-        cache.keys[:, start:end] = key.transpose(0, 1)
-        cache.values[:, start:end] = value.transpose(0, 1)
-        pad = cache.padding.pad
-        if pad is not None:
-            cache.key_pad[:, start:end] = pad
-        cache.length = end
-        k = cache.keys[:, :end].transpose(1, 2)  # [b, groups, end, hd]
-        v = cache.values[:, :end].transpose(1, 2)
-        position = torch.arange(end, device=query.device)
-        allowed = position[None, :] <= position[start:end, None]  # causal, [sq, end]
-        allowed = allowed[None] & ~cache.key_pad[:, None, :end]  # no padded key, [b, sq, end]
-        if pad is not None:  # a padded query sees itself only: no empty softmax rows
-            allowed = allowed | ((position[None, :] == position[start:end, None])[None] & pad[:, :, None])
-        out = F.scaled_dot_product_attention(query.permute(1, 2, 0, 3), k, v, attn_mask=allowed[:, None],
-                                             scale=self.softmax_scale, enable_gqa=k.shape[1] != nh)
-        return out.permute(2, 0, 1, 3).reshape(sq, b, nh * hd)

@@ -32,7 +32,6 @@ class MambaCache:
 
     conv: Optional[torch.Tensor] = None  # [b, conv_dim, kernel - 1]
     ssm: Optional[torch.Tensor] = None  # [b, heads, head_dim, state], fp32
-    padding: Optional[object] = None  # the mixer reads `padding.pad` (left-padded positions); never set here
 
 
 @dataclass(frozen=True)

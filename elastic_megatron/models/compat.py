@@ -15,7 +15,9 @@ applies to (`MCORE_VERSION`, `mcore_at_least`):
 - `_patch_checkpoint_results_queue`: the dist-checkpoint writer's results-queue getter was
   renamed in 0.17 (and its writers became threads).
 - `write_common_state_file`: 0.19 keeps a checkpoint's common state inside the torch_dist
-  shards and writes no `common.pt`, which 0.16-0.18 need; every checkpoint gets one.
+  shards and writes no `common.pt`, which 0.16-0.18 need; every checkpoint gets one (and
+  0.19's note that reading it is deprecated is dropped in `elastic_megatron/__init__.py`,
+  which runs before anything reads a checkpoint).
 - `_patch_mamba_stack_final_norm` patches the module that builds the stack's final norm
   (ssm/mamba_block.py before 0.18, models/hybrid/hybrid_block.py from 0.18).
 
@@ -150,17 +152,6 @@ def write_common_state_file(state: dict, checkpoint_dir) -> None:
     _, persistent = extract_nonpersistent(state)
     _, common = extract_sharded_base(persistent)
     torch.save(common, os.path.join(str(checkpoint_dir), "common.pt"))
-
-
-def _quiet_legacy_common_state_note() -> None:
-    """0.19 logs 'load_common is deprecated ...' (dist_checkpointing/strategies/common.py)
-    every time it reads a common.pt, which every checkpoint of this project has (see
-    `write_common_state_file`). Only that record is dropped."""
-    class _Drop(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return not str(record.msg).startswith("load_common is deprecated")
-
-    logging.getLogger("megatron.core.dist_checkpointing.strategies.common").addFilter(_Drop())
 
 
 def _patch_router_gating_device() -> None:
@@ -326,8 +317,6 @@ def _patch_checkpoint_results_queue() -> None:
 def apply() -> None:
     """Apply the patches this machine needs (idempotent)."""
     needed = [_patch_checkpoint_results_queue]
-    if mcore_at_least(0, 19):
-        needed.append(_quiet_legacy_common_state_note)
     if not torch.cuda.is_available():
         needed += [_patch_router_gating_device, _patch_router_buffers_device, _disable_jit_fuser_compile,
                    _patch_checkpoint_preload_sync, _patch_checkpoint_finalize_device, _patch_tensor_parallel_buffers_device,

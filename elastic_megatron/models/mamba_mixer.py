@@ -14,10 +14,10 @@ Data flow (per token, per TP rank):
   (x, B, C, dt) -> SSD scan with A = -exp(A_log), dt = softplus(dt + dt_bias), D skip
   y -> GatedRMSNorm(y, z) (groups of heads) -> out_proj
 
-With a `decode_cache` attached (models/cache.py, set by the decoder), a chunk of several
-tokens (prefill) runs the chunked scan from the cached state and leaves the conv inputs
-and the final SSM state in the cache; a single token runs one step of the recurrence
-(pure PyTorch; mamba_ssm's `selective_state_update` Triton kernel on CUDA when installed).
+`mix_cached` is the prefill of cached decoding (inference/layers.py): the chunked scan from
+the state in `decode_cache` (models/cache.py), leaving the conv inputs and the final SSM
+state there. The one-token decode step is written in inference/layers.py (pure PyTorch, or
+mamba_ssm's `selective_state_update` Triton kernel on CUDA when installed, imported here).
 """
 
 from __future__ import annotations
@@ -267,12 +267,7 @@ class HybridMambaMixer(MegatronModule):
         if packed_seq_params is not None:
             raise NotImplementedError("HybridMambaMixer: packed sequences are not supported yet")
         zxbcdt, _ = self.in_proj(hidden_states)
-        if self.decode_cache is not None:
-            if self.cp.cp_size > 1:
-                raise NotImplementedError("HybridMambaMixer: decoding runs without context parallelism")
-            y = self.mix_cached(zxbcdt.transpose(0, 1))
-        else:
-            y = self.mix(zxbcdt.transpose(0, 1))
+        y = self.mix(zxbcdt.transpose(0, 1))
         return self.out_proj(y.transpose(0, 1))
 
     def mix(self, zxbcdt: torch.Tensor) -> torch.Tensor:
@@ -332,55 +327,25 @@ class HybridMambaMixer(MegatronModule):
         return dt if (lo, hi) == (0.0, float("inf")) else dt.clamp(lo, hi)
 
     def mix_cached(self, zxbcdt: torch.Tensor) -> torch.Tensor:
-        """`mix` for decoding: the chunk continues the cached conv inputs and SSM state."""
+        """`mix` of a prompt for decoding (inference/layers.py's prefill): the causal conv and
+        the chunked scan continue `self.decode_cache` (a MambaCache: zero state when empty)
+        and leave the last conv inputs and the final SSM state there. One-token steps are
+        written in inference/layers.py."""
         cache = self.decode_cache
         batch, seqlen, _ = zxbcdt.shape
         z, xbc, dt = self._split(zxbcdt)
-        pad = cache.padding.pad if cache.padding is not None else None
-        if pad is not None:  # padded positions are absent: zero conv input, a step of length 0
-            xbc = torch.where(pad[..., None], torch.zeros((), dtype=xbc.dtype, device=xbc.device), xbc)
         k = self.conv1d.weight.shape[-1]
         history = cache.conv if cache.conv is not None else xbc.new_zeros(batch, xbc.shape[-1], k - 1)
         window = torch.cat([history, xbc.transpose(1, 2)], dim=-1)  # [b, conv_dim, k - 1 + seqlen]
         cache.conv = window[..., -(k - 1):].clone()
-        if seqlen == 1:  # one output: a multiply-sum (the CPU conv kernel costs ~20x more here)
-            conv = (window * self.conv1d.weight[:, 0]).sum(-1, keepdim=True)
-            conv = conv + self.conv1d.bias[:, None] if self.conv1d.bias is not None else conv
-        else:
-            conv = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=window.shape[1])
-        xbc = F.silu(conv.transpose(1, 2))
-        x, B, C = self._split_xbc(xbc)
-        dt = self._dt(dt)
-        if pad is not None:
-            dt = dt.masked_fill(pad[..., None], 0.0)
+        conv = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=window.shape[1])
+        x, B, C = self._split_xbc(F.silu(conv.transpose(1, 2)))
         A = -torch.exp(self.A_log.float())
-        if seqlen == 1 and cache.ssm is not None:
-            y = self._step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])[:, None]
-        else:
-            scan = mamba_chunk_scan_combined if self.use_triton(x) else ssd_chunk_scan
-            y, cache.ssm = scan(
-                x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(), self.chunk_size, D=self.D,
-                initial_states=cache.ssm, return_final_states=True,
-            )
-            cache.ssm = cache.ssm.float()
+        scan = mamba_chunk_scan_combined if self.use_triton(x) else ssd_chunk_scan
+        y, cache.ssm = scan(
+            x.contiguous(), self._dt(dt).contiguous(), A, B.contiguous(), C.contiguous(), self.chunk_size, D=self.D,
+            initial_states=cache.ssm, return_final_states=True,
+        )
+        cache.ssm = cache.ssm.float()
         return self.norm(y.flatten(-2), z)
 
-    def _step(self, x, dt, A, B, C) -> torch.Tensor:
-        """One step of the recurrence for every sequence: x [b, heads, hd], dt [b, heads],
-        B/C [b, groups, state]; updates the cached SSM state, returns y [b, heads, hd]."""
-        cache = self.decode_cache
-        if HAVE_SELECTIVE_STATE_UPDATE and x.is_cuda and self.kernel != "torch":
-            h = self.nheads_local_tp
-            y = selective_state_update(
-                cache.ssm, x, dt[..., None].expand(-1, -1, self.headdim), A[:, None, None].expand(h, self.headdim, self.d_state),
-                B, C, self.D.float()[:, None].expand(-1, self.headdim), dt_bias=None, dt_softplus=False,
-            )
-            return y.to(x.dtype)
-        per_group = self.nheads_local_tp // self.ngroups_local_tp
-        B = B.float().repeat_interleave(per_group, dim=1)  # [b, heads, state]
-        C = C.float().repeat_interleave(per_group, dim=1)
-        x32 = x.float()
-        decay = torch.exp(dt * A)  # [b, heads]
-        cache.ssm = cache.ssm * decay[..., None, None] + (dt[..., None] * x32)[..., None] * B[:, :, None, :]
-        y = (cache.ssm * C[:, :, None, :]).sum(-1) + self.D.float()[:, None] * x32
-        return y.to(x.dtype)
