@@ -124,19 +124,27 @@ def theirs(model, prompts: list[list[int]], new: int) -> tuple[float, list[float
     return (*_steps(start, clock.times[1:]), out[:, ids.shape[1]:].tolist())
 
 
+def save_elastic(parent, cfg, spec, resolved: list, directory: Path, tokenizer: dict | None = None) -> Path:
+    """`parent` saved as an elastic checkpoint over the identity sort, with the metadata an
+    elastic run writes for the fixed budgets `resolved` (and `tokenizer` as data.tokenizer)."""
+    meta = {"config": config_yaml(cfg), "sort_index": prefix_index(cfg, full_widths(cfg)).to_lists(),
+            "elastic": budgets_meta(spec, cfg, resolved, {b.name: b.fixed for b in resolved})}
+    if tokenizer is not None:
+        meta["data"] = {"tokenizer": tokenizer}
+    save_checkpoint(directory, parent, None, None, 1, 0, meta)
+    return directory
+
+
 def export_budgets(parent, cfg, spec, resolved: list, directory: Path, dtype: torch.dtype) -> dict:
     """transformers models of every budget (`resolved`: the spec's fixed budgets), each
-    loaded from the project's HF export of the budget's slice of `parent`, saved as an
-    elastic checkpoint over the identity sort with the metadata an elastic run writes."""
+    loaded from the project's HF export of the budget's slice of `parent` (saved first as
+    an elastic checkpoint, `save_elastic`)."""
     from transformers import NemotronHForCausalLM
 
-    budgets = {b.name: b.fixed for b in resolved}
-    meta = {"config": config_yaml(cfg), "sort_index": prefix_index(cfg, full_widths(cfg)).to_lists(),
-            "elastic": budgets_meta(spec, cfg, resolved, budgets)}
-    save_checkpoint(directory / "elastic", parent, None, None, 1, 0, meta)
+    save_elastic(parent, cfg, spec, resolved, directory / "elastic")
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
     models = {}
-    for name in budgets:
+    for name in (b.name for b in resolved):
         hf_dir = slice_checkpoint(directory / "elastic", directory / f"hf-{name}", name, precision=precision, fmt="hf")
         model = NemotronHForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval().to(parent.embedding.word_embeddings.weight.device)
         model.generation_config.eos_token_id = None  # no early stop, as ours

@@ -41,16 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-from elastic_megatron.checkpoint.store import save_checkpoint  # noqa: E402
-from elastic_megatron.convert.megatron_dist import config_yaml  # noqa: E402
 from elastic_megatron.elastic.budgets import validate_elastic  # noqa: E402
-from elastic_megatron.elastic.reindex import prefix_index  # noqa: E402
-from elastic_megatron.elastic.widths import full_widths  # noqa: E402
 from elastic_megatron.inference.generator import ElasticGenerator  # noqa: E402
 from elastic_megatron.models.hybrid import build_model  # noqa: E402
 from elastic_megatron.parallel.setup import distributed  # noqa: E402
 from elastic_megatron.train import compose_job  # noqa: E402
-from generation import median, spread  # noqa: E402
+from generation import median, save_elastic, spread  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MIXED = "mixed"
@@ -59,18 +55,6 @@ MIXED = "mixed"
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
-
-
-def save_elastic(cfg, budgets: dict, directory: Path, dtype: torch.dtype) -> Path:
-    """A random parent of `cfg` as an elastic checkpoint over the identity sort (byte tokenizer)."""
-    torch.manual_seed(0)
-    parent = build_model(cfg, params_dtype=dtype).eval()
-    meta = {"config": config_yaml(cfg), "sort_index": prefix_index(cfg, full_widths(cfg)).to_lists(),
-            "data": {"tokenizer": {"type": "byte"}},
-            "elastic": {"spec": "benchmark", "budgets": [{"name": n, "target_kind": "total_params", "target": None,
-                                                          "widths": w.as_dict()} for n, w in budgets.items()]}}
-    save_checkpoint(directory, parent, None, None, 1, 0, meta)
-    return directory
 
 
 def start_server(checkpoint: Path, max_batch: int, log: Path) -> tuple[subprocess.Popen, str]:
@@ -150,15 +134,17 @@ def main(argv: list[str]) -> dict:
     requests = int(args.get("requests", 1))
     job = compose_job("stage1", [f"model={model_name}", f"elastic={spec}", "elastic.teacher_checkpoint=unused"])
     cfg = job.model
-    budgets = {b.name: b.fixed for b in validate_elastic(job.elastic, cfg) if not b.routed}
-    names = [b for b in args.get("budgets", ",".join(budgets)).split(",")]
+    resolved = [b for b in validate_elastic(job.elastic, cfg) if not b.routed]
+    names = [b for b in args.get("budgets", ",".join(b.name for b in resolved)).split(",")]
     modes = names + ([MIXED] if len(names) > 1 and args.get("mixed", "1") != "0" else [])
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     g = torch.Generator().manual_seed(1)
     texts = ["".join(chr(32 + int(x)) for x in torch.randint(0, 95, (prompt_len,), generator=g)) for _ in range(max(client_counts))]
     with distributed(), tempfile.TemporaryDirectory() as tmp:
-        checkpoint = save_elastic(cfg, budgets, Path(tmp) / "elastic", dtype)
+        torch.manual_seed(0)  # a random parent: the speed of its budgets does not depend on training
+        parent = build_model(cfg, params_dtype=dtype).eval()
+        checkpoint = save_elastic(parent, cfg, job.elastic, resolved, Path(tmp) / "elastic", tokenizer={"type": "byte"})
         gen = ElasticGenerator.from_checkpoint(checkpoint, dtype=dtype)
         prompts = [gen.encode(t) for t in texts]
         server, url = start_server(checkpoint, max(client_counts), Path(tmp) / "server.log")
@@ -195,7 +181,6 @@ def main(argv: list[str]) -> dict:
                      "itl_p50": percentile([t for x in results for t in x["itl"]], 50),
                      "itl_p99": percentile([t for x in results for t in x["itl"]], 99),
                      "e2e_p50": percentile([t for x in results for t in x["e2e"]], 50)})
-    by = {(r["who"], r["mode"], r["n"]): r for r in rows}
     same = all(rec["token_ids"] == runs["bare", rec["budget"], 1][0]["token_ids"][0]
                for (who, mode, n), results in runs.items() if who == "server" and n == 1 and mode != MIXED
                for x in results for rec in x["records"])

@@ -33,6 +33,7 @@ from elastic_helpers import logits, randomised_model
 from elastic_megatron.checkpoint import store
 from elastic_megatron.elastic.widths import Widths, full_widths
 from elastic_megatron.inference.generator import ElasticGenerator
+from elastic_megatron.jobs.tasks import stop_server
 
 CFG = preset("tiny")
 BUDGETS = {
@@ -85,13 +86,7 @@ def server(checkpoint):
     line = proc.stdout.readline()  # "serving <name> on http://127.0.0.1:<port>/v1" once it accepts requests
     assert line.startswith(f"serving {NAME} on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
     yield ServerProcess(proc, line.split()[-1].removesuffix("/v1"))
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_server(proc, grace_s=30)
 
 
 def solo(generator, prompt: str, budget: str, max_tokens: int) -> list[int]:

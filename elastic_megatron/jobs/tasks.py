@@ -298,13 +298,19 @@ def running_server(served: Served, log_path: Path, max_batch: int, timeout: floa
             time.sleep(0.2)
         yield found.group(2)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_server(proc, grace_s=60)
+
+
+def stop_server(proc: subprocess.Popen, grace_s: float) -> None:
+    """Stop a `tools/serve.py` process: SIGTERM (it drains the requests in flight), then kill
+    after `grace_s`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def served_models(url: str) -> dict[str, int]:
