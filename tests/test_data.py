@@ -66,6 +66,7 @@ def test_preprocess_jsonl_and_txt_read_back_exactly(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_preprocess_tool_refuses_to_overwrite(tmp_path):
     cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", "python-stdlib",
            "--max-bytes", "20000", "--output-prefix", str(tmp_path / "s")]

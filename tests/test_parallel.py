@@ -144,7 +144,9 @@ def cp_reference(teacher, tmp_path_factory):
     return run_worker(teacher, out, 1, [], seq=CP_SEQ), DistCheckpointSource(out / "grads")
 
 
-@pytest.mark.parametrize("name", list(CP_LAYOUTS))
+# The 4-process layouts take 13-15 s each on 2 cores: slow.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if CP_LAYOUTS[n][0] > 2 else [])
+                                  for n in CP_LAYOUTS])
 def test_context_parallel_layout_matches_the_single_process_run(name, teacher, cp_reference, tmp_path):
     nproc, layout = CP_LAYOUTS[name]
     ref, ref_grads = cp_reference
@@ -204,6 +206,7 @@ def test_invalid_layout_fails_before_any_process_work(tmp_path, stdlib_prefix, t
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_tp2_checkpoint_resumes_at_tp1_and_slices_like_a_tp1_model(tmp_path, stdlib_prefix, teacher, dist):
     """stage 1 trained 4 steps at TP=2 (+SP, expert TP 2) by the real trainer under
     torchrun, saving at steps 2 and 4; then, in one process (TP=1): slicing it gives the
@@ -266,6 +269,7 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+@pytest.mark.slow
 def test_pretraining_under_cp2_matches_the_single_process_run(teacher, tmp_path):
     """Pretraining's step (Megatron's own LM loss from the labels) under CP=2."""
     for name in ("single", "cp2"):
@@ -275,6 +279,7 @@ def test_pretraining_under_cp2_matches_the_single_process_run(teacher, tmp_path)
     assert_same_step(ref, DistCheckpointSource(tmp_path / "single" / "grads"), got, tmp_path / "cp2", grad_rel=2e-6)
 
 
+@pytest.mark.slow
 def test_stage2_under_cp2_resumes_at_cp1_and_at_cp2_with_the_same_losses(tmp_path, stdlib_prefix, teacher):
     """Stage 2 (tiny, routed budgets, full recompute) trained 4 steps by the real trainer
     under torchrun at CP=2; its step-2 checkpoint resumed to step 4 at CP=2 gives the same

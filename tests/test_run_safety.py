@@ -221,6 +221,7 @@ def test_resume_follows_moved_data_and_refuses_data_remade_in_place(stdlib_prefi
     assert (run_dir / "config.yaml").read_bytes() == config_before
 
 
+@pytest.mark.slow
 def test_resume_follows_moved_validation_data_and_refuses_it_remade_in_place(stdlib_prefix, tmp_path, capsys):
     """data.valid_prefixes is part of the run's data identity: the held-out files may move,
     not change, or the validation curve would go on over other data."""

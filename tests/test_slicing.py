@@ -265,6 +265,7 @@ def test_storage_report_cli_analytic_for_the_30b_preset():
     assert r["recipe"] == "aggressive" and r["kernels"] == {b: {"fp8": "ok", "nvfp4": "ok"} for b in ("30B", "23B", "12B")}
 
 
+@pytest.mark.slow
 def test_slicing_memory_is_bounded_by_the_largest_tensor(tmp_path):
     """Slice (both formats) a ~400 MB checkpoint in a fresh process: its peak resident
     memory grows by at most a few times the largest tensor plus a constant, far less than
@@ -315,6 +316,7 @@ def _flip_byte(path) -> None:
         f.write(bytes([b[0] ^ 0xFF]))
 
 
+@pytest.mark.slow
 def test_every_tool_refuses_a_checkpoint_with_flipped_bytes(elastic_ckpt, tmp_path):
     """Same-length corruption inside a tensor file: slicing, export, evaluation and import
     stop with one error line naming the file, before writing anything."""

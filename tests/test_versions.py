@@ -24,8 +24,9 @@ from elastic_megatron.models.compat import MCORE_VERSION
 from elastic_megatron.train import run
 
 OTHER = os.environ.get("ELASTIC_MEGATRON_OTHER_PYTHON", "")
-pytestmark = pytest.mark.skipif(
-    not OTHER, reason="needs the other leg's interpreter in ELASTIC_MEGATRON_OTHER_PYTHON (make test-312 sets it)")
+pytestmark = [pytest.mark.skipif(
+    not OTHER, reason="needs the other leg's interpreter in ELASTIC_MEGATRON_OTHER_PYTHON (make test-312 sets it)"),
+    pytest.mark.slow]  # minutes: each test runs half its work in the other interpreter
 
 STEPS = 6
 HALF = STEPS // 2
