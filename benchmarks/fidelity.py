@@ -3,7 +3,7 @@ the same sizes distilled SEPARATELY, on held-out English text, with the tokens a
 each method spent.
 
     python benchmarks/fidelity.py                       # tinyshakespeare, about 35 min on 2 CPU cores
-    python benchmarks/fidelity.py --text wikitext2_valid.txt --out runs/fidelity-wiki
+    python benchmarks/fidelity.py --text elastic_megatron/data/text/wikitext2_valid.txt --out runs/fidelity-wiki
     python benchmarks/fidelity.py --override stage1:elastic.curriculum.budgets_per_batch=3 --fresh stage1
     make bench-fidelity BENCH_ARGS="--scale 0.5"
 

@@ -8,11 +8,8 @@ import importlib.util
 import subprocess
 import sys
 
-import pytest
-
 from conftest import REPO
-
-SHARED = REPO.parent / "shared" / "data"
+from elastic_megatron.data.text import shipped_text
 
 
 def fidelity():
@@ -29,9 +26,8 @@ def test_blank_lines_holding_spaces_separate_paragraphs():
     assert docs == [" = Title = ", " First paragraph . ", " Second one . ", "Third\n"]
 
 
-@pytest.mark.skipif(not (SHARED / "wikitext2_valid.txt").is_file(), reason="needs ../shared/data/wikitext2_valid.txt")
 def test_wikitext2_gives_documents_to_hold_out():
-    docs = fidelity().documents((SHARED / "wikitext2_valid.txt").read_text(encoding="utf-8"))
+    docs = fidelity().documents(shipped_text("wikitext2_valid").read_text(encoding="utf-8"))
     assert len(docs) > 100 and max(len(d.encode()) for d in docs) < 20_000
 
 
