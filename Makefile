@@ -60,8 +60,9 @@ $(DEMO_DATA)_text_document.idx: | $(VENV)/.installed
 # the untrained sorted slices, in BF16 and with the QAD run's NVFP4 scales), next to the
 # held-out losses.
 TRAIN := $(PY) -m elastic_megatron.train
-# A 287K-parameter byte model loops when greedy: the demo samples, with a fixed seed.
-SAMPLE := --temperature 0.8 --top-p 0.95 --seed 1
+# A 287K-parameter byte model loops when greedy, and after a newline at temperature 0.8 it
+# writes nothing but indentation: the demo samples at temperature 1 (top-p 0.95, fixed seed).
+SAMPLE := --temperature 1.0 --top-p 0.95 --seed 1
 demo: install $(DEMO_DATA)_text_document.idx
 	rm -rf runs/demo-pretrain runs/demo-importance runs/demo-stage1 runs/demo-stage2 runs/demo-qad runs/demo-eval runs/demo-small runs/demo-small-nvfp4 runs/demo-tasks
 	$(TRAIN) --config-name=pretrain model=tiny run.dir=runs/demo-pretrain
