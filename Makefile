@@ -86,7 +86,8 @@ demo: install $(DEMO_DATA)_text_document.idx
 	$(PY) tools/generate.py --checkpoint runs/demo-stage2 --think-budget small --answer-budget full \
 		--prompt "class Parser" --delimiter ":" --max-think-tokens 60 --max-new-tokens 160 $(SAMPLE)
 	@echo "--- downstream tasks (lm-evaluation-harness through tools/serve.py): every budget in BF16 and NVFP4 (the QAD run's scales) next to the untrained sorted slices"
-	$(PY) tools/evaluate_tasks.py --checkpoint runs/demo-stage2 --sorted runs/demo-importance \
+	@# TQDM_DISABLE: lm-eval's per-request progress bars; the tool prints a line per budget and task
+	TQDM_DISABLE=1 $(PY) tools/evaluate_tasks.py --checkpoint runs/demo-stage2 --sorted runs/demo-importance \
 		--qad runs/demo-qad --precisions bf16,nvfp4 \
 		--tasks stdlib_cloze,stdlib_identifier,stdlib_assign --out runs/demo-tasks
 	@echo "--- held-out loss per budget (runs/demo-eval) next to the task scores above"
