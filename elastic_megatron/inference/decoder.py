@@ -99,8 +99,11 @@ class HybridDecoder:
         if getattr(config, "fp32_residual_connection", False) or getattr(config, "gated_linear_unit", False):
             raise NotImplementedError("cached decoding: fp32_residual_connection / gated_linear_unit are not reproduced")
         act = config.activation_func
+        sites = layer_sites(self.model, cfg)
+        if any(site.symbol == MOE for site in sites):
+            check_moe_supported(config)
         self.layers = []
-        for site, layer in zip(layer_sites(self.model, cfg), self.model.decoder.layers):
+        for site, layer in zip(sites, self.model.decoder.layers):
             if site.symbol == MAMBA:
                 self.layers.append(MambaStep(layer, sum(isinstance(s, MambaStep) for s in self.layers)))
             elif site.symbol == ATTENTION:
@@ -108,7 +111,6 @@ class HybridDecoder:
             elif site.symbol == MLP:
                 self.layers.append(MlpStep(layer, act))
             elif site.symbol == MOE:
-                check_moe_supported(config)
                 self.layers.append(MoEStep(layer, act))
         self.last_stateful = max((i for i, s in enumerate(self.layers) if isinstance(s, (AttentionStep, MambaStep))), default=-1)
         self.shapes = CacheShapes(tuple(s.cache_shape() for s in self.layers if isinstance(s, AttentionStep)),
@@ -255,7 +257,7 @@ class HybridDecoder:
             return StepContext(same_position=lengths[0])
         width = max(lengths) + 1
         positions = state.positions[:n]
-        mask = (torch.arange(width, device=self.device)[None, :] <= positions[:, None]).view(n, 1, 1, width)
+        mask = (state.arange[None, :width] <= positions[:, None]).view(n, 1, 1, width)
         return StepContext(rows=state.rows[:n], positions=positions, width=width, mask=mask)
 
     def _static_step(self, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:

@@ -31,8 +31,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from elastic_megatron.models.cache import MambaCache
-from elastic_megatron.models.mamba_mixer import HAVE_SELECTIVE_STATE_UPDATE, selective_state_update
+
+try:  # the single-step Mamba decode kernel (Triton); absent on CPU-only machines
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+    HAVE_SELECTIVE_STATE_UPDATE = True
+except Exception:  # ImportError, or a broken CUDA extension on import
+    selective_state_update = None
+    HAVE_SELECTIVE_STATE_UPDATE = False
 
 
 class PrefillCaches:
@@ -63,7 +69,7 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
-        if "forward" in m.__dict__ or m._forward_hooks or m._forward_pre_hooks:
+        if is_wrapped(m):
             out, bias = m(x)
             return out if bias is None else out + bias
         return F.linear(x, self.weight, self.bias)
@@ -118,8 +124,7 @@ class MambaStep:
         self.conv_weight = mixer.conv1d.weight[:, 0]  # a view: [conv_dim, kernel]
         self.conv_bias = mixer.conv1d.bias
         self.kernel = self.conv_weight.shape[-1]
-        self.A_log, self.D, self.dt_bias = mixer.A_log, mixer.D, mixer.dt_bias
-        self.dt_limit = tuple(mixer.dt_limit)
+        self.A_log, self.D = mixer.A_log, mixer.D
         self.gate_norm = mixer.norm  # GatedRMSNorm
         self.A = torch.empty_like(mixer.A_log, dtype=torch.float32)
         self.refresh()
@@ -139,14 +144,8 @@ class MambaStep:
         [length, b, d_inner] view; with weights that need no gradient, as a budget's views,
         torch.matmul then runs one matrix-vector product per position.)"""
         zxbcdt = self.in_proj(self.norm(h))
-        cache = MambaCache()
-        self.mixer.decode_cache = cache
-        try:
-            y = self.mixer.mix_cached(zxbcdt.transpose(0, 1))  # [b, length, d_inner]
-        finally:
-            self.mixer.decode_cache = None
-        caches.conv[self.slot], caches.ssm[self.slot] = cache.conv, cache.ssm
-        return h + self.out_proj(y).transpose(0, 1)
+        y, caches.conv[self.slot], caches.ssm[self.slot] = self.mixer.mix_cached(zxbcdt.transpose(0, 1))
+        return h + self.out_proj(y).transpose(0, 1)  # y: [b, length, d_inner]
 
     def _step(self, ssm, x, dt, B, C) -> torch.Tensor:
         """One step of the recurrence per head, in place on `ssm` [n, heads, head_dim, state]
@@ -185,9 +184,7 @@ class MambaStep:
             xbc = xbc + self.conv_bias
         x, B, C = torch.split(F.silu(xbc), self.split_xbc, dim=-1)
         # One step of the recurrence per head (heads grouped: head i reads group i // per_group).
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        if self.dt_limit != (0.0, float("inf")):
-            dt = dt.clamp(*self.dt_limit)
+        dt = self.mixer._dt(dt)
         ssm = state.ssm[self.slot][:n]
         if x.is_cuda and HAVE_SELECTIVE_STATE_UPDATE and self.mixer.kernel != "torch":
             y = self._triton_step(ssm, x, dt, B, C)
@@ -368,7 +365,7 @@ def check_moe_supported(config) -> None:
         "moe_router_pre_softmax": False, "moe_router_num_groups": None, "moe_router_group_topk": None,
         "moe_expert_capacity_factor": None, "moe_router_force_load_balancing": False, "moe_input_jitter_eps": None,
         "moe_apply_probs_on_input": False, "moe_latent_size": None, "moe_shared_expert_gate": False,
-        "gated_linear_unit": False, "moe_router_fusion": False,
+        "moe_router_fusion": False,
     }
     for key, plain in unsupported.items():
         value = getattr(config, key, plain)

@@ -1,6 +1,6 @@
 """Decoding caches of the two modules of the hybrid model that carry state over time.
 
-Everything else in the model is per token (norms, projections, MLP, MoE). Two objects:
+Everything else in the model is per token (norms, projections, MLP, MoE).
 
 - `DecodeState`: the preallocated caches of one decoder (inference/decoder.py) for up to
   `slots` sequences of up to `max_len` positions each: keys and values of every attention
@@ -9,9 +9,6 @@ Everything else in the model is per token (norms, projections, MLP, MoE). Two ob
   decoded with the others one token per step, and released, at any time between steps;
   nothing is reallocated while decoding (so a decode step has static shapes and can be
   captured in a CUDA graph).
-- `MambaCache`: what the prefill attaches to a `HybridMambaMixer` (its `decode_cache`)
-  while the mixer's `mix_cached` runs the prompt's conv and chunked scan from a zero
-  state; it leaves the last conv inputs and the final SSM state there.
 
 Megatron-Core's own inference contexts are not used: they allocate on CUDA, its Mamba
 decode path needs mamba_ssm's CUDA extension, and budgets run on narrow views of one set
@@ -21,17 +18,9 @@ of weights, which Megatron's static inference buffers know nothing about.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
-
-
-@dataclass
-class MambaCache:
-    """The last conv_kernel - 1 inputs of the causal conv, and the SSM state."""
-
-    conv: Optional[torch.Tensor] = None  # [b, conv_dim, kernel - 1]
-    ssm: Optional[torch.Tensor] = None  # [b, heads, head_dim, state], fp32
 
 
 @dataclass(frozen=True)
@@ -60,7 +49,7 @@ class DecodeState:
     def __init__(self, shapes: CacheShapes, slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
         if slots < 1 or max_len < 1:
             raise ValueError(f"a decode state needs at least one slot and one position (got {slots} slots, {max_len} positions)")
-        self.shapes, self.slots, self.max_len, self.dtype, self.device = shapes, slots, max_len, dtype, device
+        self.slots, self.max_len, self.device = slots, max_len, device
         self.keys = [torch.zeros(slots, g, max_len, hd, dtype=dtype, device=device) for g, hd in shapes.attention]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.conv = [torch.zeros(slots, c, k, dtype=dtype, device=device) for c, k, _, _, _ in shapes.mamba]

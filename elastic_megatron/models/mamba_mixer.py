@@ -14,10 +14,10 @@ Data flow (per token, per TP rank):
   (x, B, C, dt) -> SSD scan with A = -exp(A_log), dt = softplus(dt + dt_bias), D skip
   y -> GatedRMSNorm(y, z) (groups of heads) -> out_proj
 
-`mix_cached` is the prefill of cached decoding (inference/layers.py): the chunked scan from
-the state in `decode_cache` (models/cache.py), leaving the conv inputs and the final SSM
-state there. The one-token decode step is written in inference/layers.py (pure PyTorch, or
-mamba_ssm's `selective_state_update` Triton kernel on CUDA when installed, imported here).
+`mix_cached` is the prefill of cached decoding (inference/layers.py): the conv and the
+chunked scan from a zero state, returning the last conv inputs and the final SSM state. The
+one-token decode step is written in inference/layers.py (pure PyTorch, or mamba_ssm's
+`selective_state_update` Triton kernel on CUDA when installed).
 """
 
 from __future__ import annotations
@@ -54,14 +54,6 @@ try:  # GPU kernels; absent on CPU-only machines.
 except Exception:  # ImportError, or a broken CUDA extension on import
     mamba_chunk_scan_combined = None
     HAVE_MAMBA_SSM_KERNELS = False
-
-try:  # the single-step decode kernel (Triton)
-    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-
-    HAVE_SELECTIVE_STATE_UPDATE = True
-except Exception:
-    selective_state_update = None
-    HAVE_SELECTIVE_STATE_UPDATE = False
 
 
 __all__ = ["HybridMambaMixer", "MambaMixerSubmodules", "HAVE_MAMBA_SSM_KERNELS"]
@@ -134,7 +126,6 @@ class HybridMambaMixer(MegatronModule):
         self.chunk_size = chunk_size
         self.dt_limit = tuple(dt_limit)
         self.kernel = kernel
-        self.decode_cache = None  # a MambaCache while decoding
         self.d_state = config.mamba_state_dim
         self.headdim = config.mamba_head_dim
         self.ngroups = config.mamba_num_groups
@@ -326,26 +317,23 @@ class HybridMambaMixer(MegatronModule):
         lo, hi = self.dt_limit
         return dt if (lo, hi) == (0.0, float("inf")) else dt.clamp(lo, hi)
 
-    def mix_cached(self, zxbcdt: torch.Tensor) -> torch.Tensor:
-        """`mix` of a prompt for decoding (inference/layers.py's prefill): the causal conv and
-        the chunked scan continue `self.decode_cache` (a MambaCache: zero state when empty)
-        and leave the last conv inputs and the final SSM state there. One-token steps are
-        written in inference/layers.py."""
-        cache = self.decode_cache
+    def mix_cached(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`mix` of a prompt [b, length, ...] for decoding (inference/layers.py's prefill), from
+        a zero state: the output [b, length, d_inner], the last conv_kernel - 1 conv inputs
+        [b, conv_dim, kernel - 1] and the final SSM state [b, heads, head_dim, state] (fp32),
+        which the one-token steps continue."""
         batch, seqlen, _ = zxbcdt.shape
         z, xbc, dt = self._split(zxbcdt)
         k = self.conv1d.weight.shape[-1]
-        history = cache.conv if cache.conv is not None else xbc.new_zeros(batch, xbc.shape[-1], k - 1)
-        window = torch.cat([history, xbc.transpose(1, 2)], dim=-1)  # [b, conv_dim, k - 1 + seqlen]
-        cache.conv = window[..., -(k - 1):].clone()
+        window = torch.cat([xbc.new_zeros(batch, xbc.shape[-1], k - 1), xbc.transpose(1, 2)], dim=-1)
+        conv_tail = window[..., -(k - 1):].clone()
         conv = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=window.shape[1])
         x, B, C = self._split_xbc(F.silu(conv.transpose(1, 2)))
         A = -torch.exp(self.A_log.float())
         scan = mamba_chunk_scan_combined if self.use_triton(x) else ssd_chunk_scan
-        y, cache.ssm = scan(
+        y, ssm = scan(
             x.contiguous(), self._dt(dt).contiguous(), A, B.contiguous(), C.contiguous(), self.chunk_size, D=self.D,
-            initial_states=cache.ssm, return_final_states=True,
+            return_final_states=True,
         )
-        cache.ssm = cache.ssm.float()
-        return self.norm(y.flatten(-2), z)
+        return self.norm(y.flatten(-2), z), conv_tail, ssm.float()
 
