@@ -74,8 +74,8 @@ def main(argv=None) -> int:
         stream = (lambda i, text: print(text, end="", flush=True)) if len(prompts) == 1 else None
         with distributed(1, 1, 1, seed=args.seed):
             gen = ElasticGenerator.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, precision=args.precision,
-                                                   calibration_batches=args.calibration_batches)
-            gen.contiguous, gen.cuda_graph = args.contiguous_budgets, args.cuda_graph
+                                                   calibration_batches=args.calibration_batches,
+                                                   contiguous=args.contiguous_budgets, cuda_graph=args.cuda_graph)
             if control:
                 print(prompts[0], end="", flush=True)
                 out = gen.budget_control(prompts[0], args.think_budget, args.answer_budget, args.delimiter,

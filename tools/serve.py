@@ -47,6 +47,9 @@ def main(argv=None) -> int:
     parser.add_argument("--contiguous-budgets", action="store_true",
                         help="copy a budget's strided weight views into contiguous tensors (faster reads, more memory)")
     parser.add_argument("--cuda-graph", action="store_true", help="run each decode step as a captured CUDA graph (CUDA only)")
+    parser.add_argument("--budgets-from", default=None,
+                        help="serve at the budgets another elastic checkpoint of the same architecture records instead "
+                             "of this checkpoint's own (a sorted parent at an elastic run's budgets: its untrained slices)")
     parser.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -70,10 +73,11 @@ def main(argv=None) -> int:
         name = args.model_name or Path(args.checkpoint).resolve().name
         with distributed(1, 1, 1, seed=args.seed):
             gen = ElasticGenerator.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, dtype=dtype,
-                                                   precision=args.precision, calibration_batches=args.calibration_batches)
+                                                   precision=args.precision, calibration_batches=args.calibration_batches,
+                                                   budgets_from=args.budgets_from, contiguous=args.contiguous_budgets,
+                                                   cuda_graph=args.cuda_graph)
             options.check(gen.cfg.max_sequence_length)  # the length limit: before the weights are read
             sock = bind(args.host, args.port)
-            gen.contiguous, gen.cuda_graph = args.contiguous_budgets, args.cuda_graph
             server = Server(gen, name, options)
             warning = exposure_warning(args.host, args.api_key)
             if warning:

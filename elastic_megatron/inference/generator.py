@@ -33,12 +33,19 @@ import torch
 
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.inference.loading import budget_quantization, open_for_inference
-from elastic_megatron.elastic.budgets import recorded_budgets
+from elastic_megatron.checkpoint.metadata import require_same_architecture
+from elastic_megatron.elastic.budgets import checkpoint_budgets, recorded_budgets
 from elastic_megatron.elastic.widths import Widths, full_widths
 from elastic_megatron.inference.budgets import ViewStats, budget_model
 from elastic_megatron.inference.decoder import HybridDecoder
 
 FULL = "full"
+
+
+def ends_thinking(tokenizer, tokens: Sequence[int], delimiter: str, delimiter_ids: Sequence[int]) -> bool:
+    """Budget control's stop: the trace ends with `delimiter` (decoded over its last tokens
+    only, enough to hold the delimiter however the tokenizer split it)."""
+    return tokenizer.decode(tokens[-4 * len(delimiter_ids) - 4:]).endswith(delimiter)
 
 
 @dataclass
@@ -126,22 +133,30 @@ class ElasticGenerator:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, tokenizer: Optional[str] = None, dtype: torch.dtype = torch.float32,
-                        precision: Optional[str] = None, calibration_batches: int = 16) -> "ElasticGenerator":
+                        precision: Optional[str] = None, calibration_batches: int = 16,
+                        budgets_from: Optional[str | Path] = None, contiguous: bool = False,
+                        cuda_graph: bool = False) -> "ElasticGenerator":
         """Load a checkpoint (run dir or iter_* dir, or a Hugging Face directory: BF16, FP8 or
         NVFP4, inference/loading.py) once; `tokenizer`: a tokenizer.json to use instead of the
         one the checkpoint records. `precision` (bf16, fp8, nvfp4; default: as stored, a QAD
         checkpoint with its scales): every budget fake-quantized with one set of scales, see
-        `budget_quantization`."""
+        `budget_quantization`. `budgets_from`: run at the budgets another elastic checkpoint
+        of the same architecture records (a sorted parent at an elastic run's budgets: its
+        untrained slices of the same sizes) instead of its own."""
         checkpoint = open_for_inference(path)
         cfg, meta, directory = checkpoint.cfg, checkpoint.meta, checkpoint.path
         tok = checkpoint.tokenizer(tokenizer)
         if tok.vocab_size > cfg.vocab_size:
             raise ConfigError("--tokenizer", tokenizer or "(the checkpoint's)", f"has {tok.vocab_size} tokens, the model {cfg.vocab_size}")
         budgets = {FULL: full_widths(cfg)}
-        if (meta.get("elastic") or {}).get("budgets"):
+        if budgets_from is not None:
+            require_same_architecture(cfg, budgets_from, "--budgets-from")
+            budgets = dict(checkpoint_budgets(budgets_from))
+        elif (meta.get("elastic") or {}).get("budgets"):
             budgets = dict(recorded_budgets(meta, directory))
         quantization = budget_quantization(checkpoint, precision, calibration_batches)
-        return cls(lambda: checkpoint.load_model(dtype), cfg, budgets, tok, str(directory), quantization=quantization)
+        return cls(lambda: checkpoint.load_model(dtype), cfg, budgets, tok, str(directory), quantization=quantization,
+                   contiguous=contiguous, cuda_graph=cuda_graph)
 
     def budget_names(self) -> list[str]:
         return list(self.budgets)
@@ -252,10 +267,8 @@ class ElasticGenerator:
         self.check([prompt_ids + [0] * (max_think_tokens + len(delimiter_ids))], answer_budget, max_answer_tokens, sampling)
         stream = _TextStream(self.tokenizer, on_text) if on_text else None
 
-        def ends_thinking(_, tokens: list[int]) -> bool:
-            return self.tokenizer.decode(tokens[-4 * len(delimiter_ids) - 4:]).endswith(delimiter)
-
-        trace, think = self.generate_ids([prompt_ids], think_budget, max_think_tokens, sampling, stop=ends_thinking,
+        trace, think = self.generate_ids([prompt_ids], think_budget, max_think_tokens, sampling,
+                                         stop=lambda _, tokens: ends_thinking(self.tokenizer, tokens, delimiter, delimiter_ids),
                                          on_token=stream.add if stream else None)
         trace = trace[0]
         if not self.tokenizer.decode(trace).endswith(delimiter):  # the cap: force the delimiter

@@ -171,9 +171,8 @@ def resolve_tasks(names: list[str], include_paths: list[str]):
                            + (f", in --include-path: {extra}" if extra else "") + ", or one of lm-eval's own (lm-eval ls tasks)")
 
     missing = [n for n in names if n not in local]
-    for n in missing:
-        if not _in_lm_eval_library(n):
-            raise unknown(n)
+    for n in _not_in_lm_eval_library(missing):
+        raise unknown(n)
     if missing:
         print("indexing lm-eval's own tasks for " + ", ".join(missing) + " ...", file=sys.stderr, flush=True)
         manager = task_manager(include_paths, defaults=True)
@@ -193,24 +192,35 @@ def resolve_tasks(names: list[str], include_paths: list[str]):
     return manager
 
 
-def _in_lm_eval_library(name: str) -> bool:
-    """Whether any file of lm-eval's task library mentions `name` (a byte search, ~10x faster
-    than indexing the library, which is only worth it when this says yes)."""
+def _not_in_lm_eval_library(names: list[str]) -> list[str]:
+    """Those of `names` no file of lm-eval's task library mentions, in order (a byte search
+    over the library read once, ~10x faster than indexing it, which is only worth it when
+    every name is mentioned)."""
+    if not names:
+        return []
     import lm_eval.tasks
 
-    needle = name.encode()
+    unseen = {n: n.encode() for n in names}
     root = Path(lm_eval.tasks.__file__).parent
-    return any(needle in p.read_bytes() for p in root.rglob("*") if p.suffix in (".yaml", ".py"))
+    for p in root.rglob("*"):
+        if p.suffix in (".yaml", ".py"):
+            text = p.read_bytes()
+            for n in [n for n, needle in unseen.items() if needle in text]:
+                del unseen[n]
+            if not unseen:
+                break
+    return [n for n in names if n in unseen]
 
 
 # ---- what to serve ---------------------------------------------------------------------------
 
 
-def plan_servers(req: TaskRequest) -> list[Served]:
-    """One server per (model, precision), each input checked; nothing started."""
+def plan_servers(req: TaskRequest) -> tuple[list[Served], dict[str, tuple[int, int]]]:
+    """One server per (model, precision), each input checked; nothing started. Also each
+    budget's (total, active) parameters."""
     from elastic_megatron.checkpoint.metadata import require_same_architecture
     from elastic_megatron.inference.loading import HF, open_for_inference
-    from elastic_megatron.jobs.evaluate import checkpoint_rows
+    from elastic_megatron.jobs.evaluate import checkpoint_rows, row_params
 
     bad = [p for p in req.precisions if p not in PRECISIONS]
     if bad or not req.precisions:
@@ -233,7 +243,7 @@ def plan_servers(req: TaskRequest) -> list[Served]:
             raise ConfigError("--precisions", p, f"{req.checkpoint} is one BF16 model; evaluate a {p} export of it "
                                                  f"(tools/zero_shot_slicing.py --precision {p} --format hf)")
         else:
-            out.append(_quantized(req, p, name, budgets))
+            out.append(_quantized(req, opened.cfg, p, name, budgets))
     if req.qad and "nvfp4" not in req.precisions and "fp8" not in req.precisions:
         raise ConfigError("--qad", req.qad, "applies to --precisions fp8/nvfp4 (the QAD checkpoint's format)")
     if req.sorted:
@@ -241,24 +251,22 @@ def plan_servers(req: TaskRequest) -> list[Served]:
             raise ConfigError("--sorted", req.sorted, f"baselines are served at an elastic checkpoint's budgets; "
                                                       f"{req.checkpoint} is not elastic")
         require_same_architecture(opened.cfg, req.sorted, "--sorted")
-        argv = [sys.executable, "-m", "elastic_megatron.jobs.tasks", "--checkpoint", str(req.sorted),
-                "--budgets-from", str(req.checkpoint), "--dtype", req.dtype]
+        argv = _serve_argv(req.sorted, req.dtype) + ["--budgets-from", str(req.checkpoint)]
         out.append(Served("sorted", "bf16", argv, f"{name}-sorted", budgets, True))
-    return out
+    return out, {budget: row_params(opened.cfg, widths) for budget, widths in rows}
 
 
 def _serve_argv(checkpoint: str, dtype: str) -> list[str]:
     return [sys.executable, str(REPO / "tools" / "serve.py"), "--checkpoint", str(checkpoint), "--dtype", dtype]
 
 
-def _quantized(req: TaskRequest, precision: str, name: str, budgets: list[str]) -> Served:
-    """The server of fake-quantized budgets: PTQ of the checkpoint, or the QAD checkpoint
-    (its own scales) for the QAD run's format."""
-    from elastic_megatron.checkpoint.metadata import checkpoint_model_config, require_same_architecture
+def _quantized(req: TaskRequest, cfg, precision: str, name: str, budgets: list[str]) -> Served:
+    """The server of fake-quantized budgets (`cfg`: the checkpoint's model): PTQ of the
+    checkpoint, or the QAD checkpoint (its own scales) for the QAD run's format."""
+    from elastic_megatron.checkpoint.metadata import require_same_architecture
 
     source, label = req.checkpoint, f"{precision} PTQ"
     if req.qad:
-        cfg, _ = checkpoint_model_config(req.checkpoint)
         record = require_same_architecture(cfg, req.qad, "--qad").get("quantization")
         if not record:
             raise ConfigError("--qad", req.qad, "has no quantization scales: give the run dir of a QAD run (recipes/qad.yaml)")
@@ -389,7 +397,8 @@ class TaskResults:
 
 
 def check_request(req: TaskRequest):
-    """Every check of a request, nothing started: (the TaskManager, the servers to start)."""
+    """Every check of a request, nothing started: (the TaskManager, the servers to start,
+    each budget's (total, active) parameters)."""
     from elastic_megatron.config.errors import require_positive_int
 
     if req.limit is not None:
@@ -400,19 +409,14 @@ def check_request(req: TaskRequest):
     out = Path(req.out)
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", req.out, "is a file; give a directory for results.json, results.md and results.png")
-    plan = plan_servers(req)
-    return resolve_tasks(req.tasks, req.include_paths), plan
+    plan, params = plan_servers(req)
+    return resolve_tasks(req.tasks, req.include_paths), plan, params
 
 
 def run_tasks(req: TaskRequest) -> TaskResults:
     """Check everything, evaluate every (model, precision) x budget x task through the server,
     write the outputs, log them to W&B; the results."""
-    from elastic_megatron.inference.loading import open_for_inference
-    from elastic_megatron.jobs.evaluate import checkpoint_rows, row_params
-
-    manager, plan = check_request(req)
-    cfg = open_for_inference(req.checkpoint).cfg
-    params = {name: row_params(cfg, w) for name, w in checkpoint_rows(req.checkpoint, req.budgets, key="--budgets")}
+    manager, plan, params = check_request(req)
     result = TaskResults([])
     with tempfile.TemporaryDirectory(prefix="tasks-") as tmp:
         for served in plan:
@@ -430,7 +434,7 @@ def run_tasks(req: TaskRequest) -> TaskResults:
                             result.samples[(served.model, served.precision, budget, name)] = samples
     result.paths = write_outputs(result, req)
     if req.wandb:
-        result.wandb_run = log_to_wandb(req.checkpoint, result.paths)
+        result.wandb_run = log_to_wandb(req.checkpoint, result.paths, result.scores)
     return result
 
 
@@ -535,15 +539,7 @@ def write_outputs(result: TaskResults, req: TaskRequest) -> dict[str, Path]:
             tmp.unlink(missing_ok=True)
 
 
-def run_dir_of(checkpoint) -> Path:
-    """The run directory a checkpoint belongs to (a run dir, or the run dir above checkpoints/iter_*)."""
-    from elastic_megatron.inference.loading import open_for_inference
-
-    path = open_for_inference(checkpoint).path
-    return path.parent.parent if path.parent.name == "checkpoints" else path
-
-
-def log_to_wandb(checkpoint, paths: dict[str, Path]) -> Optional[str]:
+def log_to_wandb(checkpoint, paths: dict[str, Path], scores: list[Score]) -> Optional[str]:
     """Log the table (a wandb.Table) and the figure to the W&B run of the run that wrote
     `checkpoint`, when it used W&B (logger.type=wandb and <run dir>/wandb_run_id.txt), in the
     mode it used (offline works); the run id, or None when it did not use W&B."""
@@ -551,9 +547,11 @@ def log_to_wandb(checkpoint, paths: dict[str, Path]) -> Optional[str]:
 
     from elastic_megatron.inference.loading import open_for_inference
 
-    run_dir = run_dir_of(checkpoint)
+    opened = open_for_inference(checkpoint)
+    # the run dir: the checkpoint's own, or the one above checkpoints/iter_*
+    run_dir = opened.path.parent.parent if opened.path.parent.name == "checkpoints" else opened.path
     id_file = run_dir / "wandb_run_id.txt"
-    job = yaml.safe_load(open_for_inference(checkpoint).meta.get("config") or "{}") or {}
+    job = yaml.safe_load(opened.meta.get("config") or "{}") or {}
     logger = job.get("logger") or {}
     if logger.get("type") != "wandb" or not id_file.exists():
         return None
@@ -562,61 +560,8 @@ def log_to_wandb(checkpoint, paths: dict[str, Path]) -> Optional[str]:
     os.environ.setdefault("WANDB_SILENT", "true")
     run = wandb.init(project=logger.get("project"), entity=logger.get("entity"), id=id_file.read_text().strip(),
                      resume="allow", dir=str(run_dir), mode=logger.get("mode") or "offline")
-    scores = json.loads(paths["json"].read_text())["scores"]
     columns = ["model", "precision", "budget", "task", "metric", "filter", "value", "stderr", "samples", "seconds"]
-    run.log({"tasks/results": wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in scores]),
+    run.log({"tasks/results": wandb.Table(columns=columns, data=[[getattr(s, c) for c in columns] for s in scores]),
              "tasks/figure": wandb.Image(str(paths["png"]))})
     run.finish()
     return run.id
-
-
-# ---- the untrained baseline's server ------------------------------------------------------------
-
-
-def serve_at_budgets_of(argv=None) -> int:
-    """`python -m elastic_megatron.jobs.tasks --checkpoint SORTED --budgets-from ELASTIC ...`:
-    serve a plain checkpoint (a sorted parent) at another elastic checkpoint's budgets: its
-    untrained slices of the same sizes (the prefix of every sorted axis), through the
-    project's server. tools/serve.py serves a checkpoint's own budgets only."""
-    import argparse
-
-    from elastic_megatron.cli import run_tool
-
-    ap = argparse.ArgumentParser(description=serve_at_budgets_of.__doc__.split("\n\n")[0])
-    for flag in ("--checkpoint", "--budgets-from", "--model-name"):
-        ap.add_argument(flag, required=True)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    ap.add_argument("--debug", action="store_true")
-    ap.add_argument("--verify", choices=("hashes", "sizes"), default="hashes")
-    args = ap.parse_args(argv)
-
-    def job():
-        import torch
-
-        from elastic_megatron.checkpoint.metadata import require_same_architecture
-        from elastic_megatron.inference.loading import open_for_inference
-        from elastic_megatron.elastic.budgets import checkpoint_budgets
-        from elastic_megatron.inference.generator import ElasticGenerator
-        from elastic_megatron.parallel.setup import distributed
-        from elastic_megatron.serving.app import Server
-        from elastic_megatron.serving.options import ServeOptions, bind
-
-        opened = open_for_inference(args.checkpoint)
-        require_same_architecture(opened.cfg, args.budgets_from, "--budgets-from")
-        budgets = dict(checkpoint_budgets(args.budgets_from))
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-        with distributed(1, 1, 1, seed=0):
-            gen = ElasticGenerator(lambda: opened.load_model(dtype), opened.cfg, budgets, opened.tokenizer(), str(opened.path))
-            sock = bind(args.host, args.port)
-            server = Server(gen, args.model_name, ServeOptions(max_batch=args.max_batch))
-            print(f"serving {args.model_name} on http://{args.host}:{sock.getsockname()[1]}/v1", flush=True)
-            server.run(sock)
-
-    return run_tool(args, job, lambda _: "")
-
-
-if __name__ == "__main__":
-    sys.exit(serve_at_budgets_of())

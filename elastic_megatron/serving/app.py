@@ -134,14 +134,15 @@ def plan(served: ServedModel, req: _Generation, prompts: list[list[int]], max_to
         raise bad_request("stop", "stop strings must not be empty")
 
     budget, control = _budgets(served, req)
+    longest = max(len(p) for p in prompts)
+    think_room = control.max_think_tokens + len(control.delimiter_ids) if control else 0  # trace + forced delimiter
     if max_tokens is None:
-        max_tokens = served.max_len - max(len(p) for p in prompts) - _think_room(served, control)
+        max_tokens = served.max_len - longest - think_room
     if isinstance(max_tokens, bool) or max_tokens < (0 if echo else 1) or (control and max_tokens < 1):
         raise bad_request("max_tokens", f"must be >= 1{' (0 with echo: score the prompt only)' if echo and not control else ''}, "
                                         f"got {max_tokens}")
-    longest = max(len(p) for p in prompts)
-    if longest + max_tokens + _think_room(served, control) > served.max_len:
-        think = f" + max_think_tokens and the delimiter ({_think_room(served, control)})" if control else ""
+    if longest + max_tokens + think_room > served.max_len:
+        think = f" + max_think_tokens and the delimiter ({think_room})" if control else ""
         raise bad_request("max_tokens", f"the prompt ({longest} tokens) + max_tokens ({max_tokens}){think} must fit the "
                                         f"model's length of {served.max_len} tokens")
     return Plan(budget, control, Sampling(req.temperature, top_k, req.top_p, seed), stops, max_tokens)
@@ -181,10 +182,6 @@ def _budgets(served: ServedModel, req: _Generation) -> tuple[str, Optional[Contr
         raise bad_request("think_delimiter", "must not be empty")
     delimiter_ids = encode(served.tokenizer, delimiter)
     return req.answer_budget, Control(req.think_budget, req.answer_budget, think, delimiter, delimiter_ids)
-
-
-def _think_room(served: ServedModel, control: Optional[Control]) -> int:
-    return control.max_think_tokens + len(control.delimiter_ids) if control else 0
 
 
 # ---- a request's events, on the event loop ------------------------------------------------------

@@ -38,7 +38,7 @@ from typing import Callable, Optional, Sequence as Seq
 
 import torch
 
-from elastic_megatron.inference.generator import ElasticGenerator, Sampling
+from elastic_megatron.inference.generator import ElasticGenerator, Sampling, ends_thinking
 from elastic_megatron.serving.metrics import Metrics
 from elastic_megatron.serving.text import OutputText
 
@@ -366,14 +366,11 @@ class Scheduler:
             self._end_phase(seq, "stop")
         elif len(seq.phase_tokens) >= seq.phase_max:
             self._end_phase(seq, "length")
-        elif seq.phase == "think" and self._thought(seq.phase_tokens, seq.control):
+        elif seq.phase == "think" and ends_thinking(self.tokenizer, seq.phase_tokens, seq.control.delimiter,
+                                                     seq.control.delimiter_ids):
             self._end_phase(seq, "stop")
         else:
             seq.next_token = token
-
-    def _thought(self, tokens: list[int], control: Control) -> bool:
-        """The trace ends with the delimiter (the check ElasticGenerator.budget_control makes)."""
-        return self.tokenizer.decode(tokens[-4 * len(control.delimiter_ids) - 4:]).endswith(control.delimiter)
 
     def _end_phase(self, seq: Sequence, reason: str) -> None:
         if seq.phase != "think":
@@ -401,10 +398,10 @@ class Scheduler:
     def _record_phase(self, seq: Sequence) -> None:
         seq.phases.append({"phase": seq.phase, "budget": seq.budget, "prompt_tokens": len(seq.phase_prompt),
                            "completion_tokens": len(seq.phase_tokens),
-                           "seconds": time.perf_counter() - seq.phase_start if seq.phase_start else 0.0})
+                           "seconds": time.perf_counter() - seq.phase_start})
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        if seq.slot is not None or seq.phase_start:
+        if seq.slot is not None:  # a phase is running (phase_start is set with the slot)
             self._record_phase(seq)
         self._release(seq)
         seq.done = True

@@ -91,12 +91,12 @@ class Detokenizer:
         return piece
 
 
-def text_offsets(tokenizer, tokens: Sequence[int], start: int = 0) -> list[int]:
+def text_offsets(tokenizer, tokens: Sequence[int]) -> list[int]:
     """The character offset in the decoded text where each token's text begins."""
     detok = Detokenizer(tokenizer)
     out = []
     for token in tokens:
-        out.append(start + len(detok.text))
+        out.append(len(detok.text))
         detok.add(token)
     return out
 
@@ -184,7 +184,6 @@ class ChatTemplate:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         self.source, self.specials = chat_template_of(tokenizer)
-        self.plain = self.source == PLAIN_CHAT_TEMPLATE
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise
         self.template = env.from_string(self.source)
