@@ -37,7 +37,6 @@ import random
 import re
 import sys
 from collections import Counter
-from pathlib import Path
 
 from elastic_megatron.eval_tasks.loader import DATA_DIR
 
@@ -101,8 +100,8 @@ def cloze_items(docs: list[list[str]], ok, words: re.Pattern, n: int, rng: rando
     """`n` multiple-choice items: the context lines and a line up to one of its `words`; the
     choices are that word and N_CHOICES - 1 other words of the same document (`near` > 0:
     of the lines within `near` of it), no choice a prefix of another."""
-    items = []
-    for d, j in rng.sample(_positions(docs, ok), len(_positions(docs, ok))):
+    items, positions = [], _positions(docs, ok)
+    for d, j in rng.sample(positions, len(positions)):
         line, lines = docs[d][j], docs[d]
         found = [m for m in words.finditer(line.split("#")[0]) if len(m.group()) >= 3]
         if not found:
