@@ -420,6 +420,24 @@ def test_beyond_the_queue_bound_requests_get_429_with_retry_after(server):
 # ---- elsewhere: a plain checkpoint, refusals, the warning -------------------------------------------
 
 
+def test_a_plain_checkpoint_runs_at_the_budgets_of_an_elastic_one(dist, checkpoint, generator, tmp_path):
+    """tools/serve.py --budgets-from (the task job's sorted baselines): a plain checkpoint
+    served at an elastic checkpoint's budgets. Saved plain here are the elastic checkpoint's
+    own weights (its sort is the identity), so every budget's greedy tokens are the elastic
+    checkpoint's; a source that records no budgets is refused by name."""
+    from elastic_megatron.config.errors import ConfigError
+    from elastic_megatron.convert.megatron_dist import config_yaml
+
+    store.save_checkpoint(tmp_path / "plain", randomised_model(CFG, seed=21), None, None, 1, 0,
+                          {"config": config_yaml(CFG), "data": {"tokenizer": {"type": "byte"}}})
+    gen = ElasticGenerator.from_checkpoint(tmp_path / "plain", budgets_from=checkpoint)
+    assert gen.budgets == generator.budgets and gen.elastic
+    for budget in generator.budget_names():
+        assert solo(gen, "def f(", budget, 6) == solo(generator, "def f(", budget, 6), budget
+    with pytest.raises(ConfigError, match="is not elastic"):
+        ElasticGenerator.from_checkpoint(tmp_path / "plain", budgets_from=tmp_path / "plain")
+
+
 def test_a_plain_checkpoint_is_served_and_refuses_budget_control(dist, tmp_path):
     from elastic_megatron.convert.megatron_dist import config_yaml
     from elastic_megatron.serving.app import Server
