@@ -160,7 +160,8 @@ class MambaStep:
         return torch.addcmul(y, self.D.float().view(g, hg, 1), x32).view(n, self.d_inner)
 
     def _triton_step(self, ssm, x, dt, B, C) -> torch.Tensor:
-        """The same step through mamba_ssm's selective_state_update kernel (CUDA)."""
+        """The same step through mamba_ssm's selective_state_update kernel (CUDA, or CPU
+        under Triton's interpreter)."""
         n, h, p, s = x.shape[0], self.heads, self.head_dim, self.state_dim
         y = selective_state_update(
             ssm, x.view(n, h, p), dt[..., None].expand(-1, -1, p), self.A[:, None, None].expand(h, p, s),
@@ -186,7 +187,7 @@ class MambaStep:
         # One step of the recurrence per head (heads grouped: head i reads group i // per_group).
         dt = self.mixer._dt(dt)
         ssm = state.ssm[self.slot][:n]
-        if x.is_cuda and HAVE_SELECTIVE_STATE_UPDATE and self.mixer.kernel != "torch":
+        if HAVE_SELECTIVE_STATE_UPDATE and self.mixer.use_triton(x):
             y = self._triton_step(ssm, x, dt, B, C)
         else:
             y = self._step(ssm, x, dt, B, C)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Optional
 
 import torch
@@ -56,7 +57,14 @@ except Exception:  # ImportError, or a broken CUDA extension on import
     HAVE_MAMBA_SSM_KERNELS = False
 
 
-__all__ = ["HybridMambaMixer", "MambaMixerSubmodules", "HAVE_MAMBA_SSM_KERNELS"]
+__all__ = ["HybridMambaMixer", "MambaMixerSubmodules", "HAVE_MAMBA_SSM_KERNELS", "triton_interpreter"]
+
+
+def triton_interpreter() -> bool:
+    """Is Triton's interpreter on (TRITON_INTERPRET=1: @triton.jit kernels run on CPU tensors)?
+    It must be set before the kernels' modules are imported, so it is read from the
+    environment, not switched here."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass
@@ -245,10 +253,18 @@ class HybridMambaMixer(MegatronModule):
         return out
 
     def use_triton(self, x: torch.Tensor) -> bool:
+        """Which scan (and decode step) runs: `auto` takes the Triton kernels for CUDA tensors;
+        `triton` demands them, on CUDA or, under Triton's interpreter (TRITON_INTERPRET=1), on
+        CPU tensors: that is how CI runs the GPU branch without a GPU. `auto` never picks the
+        interpreter (it runs the kernels in Python, ~100x slower than the PyTorch scan)."""
         if self.kernel == "torch":
             return False
-        if self.kernel == "triton" and not (HAVE_MAMBA_SSM_KERNELS and x.is_cuda):
-            raise RuntimeError("kernel='triton' needs mamba_ssm and CUDA tensors")
+        if self.kernel == "triton":
+            if not HAVE_MAMBA_SSM_KERNELS:
+                raise RuntimeError("kernel='triton' needs mamba_ssm's Triton kernels (pip install mamba-ssm triton)")
+            if not (x.is_cuda or triton_interpreter()):
+                raise RuntimeError("kernel='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+            return True
         return HAVE_MAMBA_SSM_KERNELS and x.is_cuda
 
     def forward(self, hidden_states: torch.Tensor, inference_context=None, *, inference_params=None, packed_seq_params=None):
