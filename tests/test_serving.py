@@ -303,10 +303,35 @@ def test_stop_strings_end_the_text_before_them(server, generator):
     ({"prompt": "a", "think_budget": "small", "answer_budget": "full", "logprobs": 1}, "logprobs"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),
+    # lone UTF-16 surrogates: valid JSON (written raw: httpx would not encode them), no character
+    ('{"prompt": "\\ud800 abc"}', "prompt"),
+    ('{"prompt": ["ok", "\\udfff"]}', "prompt"),
+    ('{"prompt": "a", "stop": ["\\ud800"]}', "stop"),
+    ('{"prompt": "a", "think_budget": "small", "answer_budget": "full", "think_delimiter": "\\ud800"}', "think_delimiter"),
+    ('{"prompt": "a", "model": "\\ud800"}', "model"),
+    ('{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content"),
+    ('{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}', "messages.0.content"),
+    ('{"messages": [{"role": "user", "content": "hi", "name": "\\ud800"}]}', "messages.0"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"x": ["\\ud800"]}}', "chat_template_kwargs"),
+    # bounds and odd values
+    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "a", "stop": "x" * 257}, "stop"),
+    ({"prompt": "a", "stop": 3}, "stop"),
+    ({"prompt": ["a"] * (MAX_BATCH + MAX_QUEUE + 1)}, "prompt"),
+    ({"prompt": None}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt"),
+    ('{"prompt": "a", "temperature": NaN}', "temperature"),
+    ({"prompt": "a", "max_tokens": 10**30}, "max_tokens"),
+    ({"prompt": "a", "seed": -1}, "seed"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages.0.content"),
+    ({"messages": [{"role": "system", "content": None}, {"role": "user", "content": "hi"}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": "a"}] * 1025}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 21}, "top_logprobs"),
 ])
 def test_bad_input_is_a_400_naming_the_field_and_serving_goes_on(server, body, param):
     http = server.http()
-    path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     if isinstance(body, str):
         r = http.post(path, content=body, headers={"Content-Type": "application/json"})
     else:
@@ -315,6 +340,27 @@ def test_bad_input_is_a_400_naming_the_field_and_serving_goes_on(server, body, p
     assert r.status_code == 400 and error["type"] == "invalid_request_error" and error["param"] == param, r.text
     assert param.split(".")[0] in error["message"]
     assert http.post("/v1/completions", json={"prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
+def test_tokenizer_routes_refuse_a_lone_surrogate(server):
+    r = server.http().post("/tokenize", content='{"prompt": "ab\\udc00"}', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "surrogate" in r.json()["error"]["message"]
+    assert server.http().post("/tokenize", json={"prompt": "ab"}).json()["tokens"] == [97, 98]
+
+
+def test_extreme_but_valid_values_are_served(server, generator):
+    """Sampling values whose fp32 form is 0 or inf (temperature 1e-300 / 1e300, top_p
+    1e-300) sample without NaN: the two tiny ones leave only the best token, the greedy
+    answer; an assistant message without content is accepted, as OpenAI does."""
+    http = server.http()
+    greedy = text_of(generator, solo(generator, "for i in", "full", 6))
+    for extreme in ({"temperature": 1e-300}, {"top_p": 1e-300}):
+        r = http.post("/v1/completions", json={"prompt": "for i in", "max_tokens": 6, "seed": 3, **extreme})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy, (extreme, r.text)
+    r = http.post("/v1/completions", json={"prompt": "for i in", "max_tokens": 6, "temperature": 1e300, "seed": 3})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop"), r.text
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "again"}]
+    assert http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2}).status_code == 200
 
 
 # ---- load -------------------------------------------------------------------------------------

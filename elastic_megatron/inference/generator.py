@@ -70,7 +70,13 @@ class Sampling:
         """Next token ids [b] from logits [b, vocab]."""
         if self.temperature == 0:
             return logits.argmax(-1)
-        scores = logits.float() / self.temperature
+        # Divided as fp32, a temperature of 1e-300 would be 0 and one of 1e300 inf: clamped to
+        # fp32's finite range, and dividing the gaps to the best score (<= 0), every score is
+        # finite or -inf whatever the temperature (softmax is unchanged by the shift).
+        finfo = torch.finfo(torch.float32)
+        temperature = min(max(self.temperature, finfo.tiny), finfo.max)
+        scores = logits.float()
+        scores = (scores - scores.amax(-1, keepdim=True)) / temperature
         if self.top_k:
             kth = scores.topk(self.top_k, dim=-1).values[:, -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -78,6 +84,7 @@ class Sampling:
             ordered, order = scores.sort(dim=-1, descending=True)
             probs = ordered.softmax(-1)
             drop = probs.cumsum(-1) - probs >= self.top_p  # keep the smallest prefix reaching top_p
+            drop[..., 0] = False  # and the best token, even when top_p rounds to 0 in fp32
             scores = scores.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
         probs = scores.softmax(-1)
         return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)

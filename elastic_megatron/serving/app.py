@@ -44,7 +44,8 @@ from elastic_megatron.serving.options import ServeOptions
 from elastic_megatron.serving.protocol import (
     APIError, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatMessageOut, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, DetokenizeRequest,
-    ModelCard, ModelList, PhaseUsage, TokenizeRequest, Usage, _Generation, bad_request, error_body, new_id, now,
+    MAX_LOGPROBS, ModelCard, ModelList, PhaseUsage, TokenizeRequest, Usage, _Generation, bad_request, error_body, new_id,
+    now,
 )
 from elastic_megatron.serving.scheduler import (
     Control, Failed, Finished, NotServing, PromptScores, QueueFull, Scheduler, Sequence, Token,
@@ -53,7 +54,6 @@ from elastic_megatron.serving.text import ChatTemplate, OutputText, encode, text
 
 log = logging.getLogger("elastic_megatron.serving")
 
-MAX_LOGPROBS = 20
 DEFAULT_THINK_TOKENS = 256  # as tools/generate.py's --max-think-tokens
 DEFAULT_DELIMITER = "</think>"
 RETRY_AFTER_S = 1
@@ -381,7 +381,8 @@ def build_app(served: ServedModel, scheduler: Scheduler, metrics: Metrics, api_k
             return JSONResponse(error_body(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}",
                                            "body"), status_code=400)
         param = ".".join(loc) or "body"
-        return JSONResponse(error_body(400, f"{param}: {first['msg']}", param), status_code=400)
+        message = first["msg"].removeprefix("Value error, ")  # the schema's own checks (protocol.py)
+        return JSONResponse(error_body(400, f"{param}: {message}", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, err: StarletteHTTPException):
@@ -432,10 +433,8 @@ def build_app(served: ServedModel, scheduler: Scheduler, metrics: Metrics, api_k
             raise bad_request("suffix", "is not supported by this server")
         if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
             raise bad_request("logprobs", f"must be between 0 and {MAX_LOGPROBS}, got {body.logprobs}")
-        prompts, texts = await asyncio.to_thread(completion_prompts, served, body.prompt)
-        if len(prompts) > scheduler.max_batch + scheduler.max_queue:
-            raise bad_request("prompt", f"{len(prompts)} prompts in one request; at most --max-batch + --max-queue "
-                                        f"({scheduler.max_batch + scheduler.max_queue})")
+        prompts, texts = await asyncio.to_thread(completion_prompts, served, body.prompt,
+                                                 scheduler.max_batch + scheduler.max_queue)
         p = plan(served, body, prompts, body.max_tokens, echo=body.echo)
         if p.control is not None and body.logprobs is not None:
             raise bad_request("logprobs", "not with budget control (think_budget / answer_budget)")
@@ -551,15 +550,18 @@ def build_app(served: ServedModel, scheduler: Scheduler, metrics: Metrics, api_k
     return app
 
 
-def completion_prompts(served: ServedModel, prompt) -> tuple[list[list[int]], list[str]]:
+def completion_prompts(served: ServedModel, prompt, most: int) -> tuple[list[list[int]], list[str]]:
     """(token ids, text) of each prompt of a completions request: a string, a list of
-    strings, a list of token ids, or a list of lists of token ids."""
+    strings, a list of token ids, or a list of lists of token ids; at most `most` of them
+    (counted before any is tokenized)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
         raise bad_request("prompt", "must not be empty")
     if isinstance(prompt[0], int):
         prompt = [prompt]
+    if len(prompt) > most:
+        raise bad_request("prompt", f"{len(prompt)} prompts in one request; at most --max-batch + --max-queue ({most})")
     ids, texts = [], []
     for i, p in enumerate(prompt):
         param = "prompt" if len(prompt) == 1 else f"prompt.{i}"
@@ -575,6 +577,8 @@ def completion_prompts(served: ServedModel, prompt) -> tuple[list[list[int]], li
 def chat_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
     if not body.messages:
         raise bad_request("messages", "must not be empty")
+    if len(body.messages) > served.max_len:  # each message is at least one token of the prompt
+        raise bad_request("messages", f"{len(body.messages)} messages; at most the model's length ({served.max_len})")
     messages = []
     for i, m in enumerate(body.messages):
         content = m.content
