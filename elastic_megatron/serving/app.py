@@ -69,6 +69,7 @@ class ServedModel:
         self.budgets = [b for b in gen.budget_names() if not gen.budgets[b].heterogeneous]
         self.chat = ChatTemplate(self.tokenizer)
         self.created = now()
+        self.elastic = gen.elastic  # budget control needs two budgets
 
     def ids(self) -> list[str]:
         return [self.name] + [f"{self.name}:{b}" for b in self.budgets]
@@ -163,7 +164,7 @@ def _budgets(served: ServedModel, req: _Generation) -> tuple[str, Optional[Contr
             if model_budget is not None and req.budget != model_budget:
                 raise bad_request("budget", f"{req.budget!r} contradicts the model id {req.model!r}")
         return req.budget or model_budget or served.budgets[0], None
-    if not served.gen.elastic:
+    if not served.elastic:
         raise bad_request("think_budget", f"budget control needs an elastic checkpoint; {served.name} is one model "
                                           f"(budget {served.budgets[0]!r})")
     for key in ("think_budget", "answer_budget"):
@@ -348,7 +349,10 @@ class CountRequests:
             self.metrics.requests.labels(path, str(status)).inc()
 
 
-def build_app(served: ServedModel, scheduler: Scheduler, metrics: Metrics, api_key: Optional[str] = None) -> FastAPI:
+def build_app(served: ServedModel, scheduler: Scheduler, metrics: Metrics, api_key: Optional[str] = None,
+              upstreams=None) -> FastAPI:
+    """`upstreams`: the budgets of upstream servers (upstream.RemoteBudgets, the front end's;
+    `scheduler` routes to them), reported by /health and closed at shutdown."""
     @asynccontextmanager
     async def lifespan(_app):
         scheduler.start()
@@ -356,6 +360,8 @@ def build_app(served: ServedModel, scheduler: Scheduler, metrics: Metrics, api_k
             yield
         finally:
             scheduler.stop()
+            if upstreams is not None:
+                await upstreams.close()
 
     app = FastAPI(title="elastic_megatron", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     tok = served.tokenizer
@@ -398,6 +404,9 @@ def build_app(served: ServedModel, scheduler: Scheduler, metrics: Metrics, api_k
     async def health():
         if not scheduler.alive:
             return JSONResponse(error_body(503, "the decode loop is not running"), status_code=503)
+        if upstreams is not None:
+            status, report = await upstreams.health()
+            return JSONResponse(report, status_code=status)
         return {"status": "ok"}
 
     @app.get("/metrics", dependencies=guarded)
