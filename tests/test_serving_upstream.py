@@ -387,3 +387,44 @@ def test_bad_upstream_options_are_one_line_exit_2(args, message):
                           timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+# ---- the Slurm job ---------------------------------------------------------------------------------------
+
+
+def test_serve_fleet_dry_run_prints_every_command_and_refuses_bad_budgets(tmp_path):
+    """slurm/serve_fleet.sh --dry-run: an engine per budget on its own GPUs (first fit over
+    the nodes), its health check, the front end's upstreams file and command; bad budgets
+    are one line, exit 2, before anything starts."""
+    for b in ("small", "full"):
+        (tmp_path / b).mkdir()
+    script = str(REPO / "slurm" / "serve_fleet.sh")
+
+    def run(*args, **env):
+        return subprocess.run(["bash", script, "--dry-run", *args], cwd=REPO, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **env})
+
+    out = run("--budget", f"small={tmp_path}/small:2", "--budget", f"full={tmp_path}/full:8", "--budget", f"mid={tmp_path}/small:4",
+              "--engine", "sglang", "--", "--api-key", "K", SLURM_NNODES="2", SERVE_PORT="30000")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    engines = [line for line in lines if line.startswith("engine ")]
+    assert [e.split(":")[0] for e in engines] == ["engine small (tp 2) on n1", "engine full (tp 8) on n2", "engine mid (tp 4) on n1"]
+    assert "--nodelist=n2 --gres=gpu:8" in engines[1] and "sglang.launch_server" in engines[1] and "--tp 8" in engines[1]
+    assert "--port 30002" in engines[1] and "curl -sf http://n2:30002/health" in out.stdout
+    assert "    url: http://n1:30003/v1" in out.stdout and "      model: mid" in out.stdout
+    front = next(line for line in lines if line.startswith("front end on n1: "))
+    assert "tools/serve.py --upstreams" in front and front.endswith("--port 30000 --api-key K")
+    template = run("--budget", f"small={tmp_path}/small:1", "--engine-command", "my-engine {model} -p {port} -n {name}")
+    assert f"my-engine {tmp_path}/small -p 20001 -n small" in template.stdout
+
+    for args, message in ((["--budget", f"small={tmp_path}/nope:1"], "does not exist"),
+                          (["--budget", f"small={tmp_path}/small:9"], "exceeds the 8 GPUs"),
+                          (["--budget", f"a={tmp_path}/small:4", "--budget", f"b={tmp_path}/full:8"], "no node has 8 GPUs left"),
+                          (["--budget", f"a={tmp_path}/small:1", "--budget", f"a={tmp_path}/full:1"], "given twice"),
+                          (["--budget", f"small={tmp_path}/small"], "must be NAME=PATH:TP"),
+                          (["--engine", "tgi", "--budget", f"small={tmp_path}/small:1"], "allowed: vllm, sglang"),
+                          ([], "no budget")):
+        bad = run(*args)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and message in bad.stderr, (args, bad.stderr)
+        assert len(bad.stderr.strip().splitlines()) == 1 and not bad.stdout
