@@ -20,9 +20,14 @@ PY312 := $(VENV312)/bin/python
 TORCH312_SPEC ?= torch==2.13.0
 MCORE312_SPEC ?= megatron-core>=0.19,<0.20
 # pytest arguments of the 3.12 leg (see README "Versions": what it leaves out and why).
-TEST312_ARGS ?= -m "not slurm"
+TEST312_ARGS ?= -m "not slurm and not kernels"
+# The Triton-interpreter leg (make test-kernels): mamba-ssm's Python sources (its CUDA extensions
+# are not compiled) and the Triton that torch 2.13's CUDA build requires, i.e. what a GPU machine
+# with that torch runs (Triton 3.9 removed the block pointers ModelOpt 0.47's NVFP4 kernel uses).
+KERNELS_TRITON_SPEC ?= triton==3.7.1
+MAMBA_SPEC ?= mamba-ssm==2.3.2.post1
 
-.PHONY: install install-312 demo test test-312 test-fast bench-recompute bench-fidelity clean
+.PHONY: install install-312 install-kernels demo test test-312 test-fast test-kernels bench-recompute bench-fidelity clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +45,13 @@ $(VENV312)/.installed: pyproject.toml
 	touch $@
 
 install-312: $(VENV312)/.installed
+
+$(VENV)/.kernels-installed: $(VENV)/.installed
+	$(PY) -m pip install -q "$(KERNELS_TRITON_SPEC)" "einops>=0.8"
+	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE $(PY) -m pip install -q --no-build-isolation --no-deps "$(MAMBA_SPEC)"
+	touch $@
+
+install-kernels: $(VENV)/.kernels-installed
 
 install: $(VENV)/.installed
 
@@ -94,8 +106,16 @@ demo: install $(DEMO_DATA)_text_document.idx
 	@$(PY) -c "import json; rows = json.load(open('runs/demo-eval/evaluation.json'))['rows']; \
 	[print(f\"{r['model']:9} {r['budget']:7} loss {r['loss']:.4f}  ppl {r['ppl']:7.3f}\") for r in rows]"
 
-test: install
-	$(PY) -m pytest -q --durations=15
+# Two pytest runs: everything but the kernels, then the kernels leg (TRITON_INTERPRET must be set
+# before Python starts, so it cannot share the first run's process).
+test: install install-kernels
+	$(PY) -m pytest -q --durations=15 -m "not kernels"
+	$(MAKE) --no-print-directory test-kernels
+
+# The GPU branch on CPU: mamba_ssm's Triton scan, decode step and gated norm, and ModelOpt's NVFP4
+# kernel, run by Triton's interpreter against the PyTorch paths (tests/test_kernels.py).
+test-kernels: install-kernels
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=5 -m kernels
 
 # The default leg's venv is installed too: tests/test_versions.py resumes runs across the two
 # Megatron-Core versions, half in each interpreter.
@@ -104,7 +124,7 @@ test-312: install install-312
 	ELASTIC_MEGATRON_OTHER_PYTHON=$(abspath $(PY)) $(PY312) -m pytest -q --durations=15 $(TEST312_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not slurm"
+	$(PY) -m pytest -q -m "not slow and not slurm and not kernels"
 
 # Step time and kept activations of each trainer.recompute mode, one run (the script's docstring);
 # e.g. make bench-recompute BENCH_ARGS="model=small seq=4096 --json runs/recompute.json"

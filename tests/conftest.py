@@ -3,6 +3,15 @@ small model configs that isolate each layer type."""
 
 from __future__ import annotations
 
+import os
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    # The Triton-interpreter leg (make test-kernels): the kernels' shims go in before anything
+    # imports a kernel module (tests/triton_interpreter.py says what each shim is for).
+    import triton_interpreter
+
+    triton_interpreter.install()
+
 import dataclasses
 from pathlib import Path
 
@@ -49,13 +58,17 @@ def token_batch(vocab: int, batch: int = 2, seq: int = 24, seed: int = 0):
 
 
 def pytest_collection_modifyitems(config, items):
-    """gpu tests need CUDA: on a CPU machine they are reported as skipped with the reason."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on a GPU machine: pytest -m gpu)")
+    """gpu tests need CUDA: on a CPU machine they are reported as skipped with the reason.
+    kernels tests need Triton's interpreter switched on before Python starts: without it they
+    are skipped with the command that runs them (make test runs that leg too)."""
+    interpreter = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run on a GPU machine: pytest -m gpu)")
+    skip_kernels = pytest.mark.skip(reason="runs under Triton's interpreter: make test-kernels")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "kernels" in item.keywords and not interpreter:
+            item.add_marker(skip_kernels)
 
 
 @pytest.fixture(scope="session")

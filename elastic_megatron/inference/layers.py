@@ -163,10 +163,13 @@ class MambaStep:
         """The same step through mamba_ssm's selective_state_update kernel (CUDA, or CPU
         under Triton's interpreter)."""
         n, h, p, s = x.shape[0], self.heads, self.head_dim, self.state_dim
+        # dt arrives limited and softplus'd (the mixer's _dt); the kernel still reads a dt_bias
+        # (mamba_ssm 2.3 takes its strides unconditionally), so it gets zeros. Broadcast (stride
+        # 0) dt, A and bias let the kernel compute one decay per head, not per channel.
         y = selective_state_update(
             ssm, x.view(n, h, p), dt[..., None].expand(-1, -1, p), self.A[:, None, None].expand(h, p, s),
             B.view(n, self.groups, s), C.view(n, self.groups, s), self.D.float()[:, None].expand(-1, p),
-            dt_bias=None, dt_softplus=False,
+            dt_bias=self.A.new_zeros(()).expand(h, p), dt_softplus=False,
         )
         return y.view(n, self.d_inner)
 
