@@ -389,6 +389,19 @@ def test_bad_upstream_options_are_one_line_exit_2(args, message):
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
 
 
+def test_task_scores_through_the_front_end_endpoint(fleet, tmp_path):
+    """tools/evaluate_tasks.py --endpoint: lm-eval through the front end scores an upstream
+    budget (log-likelihoods from its echoed prompt log-probs) as the same budget run here."""
+    from elastic_megatron.jobs.tasks import TaskRequest, run_tasks
+
+    result = run_tasks(TaskRequest(None, ["stdlib_cloze"], str(tmp_path / "out"), budgets=["rsmall", "small"], limit=6,
+                                   batch_size=2, endpoint=fleet["front"] + "/v1", api_key=KEY))
+    main = {s.budget: s for s in result.scores if s.metric == "acc" and s.model == "endpoint"}
+    assert set(main) == {"rsmall", "small"} and main["rsmall"].samples == 6
+    assert main["rsmall"].value == main["small"].value
+    assert "| endpoint | as served | rsmall | n/a |" in (tmp_path / "out" / "results.md").read_text()
+
+
 # ---- the Slurm job ---------------------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@
         --sorted runs/demo-importance --out runs/demo-tasks
     python tools/evaluate_tasks.py --checkpoint runs/demo-small-nvfp4/hf --precisions nvfp4 --tasks stdlib_cloze --out runs/t
     python tools/evaluate_tasks.py --checkpoint ckpt/elastic --tasks mmlu_pro,gpqa_diamond_zeroshot --limit 200 --out runs/t
+    python tools/evaluate_tasks.py --endpoint http://node1:8000/v1 --api-key "$KEY" --tasks mmlu_pro --out runs/t
 
 For each (model, precision) it starts tools/serve.py on 127.0.0.1 at a free port and runs
 lm-eval's `local-completions` model against it for every budget (model id
@@ -14,6 +15,11 @@ evaluation (the scores are those of the model users are served), a budget is jus
 id and budget control just extra body fields (`think_budget`, `answer_budget`,
 `max_think_tokens`, `think_delimiter`), and it is how NeMo Evaluator, NeMo-Skills and any
 OpenAI client reach a model.
+
+--endpoint URL instead of --checkpoint: no server is started; the budgets a running server
+lists (`<name>:<budget>`: tools/serve.py, or its front end over vLLM/SGLang/llama.cpp engines,
+slurm/serve_fleet.sh), or each model id of any other OpenAI endpoint, are evaluated as they
+are served (--budgets picks some; tokenization through its /tokenize).
 
 --tasks: the shipped tasks (--list-tasks; elastic_megatron/eval_tasks, data in the
 package), tasks of --include-path directories of lm-eval YAMLs, or any lm-eval task whose
@@ -33,6 +39,7 @@ server starts; nothing is written when one is wrong.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +56,9 @@ def main(argv=None) -> int:
     parser = tool_parser(__doc__, whole_doc=True)
     parser.add_argument("--list-tasks", action="store_true", help="print the shipped tasks (and --include-path's), one a line")
     parser.add_argument("--checkpoint", help="elastic, plain or sliced checkpoint, or an HF directory (BF16, FP8, NVFP4)")
+    parser.add_argument("--endpoint", default=None, help="instead of --checkpoint: the base URL of a running OpenAI-compatible "
+                        "server (e.g. http://node1:8000/v1), evaluated as it serves")
+    parser.add_argument("--api-key", default=None, help="--endpoint's API key (default: $OPENAI_API_KEY)")
     parser.add_argument("--tasks", default="", help="comma-separated lm-eval task names")
     parser.add_argument("--budgets", default="all", help="all, or comma-separated budget names (default all)")
     parser.add_argument("--precisions", default="bf16", help="comma-separated: bf16, fp8, nvfp4 (default bf16)")
@@ -69,13 +79,16 @@ def main(argv=None) -> int:
     def job():
         if args.list_tasks:
             return list_tasks(args.include_path)
-        for key in ("checkpoint", "out"):
+        if args.endpoint and args.checkpoint:
+            raise ConfigError("--endpoint", args.endpoint, "not with --checkpoint: evaluate one or the other")
+        for key in ("out",) if args.endpoint else ("checkpoint", "out"):
             if not getattr(args, key):
                 raise ConfigError(f"--{key}", None, "is required (or --list-tasks)")
         budgets = None if args.budgets.strip() == "all" else _names(args.budgets)
         req = TaskRequest(args.checkpoint, _names(args.tasks), args.out, budgets, _names(args.precisions),
                           args.include_path, args.limit, args.qad, args.sorted, args.batch_size, args.dtype,
-                          log_samples=args.log_samples, wandb=not args.no_wandb)
+                          log_samples=args.log_samples, wandb=not args.no_wandb, endpoint=args.endpoint,
+                          api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or None)
         return run_tasks(req)
 
     def done(result):

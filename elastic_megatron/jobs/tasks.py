@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -69,6 +69,8 @@ class TaskRequest:
     server_timeout: float = 600.0
     log_samples: bool = False
     wandb: bool = True
+    endpoint: Optional[str] = None  # an OpenAI endpoint to evaluate as it serves (no checkpoint, no server started)
+    api_key: Optional[str] = None  # the endpoint's
 
 
 @dataclass
@@ -97,6 +99,13 @@ class Served:
     model_name: str
     budgets: list[str]  # budgets to evaluate; model ids <model_name>:<budget> (or the bare name)
     elastic: bool
+    ids: dict[str, str] = field(default_factory=dict)  # an endpoint's: budget -> its model id
+    url: Optional[str] = None  # an endpoint's base URL: evaluated as it is, nothing started
+
+    def model_id(self, budget: str) -> str:
+        if budget in self.ids:
+            return self.ids[budget]
+        return f"{self.model_name}:{budget}" if self.elastic else self.model_name
 
 
 # ---- tasks -----------------------------------------------------------------------------------
@@ -321,12 +330,50 @@ def stop_server(proc: subprocess.Popen, grace_s: float) -> None:
             proc.wait()
 
 
-def served_models(url: str) -> dict[str, int]:
+def served_models(url: str, api_key: Optional[str] = None) -> dict[str, int]:
     """model id -> max_model_len, from GET /v1/models."""
+    return {m["id"]: int(m["max_model_len"]) for m in model_cards(url, api_key)}
+
+
+def model_cards(url: str, api_key: Optional[str] = None) -> list[dict]:
     import requests
 
-    body = requests.get(f"{url}/v1/models", timeout=30).json()
-    return {m["id"]: int(m["max_model_len"]) for m in body["data"]}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = requests.get(f"{url}/v1/models", headers=headers, timeout=30)
+    response.raise_for_status()
+    return response.json()["data"]
+
+
+def endpoint_served(req: TaskRequest) -> Served:
+    """What an endpoint serves, as it lists it: budgets `<name>:<budget>` of an elastic
+    server (tools/serve.py, its front end over engines), else each model id as it is."""
+    import requests
+
+    url = req.endpoint.rstrip("/").removesuffix("/v1")
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ConfigError("--endpoint", req.endpoint, "must be the http(s) URL of an OpenAI-compatible server, e.g. "
+                                                      "http://node1:8000/v1")
+    for key, value, default in (("--checkpoint", req.checkpoint, None), ("--precisions", req.precisions, ["bf16"]),
+                                ("--qad", req.qad, None), ("--sorted", req.sorted, None)):
+        if value not in (default, "", None):
+            raise ConfigError(key, value, "not with --endpoint: the endpoint is evaluated as it serves")
+    try:
+        cards = model_cards(url, req.api_key)
+    except (requests.RequestException, ValueError, KeyError) as err:
+        raise ConfigError("--endpoint", req.endpoint, f"GET /v1/models failed ({type(err).__name__}: {err}); give the "
+                                                      "URL of a running OpenAI-compatible server (and --api-key)") from None
+    budgets = {m["budget"]: m["id"] for m in cards if m.get("budget") and m["id"] == f"{m.get('root')}:{m['budget']}"}
+    ids = budgets or {m["id"]: m["id"] for m in cards}
+    chosen = list(ids) if req.budgets is None else req.budgets
+    unknown = [b for b in chosen if b not in ids]
+    if unknown or not chosen:
+        raise ConfigError("--budgets", ",".join(unknown), f"the endpoint serves {list(ids)}")
+    for b in chosen:
+        if not next(m for m in cards if m["id"] == ids[b]).get("max_model_len"):
+            raise ConfigError("--endpoint", req.endpoint, f"lists no max_model_len for {ids[b]!r} (the length lm-eval "
+                                                          "truncates prompts to; vLLM and tools/serve.py list it)")
+    name = next((m.get("root") for m in cards if m.get("budget")), None) or "endpoint"
+    return Served("endpoint", "as served", [], name, chosen, bool(budgets), {b: ids[b] for b in chosen}, url)
 
 
 # ---- evaluation --------------------------------------------------------------------------------
@@ -334,12 +381,13 @@ def served_models(url: str) -> dict[str, int]:
 
 def evaluate_model_id(url: str, model_id: str, max_length: int, manager, task: str, limit: Optional[int],
                       batch_size: int, gen_kwargs: Optional[dict] = None, doc_ids: Optional[list[int]] = None,
-                      tokenize: bool = True) -> tuple[dict, float]:
+                      tokenize: bool = True, api_key: Optional[str] = None) -> tuple[dict, float]:
     """lm-eval on one task through the server for one model id: (lm-eval's results, seconds).
     `gen_kwargs` update a generate_until task's generation settings (what is not lm-eval's
     own, e.g. the budget-control fields, goes into the request body as it is); `doc_ids`
     evaluates those documents instead of the first `limit`; `tokenize` False sends generation
-    prompts as text (no /tokenize round trips: only the requests themselves are timed).
+    prompts as text (no /tokenize round trips: only the requests themselves are timed);
+    `api_key`: the server's, for requests and its /tokenize.
 
     This is what lm_eval.simple_evaluate does for a `local-completions` model (seeds, zero-shot
     default, few-shot seed, the model from its arguments, lm_eval.evaluator.evaluate), without
@@ -354,7 +402,8 @@ def evaluate_model_id(url: str, model_id: str, max_length: int, manager, task: s
 
     lm = get_model("local-completions").create_from_arg_obj(
         {"model": model_id, "base_url": f"{url}/v1/completions", "tokenizer_backend": "remote" if tokenize else None,
-         "tokenized_requests": tokenize, "max_length": max_length, "num_concurrent": 1, "max_retries": 1, "seed": SEED},
+         "tokenized_requests": tokenize, "max_length": max_length, "num_concurrent": 1, "max_retries": 1, "seed": SEED,
+         **({"header": {"Authorization": f"Bearer {api_key}"}, "auth_token": api_key} if api_key else {})},
         {"batch_size": batch_size})
     loaded = manager.load([task])
     for t in loaded["tasks"].values():
@@ -409,6 +458,9 @@ def check_request(req: TaskRequest):
     out = Path(req.out)
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", req.out, "is a file; give a directory for results.json, results.md and results.png")
+    if req.endpoint:
+        served = endpoint_served(req)
+        return resolve_tasks(req.tasks, req.include_paths), [served], {b: (0, 0) for b in served.budgets}
     plan, params = plan_servers(req)
     return resolve_tasks(req.tasks, req.include_paths), plan, params
 
@@ -421,19 +473,21 @@ def run_tasks(req: TaskRequest) -> TaskResults:
     with tempfile.TemporaryDirectory(prefix="tasks-") as tmp:
         for served in plan:
             log = Path(tmp) / f"server-{served.model}-{served.precision.replace(' ', '_')}.log"
-            with running_server(served, log, req.batch_size, req.server_timeout) as url:
-                lengths = served_models(url)
+            server = nullcontext(served.url) if served.url else running_server(served, log, req.batch_size,
+                                                                                 req.server_timeout)
+            with server as url:
+                lengths = {m["id"]: m.get("max_model_len") for m in model_cards(url, req.api_key)}
                 for budget in served.budgets:
-                    model_id = f"{served.model_name}:{budget}" if served.elastic else served.model_name
+                    model_id = served.model_id(budget)
                     for task in req.tasks:
                         print(f"{served.model} {served.precision} {budget}: {task} ...", file=sys.stderr, flush=True)
-                        results, seconds = evaluate_model_id(url, model_id, lengths[model_id], manager, task, req.limit,
-                                                             req.batch_size)
+                        results, seconds = evaluate_model_id(url, model_id, int(lengths[model_id]), manager, task,
+                                                             req.limit, req.batch_size, api_key=req.api_key)
                         result.scores += scores_of(results, served, budget, seconds, params[budget])
                         for name, samples in results.get("samples", {}).items():
                             result.samples[(served.model, served.precision, budget, name)] = samples
     result.paths = write_outputs(result, req)
-    if req.wandb:
+    if req.wandb and not req.endpoint:
         result.wandb_run = log_to_wandb(req.checkpoint, result.paths, result.scores)
     return result
 
@@ -464,7 +518,8 @@ def render_table(scores: list[Score]) -> str:
         for t in tasks:
             s = cell.get((model, precision, budget, t))
             vals.append("" if s is None else f"{s.value:.3f}" + (f" ± {s.stderr:.3f}" if s.stderr is not None else ""))
-        lines.append("| " + " | ".join([model, precision, budget, f"{any_score.active_params:,}"] + vals) + " |")
+        params = f"{any_score.active_params:,}" if any_score.active_params else "n/a"  # an endpoint's: not known here
+        lines.append("| " + " | ".join([model, precision, budget, params] + vals) + " |")
     n = {s.task: s.samples for s in main}
     lines.append("")
     lines.append("documents per task: " + ", ".join(f"{t} {n[t]}" for t in tasks) + " (± is lm-eval's standard error)")
@@ -514,7 +569,7 @@ def write_outputs(result: TaskResults, req: TaskRequest) -> dict[str, Path]:
     written to a temporary name and renamed into place."""
     out = Path(req.out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"checkpoint": str(req.checkpoint), "sorted": req.sorted, "qad": req.qad, "limit": req.limit,
+    payload = {"checkpoint": req.checkpoint or None, "endpoint": req.endpoint, "sorted": req.sorted, "qad": req.qad, "limit": req.limit,
                "tasks": req.tasks, "scores": [asdict(s) for s in result.scores]}
     staged = {}
     try:
