@@ -1,9 +1,8 @@
 """What the checkpoint integrity manifest costs: hashing throughput of the chosen algorithm
 next to plain reading of the same file (the floor: a verifier must read every byte) and
-the other candidate hashes, then write/verify times for a checkpoint-shaped directory.
-
-    python benchmarks/checkpoint_hashing.py                  # 512 MB file, 512 MB checkpoint
-    python benchmarks/checkpoint_hashing.py --size-mb 4096 --dir /lustre/scratch/me
+the other candidate hashes, then write/verify times for a checkpoint-shaped directory, by
+one process and spread over several (the checkpoint store's collective manifest: each
+rank hashes a balanced share of the files).
 
 Everything is measured in this run on this machine. "cached" reads come from the page
 cache (the file was just written); "cold" rows first evict the file's pages with
@@ -13,8 +12,10 @@ posix_fadvise(DONTNEED) after an fsync, so they read from the storage under --di
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -54,12 +55,74 @@ def evict(path: Path) -> None:
         os.close(fd)
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def spread(ckpt: Path, processes: int) -> dict[str, float]:
+    """Seconds for `processes` gloo ranks to write and verify `ckpt`'s manifest together."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = ckpt.parent / f"spread_{processes}.json"
+    mp.spawn(_spread_rank, args=(processes, port, str(ckpt), str(result)), nprocs=processes, join=True)
+    return json.loads(result.read_text())
+
+
+def _spread_rank(rank: int, world: int, port: int, ckpt: str, result: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    directory = Path(ckpt)
+
+    def seconds(fn, cold: bool = False) -> float:
+        if cold and rank == 0:
+            for p in directory.iterdir():
+                evict(p)
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        dist.barrier()
+        return time.perf_counter() - start
+
+    times = {
+        "write": min(seconds(lambda: write_manifest(directory, collective=True)) for _ in range(3)),
+        "verify": min(seconds(lambda: verify_manifest(directory, collective=True)) for _ in range(3)),
+        "verify_cold": seconds(lambda: verify_manifest(directory, collective=True), cold=True),
+    }
+    if rank == 0:
+        Path(result).write_text(json.dumps(times))
+    dist.destroy_process_group()
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mb", type=int, default=512, help="size of the test file and of the checkpoint")
-    parser.add_argument("--dir", default=None, help="where to write the temporary files (default: $TMPDIR)")
-    parser.add_argument("--shards", type=int, default=6, help="shard files in the checkpoint directory")
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/checkpoint_hashing.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python benchmarks/checkpoint_hashing.py                    # 512 MiB file and checkpoint\n"
+               "  python benchmarks/checkpoint_hashing.py --size-mb 4096 --dir /lustre/scratch/me\n"
+               "  python benchmarks/checkpoint_hashing.py --processes 1 2 4 --shards 8")
+    parser.add_argument("--size-mb", type=positive_int, default=512, help="size of the test file and of the checkpoint "
+                        "in MiB (default: 512)")
+    parser.add_argument("--dir", default=None, help="where to write the temporary files (default: $TMPDIR); a "
+                        "cluster filesystem's path measures that filesystem")
+    parser.add_argument("--shards", type=positive_int, default=6, help="shard files in the checkpoint directory "
+                        "(default: 6)")
+    parser.add_argument("--processes", type=positive_int, nargs="+", default=[1, 2], metavar="N",
+                        help="process counts (gloo ranks on this machine) that write and verify the checkpoint's "
+                        "manifest together, each hashing its share (default: 1 2)")
     args = parser.parse_args()
+    if args.dir is not None and not Path(args.dir).is_dir():
+        parser.error(f"--dir {args.dir}: not a directory")
     size = args.size_mb << 20
     gb = 1e9
     work = Path(tempfile.mkdtemp(prefix="ckpt_hashing_", dir=args.dir))
@@ -122,6 +185,14 @@ def main() -> None:
         timed("verify, hashes, 1 worker (cached)", lambda: verify_manifest(ckpt, workers=1))
         timed("verify, hashes (cold)", lambda: verify_manifest(ckpt), cold=True)
         timed("verify, sizes only", lambda: verify_manifest(ckpt, check_hashes=False), rate=False)
+
+        print(f"\nspread over processes (gloo ranks on this machine, {os.cpu_count()} CPUs), collective manifest, "
+              f"{DEFAULT_WORKERS} reader threads per process; seconds, best of 3 (cached) / one pass (cold)")
+        print(f"{'processes':>9s} {'write':>8s} {'verify':>8s} {'verify cold':>11s} {'GB/s (verify)':>14s}")
+        for n in args.processes:
+            times = spread(ckpt, n)
+            print(f"{n:9d} {times['write']:8.3f} {times['verify']:8.3f} {times['verify_cold']:11.3f} "
+                  f"{total / gb / times['verify']:14.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

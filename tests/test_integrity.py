@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from elastic_megatron.checkpoint import store
 from elastic_megatron.checkpoint.lock import RunDirLocked, RunLock, process_start_time
 from elastic_megatron.checkpoint.manifest import (
     DEFAULT_HASH,
     HASHES,
     CheckpointCorrupt,
+    balanced_shares,
     has_manifest,
     hash_file,
     verify_manifest,
@@ -163,6 +166,77 @@ def test_unreadable_manifest(ckpt, damage):
     for allow_missing in (False, True):  # a damaged manifest is never "legacy"
         e = _corrupt(ckpt, allow_missing=allow_missing, check_hashes=False)
         assert e.path == path and e.problem.startswith("manifest unreadable: ")
+
+
+# ---------------------------------------------------------------- hashing spread over ranks
+
+
+def _checkpoint_files(d: Path, seed: int) -> Path:
+    """A checkpoint-shaped directory whose shards differ in size (the shares must balance)."""
+    rng = random.Random(seed)
+    d.mkdir(parents=True)
+    for name, size in (("__0_0.distcp", 400_000), ("__1_0.distcp", 300_000), ("__2_0.distcp", 200_000),
+                       ("common.pt", 100_000), (".metadata", 3000), ("sub/extra_state.pt", 777)):
+        (d / name).parent.mkdir(exist_ok=True)
+        (d / name).write_bytes(rng.randbytes(size))
+    (d / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+    return d
+
+
+def test_balanced_shares():
+    sizes = [5, 100, 0, 60, 40, 30, 30]
+    shares = balanced_shares(sizes, 3)
+    assert sorted(i for share in shares for i in share) == list(range(len(sizes)))
+    assert [sum(sizes[i] for i in share) for share in shares] == [100, 90, 75]  # largest first, to the lightest
+    assert balanced_shares(sizes, 1) == [list(range(len(sizes)))]
+    assert balanced_shares([], 2) == [[], []]
+
+
+def test_hashing_is_spread_over_ranks_and_every_rank_agrees(tmp_path):
+    """Two gloo ranks: the manifest they write together is byte for byte the one a single
+    process writes; each hashed a balanced share; a byte flipped in either rank's share
+    makes both ranks refuse the checkpoint naming the same file; resume skips a newest
+    checkpoint damaged in rank 1's share on both ranks and moves it aside once."""
+    from test_parallel import torchrun
+
+    ckpt = _checkpoint_files(tmp_path / "ckpt", seed=1)
+    single = _checkpoint_files(tmp_path / "single", seed=1)
+    write_manifest(single)
+    run_dir = tmp_path / "run"
+    for step in (2, 4):
+        write_manifest(_checkpoint_files(store.iteration_dir(run_dir, step), seed=step))
+    (store.checkpoint_root(run_dir) / store.TRACKER).write_text("4\n")
+    newest = store.iteration_dir(run_dir, 4)
+    listed = json.loads((newest / "manifest.json").read_text())["files"]
+    damaged = listed[balanced_shares([f["size"] for f in listed], 2)[1][0]]["path"]
+    _flip_byte(newest / damaged, 7)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = torchrun(2, str(REPO / "tests" / "manifest_worker.py"), str(out), str(ckpt), str(run_dir), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+    assert (ckpt / "manifest.json").read_text() == (single / "manifest.json").read_text()
+    sizes = {f["path"]: f["size"] for f in json.loads((single / "manifest.json").read_text())["files"]}
+    for phase in ("write", "verify"):
+        shares = [set(r["hashed"][phase]) for r in ranks]
+        assert shares[0] and shares[1] and not shares[0] & shares[1] and shares[0] | shares[1] == set(sizes)
+        loads = sorted(sum(sizes[f] for f in share) for share in shares)
+        assert loads[1] - loads[0] <= max(sizes.values())  # balanced within one file
+    assert [r["verdicts"]["verify"] for r in ranks] == [["ok", True]] * 2
+    for r in range(2):
+        verdicts = [got["verdicts"][f"corrupt_in_share_of_rank{r}"] for got in ranks]
+        assert verdicts[0] == verdicts[1] and verdicts[0][0] == "corrupt" and verdicts[0][2] == "hash mismatch"
+        assert Path(verdicts[0][1]).relative_to(ckpt).as_posix() in ranks[r]["hashed"]["verify"]
+        assert [got["verdicts"][f"sizes_only_with_rank{r}_damage"] for got in ranks] == [["ok", True]] * 2
+    verify_manifest(ckpt)  # the workers put every byte back
+
+    assert [r["verdicts"]["resume"] for r in ranks] == [["ok", 2]] * 2
+    damaged_rel = f"checkpoints/{newest.name}/{damaged}"
+    assert damaged_rel in ranks[1]["hashed"]["resume"] and damaged_rel not in ranks[0]["hashed"]["resume"]
+    assert not newest.exists() and (store.checkpoint_root(run_dir) / "corrupt" / newest.name / damaged).exists()
+    assert (store.checkpoint_root(run_dir) / store.TRACKER).read_text().strip() == "2"
 
 
 # ---------------------------------------------------------------- run lock

@@ -17,12 +17,20 @@ verifier always uses the one the writer used.
 file, the fast path for huge checkpoints. Checkpoints written before manifests existed
 have none: `verify_manifest(..., allow_missing=True)` returns False for them and the
 caller decides what to say.
+
+With `collective=True` (the checkpoint store, under a process group) every rank calls
+them and the hashing is spread: rank 0 lists the files (or reads the manifest) and checks
+presence and sizes, each rank hashes its share (`balanced_shares`: files by size, largest
+first, each to the share with the fewest bytes), and the digests or the problems found
+are gathered, so a save writes the manifest a single process would write and a corrupt
+file in any rank's share makes every rank raise the same `CheckpointCorrupt`.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import heapq
 import json
 import os
 import stat
@@ -30,6 +38,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
+
+from elastic_megatron.parallel.collectives import all_gather_objects, broadcast_from_rank0, rank_and_world
 
 try:
     import xxhash
@@ -108,8 +118,21 @@ def has_manifest(directory: str | Path) -> bool:
     return (Path(directory) / MANIFEST_NAME).is_file()
 
 
+def balanced_shares(sizes: list[int], parts: int) -> list[list[int]]:
+    """Indices of `sizes` in `parts` shares of near-equal total size, each in ascending
+    order: largest first, each to the share with the fewest bytes so far (ties: the lower
+    share). Deterministic, so every rank computes the same shares."""
+    shares: list[list[int]] = [[] for _ in range(parts)]
+    lightest = [(0, part) for part in range(parts)]  # (bytes so far, share)
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        total, part = heapq.heappop(lightest)
+        shares[part].append(index)
+        heapq.heappush(lightest, (total + sizes[index], part))
+    return [sorted(share) for share in shares]
+
+
 def write_manifest(directory: str | Path, *, exclude: Iterable[str] = (), algorithm: str = DEFAULT_HASH,
-                   workers: int = DEFAULT_WORKERS) -> Path:
+                   workers: int = DEFAULT_WORKERS, collective: bool = False) -> Path:
     """Hash every regular file under `directory` into `directory/manifest.json`; returns its path.
 
     `exclude`: fnmatch patterns (matched against the relative POSIX path and the file
@@ -117,25 +140,47 @@ def write_manifest(directory: str | Path, *, exclude: Iterable[str] = (), algori
     matching them. Call only once the checkpoint is complete and nothing writes to it.
     The manifest is written atomically (temp file, fsync, rename, fsync of the directory),
     so a crash leaves either no manifest or a whole one.
+
+    `collective`: call on every rank of the default process group; each hashes its share
+    of the files, rank 0 writes the manifest. A file no rank could read raises OSError
+    on every rank.
     """
     directory = Path(directory)
     exclude = list(exclude)
     _hasher(algorithm)  # fail on an unknown name before reading gigabytes
-    files = []
-    for rel, st in _walk(directory, exclude):
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"cannot write a manifest for {directory}: {rel} is not a regular file")
-        files.append((rel, st.st_size))
-    digests = _hash_many([directory / rel for rel, _ in files], algorithm, workers)
+    rank, world = rank_and_world() if collective else (0, 1)
+    listing: tuple[Optional[list], Optional[tuple[bool, str]]] = (None, None)  # (files, (an OSError?, message))
+    if rank == 0:
+        try:
+            listing = (_regular_files(directory, exclude), None)
+        except (OSError, ValueError) as err:
+            listing = (None, (isinstance(err, OSError), str(err)))
+    files, problem = broadcast_from_rank0(listing) if world > 1 else listing
+    if problem is not None:
+        raise (OSError if problem[0] else ValueError)(problem[1])
+    share = balanced_shares([size for _, size in files], world)[rank]
+    try:
+        mine = (dict(zip(share, _hash_many([directory / files[i][0] for i in share], algorithm, workers))), None)
+    except OSError as err:
+        if world == 1:
+            raise
+        mine = (None, f"{type(err).__name__}: {err}")
+    gathered = all_gather_objects(mine) if world > 1 else [mine]
+    for _, problem in gathered:
+        if problem is not None:
+            raise OSError(f"cannot write a manifest for {directory}: {problem}")
+    digests = {i: digest for part, _ in gathered for i, digest in part.items()}
+    path = directory / MANIFEST_NAME
+    if rank != 0:
+        return path
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "hash": algorithm,
         "exclude": exclude,
         "total_bytes": sum(size for _, size in files),
-        "files": [{"path": rel, "size": size, "hash": digest} for (rel, size), digest in zip(files, digests)],
+        "files": [{"path": rel, "size": size, "hash": digests[i]} for i, (rel, size) in enumerate(files)],
     }
-    path = directory / MANIFEST_NAME
     tmp = directory / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
     try:
         with open(tmp, "w") as f:
@@ -151,21 +196,60 @@ def write_manifest(directory: str | Path, *, exclude: Iterable[str] = (), algori
 
 
 def verify_manifest(directory: str | Path, *, check_hashes: bool = True, allow_missing: bool = False,
-                    workers: int = DEFAULT_WORKERS) -> bool:
+                    workers: int = DEFAULT_WORKERS, collective: bool = False) -> bool:
     """Check `directory` against its manifest; raise `CheckpointCorrupt` on the first problem.
 
     Order: listed files missing or of another size, then unlisted files, then hashes
-    (skipped with `check_hashes=False`), so cheap failures come before reading any data.
+    (skipped with `check_hashes=False`), so cheap failures come before reading any data;
+    among hash failures, the first file in manifest order.
     Returns True when verified; False only when there is no manifest.json and
     `allow_missing` is set (a legacy checkpoint: the caller warns and loads it anyway).
+
+    `collective`: call on every rank of the default process group; rank 0 makes the
+    cheap checks, each rank hashes its share, and every rank returns or raises alike.
     """
     directory = Path(directory)
+    rank, world = rank_and_world() if collective else (0, 1)
+    listed = checked_on_rank0(lambda: _check_listing(directory, allow_missing)) if world > 1 else \
+        _check_listing(directory, allow_missing)
+    if listed is None:
+        return False
+    entries, algorithm = listed
+    if check_hashes:
+        share = balanced_shares([size for _, size, _ in entries], world)[rank]
+        mine = _first_hash_failure(directory, [(i, *entries[i]) for i in share], algorithm, workers)
+        failures = [f for f in (all_gather_objects(mine) if world > 1 else [mine]) if f is not None]
+        if failures:
+            _, path, problem = min(failures)
+            raise CheckpointCorrupt(path, problem)
+    return True
+
+
+def checked_on_rank0(check: Callable[[], Any]) -> Any:
+    """Run `check()` on rank 0 of the default process group (the files are shared); every
+    rank gets its result, or the CheckpointCorrupt it raised."""
+    outcome: tuple = (None, None)
+    if rank_and_world()[0] == 0:
+        try:
+            outcome = (check(), None)
+        except CheckpointCorrupt as err:
+            outcome = (None, (str(err.path), err.problem))
+    result, problem = broadcast_from_rank0(outcome)
+    if problem is not None:
+        raise CheckpointCorrupt(*problem)
+    return result
+
+
+def _check_listing(directory: Path, allow_missing: bool) -> Optional[tuple[list[tuple[str, int, str]], str]]:
+    """The checks that read no data: the manifest, every listed file present with its
+    size, nothing unlisted. ((path, size, hash) of each listed file, the algorithm), or
+    None when there is no manifest and `allow_missing`."""
     path = directory / MANIFEST_NAME
     if not directory.is_dir():
         raise CheckpointCorrupt(directory, "not a directory")
     if not path.exists():
         if allow_missing:
-            return False
+            return None
         raise CheckpointCorrupt(directory, f"no {MANIFEST_NAME}")
     manifest = _read_manifest(path)
 
@@ -182,13 +266,21 @@ def verify_manifest(directory: str | Path, *, check_hashes: bool = True, allow_m
     for rel, _ in _walk(directory, manifest["exclude"]):
         if rel not in listed:
             raise CheckpointCorrupt(directory / rel, "not listed in the manifest")
-    if check_hashes:
-        rels = list(listed)
-        digests = _hash_many([directory / rel for rel in rels], manifest["hash"], workers, verifying=True)
-        for rel, digest in zip(rels, digests):
-            if digest != listed[rel]["hash"]:
-                raise CheckpointCorrupt(directory / rel, "hash mismatch")
-    return True
+    return [(rel, entry["size"], entry["hash"]) for rel, entry in listed.items()], manifest["hash"]
+
+
+def _first_hash_failure(directory: Path, entries: list[tuple[int, str, int, str]], algorithm: str,
+                        workers: int) -> Optional[tuple[int, str, str]]:
+    """(manifest index, path, problem) of the first of `entries` (index, path, size, hash)
+    whose file is unreadable or hashes otherwise, or None."""
+    paths = [directory / rel for _, rel, _, _ in entries]
+    digests = _hash_many(paths, algorithm, workers, verifying=True)
+    for (index, rel, _, expected), path, digest in zip(entries, paths, digests):
+        if isinstance(digest, CheckpointCorrupt):
+            return index, str(digest.path), digest.problem
+        if digest != expected:
+            return index, str(path), "hash mismatch"
+    return None
 
 
 def _hasher(algorithm: str):
@@ -199,15 +291,15 @@ def _hasher(algorithm: str):
         raise ValueError(f"unknown hash algorithm {algorithm!r}{hint}; available: {sorted(HASHES)}") from None
 
 
-def _hash_many(paths: list[Path], algorithm: str, workers: int, *, verifying: bool = False) -> list[str]:
+def _hash_many(paths: list[Path], algorithm: str, workers: int, *, verifying: bool = False) -> list:
     """Digests of `paths` in order, `workers` files at a time (file reads release the GIL).
-    While verifying, a file that cannot be read is `CheckpointCorrupt`."""
-    def one(path: Path, buffer: Optional[bytearray] = None) -> str:
+    While verifying, a file that cannot be read gives a `CheckpointCorrupt` in its place."""
+    def one(path: Path, buffer: Optional[bytearray] = None):
         try:
             return hash_file(path, algorithm, buffer=buffer)
         except OSError as e:
             if verifying:
-                raise CheckpointCorrupt(path, f"unreadable: {e.strerror or e}") from e
+                return CheckpointCorrupt(path, f"unreadable: {e.strerror or e}")
             raise
 
     if workers <= 1 or len(paths) <= 1:
@@ -215,6 +307,16 @@ def _hash_many(paths: list[Path], algorithm: str, workers: int, *, verifying: bo
         return [one(p, buf) for p in paths]
     with ThreadPoolExecutor(max_workers=min(workers, len(paths))) as pool:
         return list(pool.map(one, paths))
+
+
+def _regular_files(directory: Path, exclude: list[str]) -> list[tuple[str, int]]:
+    """(relative path, size) of the files a manifest of `directory` lists, sorted."""
+    files = []
+    for rel, st in _walk(directory, exclude):
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"cannot write a manifest for {directory}: {rel} is not a regular file")
+        files.append((rel, st.st_size))
+    return files
 
 
 def _walk(directory: Path, exclude: Iterable[str]) -> list[tuple[str, os.stat_result]]:

@@ -10,7 +10,7 @@ Layout under `<run.dir>/checkpoints/`:
 
 A save first checks the free space of the filesystem, writes into `iter_XXXXXXX.partial/`,
 waits for every rank, writes the integrity manifest (manifest.json: every file with its
-size and hash), renames the directory to its final name and only then rewrites the
+size and hash; every rank hashes a share of the files), renames the directory to its final name and only then rewrites the
 tracker (write a temp file, `os.replace`). A save killed at any point therefore leaves
 the previous checkpoint and the tracker untouched; a save that fails (disk full) removes
 its partial directory and says why; stale `.partial` directories of killed saves are
@@ -45,7 +45,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from elastic_megatron.checkpoint.manifest import CheckpointCorrupt, write_manifest
+from elastic_megatron.checkpoint.manifest import CheckpointCorrupt, checked_on_rank0, write_manifest
 from elastic_megatron.checkpoint.verify import verify_checkpoint
 from elastic_megatron.models.compat import write_common_state_file
 from elastic_megatron.parallel.collectives import any_rank
@@ -124,67 +124,47 @@ def _move_aside(path: Path) -> Path:
     return target
 
 
-def _find_resume_step(run_dir) -> tuple[Optional[int], list[str]]:
-    """(newest verified step or None, notes to print). Rank 0 only: moves corrupt ones aside."""
-    notes = []
-    steps = checkpoint_steps(run_dir)
-    tracked = _tracker_step(run_dir)
+def resume_step(run_dir: str | Path) -> Optional[int]:
+    """The step to resume from: the newest checkpoint of the run dir that verifies (None:
+    a fresh run). Collective: every rank verifies its share of each candidate and gets the
+    same answer; rank 0 moves the corrupt ones aside, rebuilds the tracker and says so."""
+    steps, tracked = checked_on_rank0(lambda: (checkpoint_steps(run_dir), _tracker_step(run_dir)))
     for step in steps:
         directory = iteration_dir(run_dir, step)
         try:
             verified = verify_checkpoint(directory)
         except CheckpointCorrupt as err:
-            aside = _move_aside(directory)
-            notes.append(f"checkpoint {directory.name} failed verification ({err.path.name}: {err.problem}); "
-                         f"kept aside as {aside} and skipped")
+            if _rank0():
+                aside = _move_aside(directory)
+                _note(f"checkpoint {directory.name} failed verification ({err.path.name}: {err.problem}); "
+                      f"kept aside as {aside} and skipped")
+            _barrier()  # the next candidate's files are listed once this one is out of the way
             continue
         if not verified:
-            notes.append(f"checkpoint {directory.name} has no manifest (written before integrity manifests): "
-                         "structure checked, contents not hashed")
-        if tracked != step:
+            _note(f"checkpoint {directory.name} has no manifest (written before integrity manifests): "
+                  "structure checked, contents not hashed")
+        if tracked != step and _rank0():
             was = "missing" if tracked is None else f"at step {tracked}"
-            notes.append(f"the tracker was {was}; resuming from the newest checkpoint that verifies, step {step}")
+            _note(f"the tracker was {was}; resuming from the newest checkpoint that verifies, step {step}")
             _set_tracker(run_dir, step)
-        return step, notes
+        _barrier()
+        return step
     if steps:
         raise CheckpointCorrupt(checkpoint_root(run_dir), f"none of its {len(steps)} checkpoints verifies (all kept "
                                 f"aside under {CORRUPT}/): refusing to start the run over from step 0; choose a new "
                                 "run.dir, or move the run's checkpoints away to restart it")
-    return None, notes
+    return None
 
 
-def _checked_on_rank0(check):
-    """Run `check()` on rank 0 (the files are shared); every rank gets its result, or the
-    CheckpointCorrupt it raised."""
-    outcome: list = [None, None]
+def _note(text: str) -> None:
     if _rank0():
-        try:
-            outcome[0] = check()
-        except CheckpointCorrupt as err:
-            outcome[1] = (str(err.path), err.problem)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(outcome, src=0)
-    if outcome[1] is not None:
-        raise CheckpointCorrupt(*outcome[1])
-    return outcome[0]
-
-
-def resume_step(run_dir: str | Path) -> Optional[int]:
-    """The step to resume from: the newest checkpoint of the run dir that verifies (None:
-    a fresh run). Collective: rank 0 verifies and repairs, every rank gets its answer."""
-    def find() -> Optional[int]:
-        step, notes = _find_resume_step(run_dir)
-        for note in notes:
-            print(f"note: {note}", flush=True)
-        return step
-
-    return _checked_on_rank0(find)
+        print(f"note: {text}", flush=True)
 
 
 def verify_for_loading(directory: Path) -> None:
-    """Verify a checkpoint before reading it: on rank 0 when a process group exists (the
-    files are shared), the verdict for every rank."""
-    _checked_on_rank0(lambda: verify_checkpoint(directory))
+    """Verify a checkpoint before reading it. Collective under a process group: every rank
+    hashes a share of its files (they are shared) and gets the same verdict."""
+    verify_checkpoint(directory)
 
 
 def rng_state() -> dict:
@@ -329,13 +309,14 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, step: int, consumed_sa
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
         problem = " ".join(f"{type(err).__name__}: {err}".split())[-400:]
-    if not any_rank(problem is not None) and _rank0():
+    if not any_rank(problem is not None):
         try:
-            write_manifest(partial)
-            if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            _set_tracker(run_dir, step)
+            write_manifest(partial, collective=True)  # every rank hashes a share, rank 0 writes it
+            if _rank0():
+                if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
+                    shutil.rmtree(final)
+                os.replace(partial, final)
+                _set_tracker(run_dir, step)
         except OSError as err:
             problem = f"{type(err).__name__}: {err}"
     if any_rank(problem is not None):

@@ -14,6 +14,10 @@ benchmarks/checkpoint_hashing.py for the cost), chosen by `run.verify_checkpoint
 job and `--verify` in the tools. A checkpoint verified once is not hashed again in the
 same process while its files keep their sizes and modification times (the trainer and
 the tools read common state, then weights).
+
+Under a process group `verify_checkpoint` is collective: rank 0 makes the checks that read
+no data (and the legacy checks), every rank hashes its share of the files (manifest.py),
+and every rank returns or raises the same verdict.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from elastic_megatron.checkpoint.manifest import CheckpointCorrupt, has_manifest, verify_manifest
+from elastic_megatron.checkpoint.manifest import CheckpointCorrupt, checked_on_rank0, has_manifest, verify_manifest
 from elastic_megatron.config.errors import require_choice
 from elastic_megatron.config.schema import VERIFY_LEVELS
 
@@ -75,20 +79,29 @@ def _verify_structure(directory: Path) -> None:
 
 def verify_checkpoint(directory: str | Path) -> bool:
     """Raise CheckpointCorrupt unless the checkpoint directory `directory` (an iter_*
-    dir) is whole; True if it was checked against a manifest, False for a legacy one."""
+    dir) is whole; True if it was checked against a manifest, False for a legacy one.
+    Collective under a process group: call on every rank."""
     directory = Path(directory)
-    if has_manifest(directory):
-        key = str(directory.resolve())
-        stamp = _stamp(directory)
-        if _verified.get(key) == (_level, stamp):
-            return True
-        verify_manifest(directory, check_hashes=_level == "hashes")
-        _verified[key] = (_level, stamp)
-        return True
-    if not directory.is_dir():
-        raise CheckpointCorrupt(directory, "not a directory")
-    _verify_structure(directory)
-    return False
+    key = str(directory.resolve())
+    stamp: list = []  # rank 0's stamp of the files before they are hashed
+
+    def kind() -> str:
+        if has_manifest(directory):
+            stamp.append(_stamp(directory))
+            return "verified before" if _verified.get(key) == (_level, stamp[0]) else "manifest"
+        if not directory.is_dir():
+            raise CheckpointCorrupt(directory, "not a directory")
+        _verify_structure(directory)
+        return "legacy"
+
+    found = checked_on_rank0(kind)
+    if found == "legacy":
+        return False
+    if found == "manifest":
+        verify_manifest(directory, check_hashes=_level == "hashes", collective=True)
+        if stamp:
+            _verified[key] = (_level, stamp[0])
+    return True
 
 
 def _stamp(directory: Path) -> tuple:

@@ -1,5 +1,5 @@
 """Small collectives shared by the CPU optimizer, the router update, importance scores, the
-stop signal and checkpoint saves."""
+stop signal, checkpoint saves and checkpoint hashing."""
 
 from __future__ import annotations
 
@@ -36,6 +36,33 @@ def any_rank(flag: bool) -> bool:
             value = value.cuda()
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one, and under the
+    dry run's simulated ("fake") group, which communicates nothing."""
+    if not dist.is_initialized() or dist.get_backend() == "fake":
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def broadcast_from_rank0(obj):
+    """Rank 0's `obj` (picklable) on every rank."""
+    if rank_and_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_mean_(tensors: list[torch.Tensor], group) -> None:
