@@ -20,14 +20,14 @@ PY312 := $(VENV312)/bin/python
 TORCH312_SPEC ?= torch==2.13.0
 MCORE312_SPEC ?= megatron-core>=0.19,<0.20
 # pytest arguments of the 3.12 leg (see README "Versions": what it leaves out and why).
-TEST312_ARGS ?= -m "not slurm and not kernels"
+TEST312_ARGS ?= -m "not slurm and not kernels and not gpu_rehearsal"
 # The Triton-interpreter leg (make test-kernels): mamba-ssm's Python sources (its CUDA extensions
 # are not compiled) and the Triton that torch 2.13's CUDA build requires, i.e. what a GPU machine
 # with that torch runs (Triton 3.9 removed the block pointers ModelOpt 0.47's NVFP4 kernel uses).
 KERNELS_TRITON_SPEC ?= triton==3.7.1
 MAMBA_SPEC ?= mamba-ssm==2.3.2.post1
 
-.PHONY: install install-312 install-kernels demo test test-312 test-fast test-kernels bench-recompute bench-fidelity clean
+.PHONY: install install-312 install-kernels demo test test-312 test-fast test-kernels gpu-check gpu-check-rehearsal bench-recompute bench-fidelity clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -116,6 +116,23 @@ test: install install-kernels
 # kernel, run by Triton's interpreter against the PyTorch paths (tests/test_kernels.py).
 test-kernels: install-kernels
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=5 -m kernels
+
+# The GPU acceptance run (tools/gpu_check.py) on a fresh H100/H200 machine, in the Python environment
+# it finds (a container's, or GPU_PY=...): the gpu extra installed (GPU_WHEELS=DIR: from wheels built
+# elsewhere, no index, as the README's "GPU acceptance run" shows), then every stage; the report folder is
+# GPU_CHECK_OUT. gpu-check-rehearsal: the same sequence on CPU at tiny sizes (CI runs it in tests/test_gpu_check.py).
+GPU_PY ?= python3
+GPU_CHECK_OUT ?= runs/gpu-check
+gpu-check:
+ifdef GPU_WHEELS
+	$(GPU_PY) -m pip install -q --no-index --no-deps $(GPU_WHEELS)/*.whl
+else
+	$(GPU_PY) -m pip install -q -e ".[gpu]"
+endif
+	$(GPU_PY) tools/gpu_check.py --out $(GPU_CHECK_OUT)
+
+gpu-check-rehearsal: install install-kernels
+	$(PY) tools/gpu_check.py --rehearse --out runs/gpu-check-rehearsal
 
 # The default leg's venv is installed too: tests/test_versions.py resumes runs across the two
 # Megatron-Core versions, half in each interpreter.
