@@ -23,7 +23,9 @@ TEMPERATURE_SCHEDULES = ("exponential", "linear", "constant")
 
 @dataclass
 class BudgetConfig:
+    # How the budget is named on the command line and in checkpoints (e.g. small, 23B, full).
     name: str = "full"
+    # What `target` measures: total_params | active_params | memory_bytes.
     target_kind: str = "total_params"
     # Target value in units of target_kind; null for a pinned budget = its own cost.
     target: Optional[float] = None
@@ -35,12 +37,15 @@ class BudgetConfig:
 
 @dataclass
 class RouterConfig:
+    # Width of the router MLP that picks each budget's widths.
     hidden_size: int = 64
     # Router learning rate = trainer.lr * lr_mult (constant), Adam.
     lr_mult: float = 10.0
     # Gumbel-Softmax temperature, annealed from start to end over trainer.max_steps.
     temperature_start: float = 1.0
+    # The temperature reached at trainer.max_steps.
     temperature_end: float = 0.1
+    # exponential | linear | constant.
     temperature_schedule: str = "exponential"
     # true: straight-through hard samples (forward = one candidate); false: soft mixtures.
     hard: bool = True
@@ -53,6 +58,7 @@ class RouterConfig:
 
 @dataclass
 class DistillConfig:
+    # Softmax temperature of teacher and student logits in the KD loss.
     temperature: float = 1.0
     # 0: KL over the whole vocabulary; k > 0: over the teacher's top-k logits.
     top_k: int = 0
@@ -72,7 +78,9 @@ class CurriculumConfig:
 
 @dataclass
 class ImportanceConfig:
+    # Training micro-batches the parent's activations are scored on.
     calibration_batches: int = 16
+    # Write PNG plots of the importance scores into run.dir.
     plots: bool = True
 
 
@@ -80,7 +88,9 @@ class ImportanceConfig:
 class ElasticConfig:
     # false: plain training of one model (pretraining).
     enabled: bool = False
+    # The spec's name (recipes/elastic/<name>.yaml), recorded in checkpoints.
     name: str = "none"
+    # The nested models, listed largest first.
     budgets: list[BudgetConfig] = field(default_factory=list)
     router: RouterConfig = field(default_factory=RouterConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

@@ -17,11 +17,15 @@ from elastic_megatron.config.model import ATTENTION, MAMBA, MLP, MOE, ModelConfi
 
 @dataclass
 class ParallelConfig:
+    # Tensor parallel size.
     tp: int = 1
+    # Pipeline parallel size (stages).
     pp: int = 1
+    # Expert parallel size (MoE experts spread over ep ranks).
     ep: int = 1
     # Expert tensor parallel size; null = tp (Megatron-LM's default).
     etp: Optional[int] = None
+    # Megatron's sequence parallelism: norms and dropout split over the TP ranks (needs tp > 1).
     sequence_parallel: bool = False
     # Pipeline stages as the hybrid pattern cut by '|' (e.g. "M*EM|EM-E"); null = an even
     # split of the layers. Megatron-Core 0.16 needs the middle stages equally long.
