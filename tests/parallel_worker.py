@@ -15,7 +15,9 @@ router's gradient reductions), and writes to OUT:
   rank kept for backward.
 
 With PARALLEL_WORKER_STEP=lm it runs pretraining's step (LMStep) instead, on the
-teacher checkpoint's weights (no router fields then).
+teacher checkpoint's weights (no router fields then); with PARALLEL_WORKER_STEP=fresh,
+LMStep on the fresh model's own weights, which it first saves to weights/ (a dist
+checkpoint, read back flat like grads/).
 """
 
 from __future__ import annotations
@@ -72,14 +74,17 @@ def main(out: Path, overrides: list[str]) -> None:
     job = compose_job("stage1_tiny", overrides)
     p = job.parallel
     # PARALLEL_WORKER_STEP=lm: pretraining's step (LMStep) on the teacher's weights instead.
-    lm = os.environ.get("PARALLEL_WORKER_STEP") == "lm"
+    mode = os.environ.get("PARALLEL_WORKER_STEP", "elastic")
+    lm = mode in ("lm", "fresh")
     with distributed(p.tp, p.pp, p.ep, seed=job.run.seed, expert_tensor_parallel=p.etp, context_parallel=p.cp):
         step_fn = LMStep() if lm else ElasticDistillStep(job)
         model = build_model(job.model, torch.float32, parallel=p)
         t = job.trainer
         apply_recompute(model, t.recompute, t.recompute_method, t.recompute_num_layers, t.recompute_modules)
         _, optimizer = build_optimizer(model, job.trainer, p, torch.float32)
-        if lm:
+        if mode == "fresh":
+            store.save_checkpoint(out / "weights", model, None, None, 0, 0, {"config": config_yaml(job.model)})
+        elif lm:
             store.load_model_weights(job.elastic.teacher_checkpoint, model)
         else:
             step_fn.setup(model, torch.float32)

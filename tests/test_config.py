@@ -24,6 +24,7 @@ BAD = [
     ({"moe_router_topk": 9}, "model.moe_router_topk", ["model.moe_num_experts=8"]),
     ({"mamba_num_heads": 6, "mamba_num_groups": 4}, "model.mamba_num_heads", ["divisible by model.mamba_num_groups=4"]),
     ({"backend": "cuda"}, "model.backend", ["local", "te"]),
+    ({"init": "random"}, "model.init", ["layout_independent", "megatron"]),
     ({"hidden_size": 0}, "model.hidden_size", ["positive integer"]),
     ({"activation": "swish"}, "model.activation", ["squared_relu"]),
     ({"moe_router_score_function": "softmax"}, "model.moe_router_enable_expert_bias", ["sigmoid"]),

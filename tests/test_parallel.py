@@ -157,6 +157,49 @@ def test_context_parallel_layout_matches_the_single_process_run(name, teacher, c
         assert_activations_follow_the_estimate(ref, got, layout, nproc)
 
 
+# Fresh initialisation (model.init=layout_independent, the default): the weights a layout
+# starts from gather to the single process's, bit for bit, and so does the first step.
+FRESH_LAYOUTS = {
+    "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
+    "pp2": ["parallel.pp=2"],
+    "ep2": ["parallel.ep=2", "parallel.etp=1"],
+}
+
+
+@pytest.fixture(scope="module")
+def fresh_reference(teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single_fresh")
+    return run_worker(teacher, out, 1, [], step="fresh"), out
+
+
+def differing_weights(ref_dir: Path, got_dir: Path) -> list[str]:
+    """Names of the fresh weights (read back flat) that are not bit for bit the reference's."""
+    ref, got = DistCheckpointSource(ref_dir / "weights"), DistCheckpointSource(got_dir / "weights")
+    assert sorted(got.names()) == sorted(ref.names())
+    return [n for n in ref.names() if not torch.equal(ref.get(n), got.get(n))]
+
+
+@pytest.mark.parametrize("name", list(FRESH_LAYOUTS))
+def test_fresh_weights_and_first_step_do_not_depend_on_the_layout(name, teacher, fresh_reference, tmp_path):
+    ref, ref_dir = fresh_reference
+    got = run_worker(teacher, tmp_path, 2, FRESH_LAYOUTS[name], step="fresh")
+    assert differing_weights(ref_dir, tmp_path) == []
+    assert abs(got["loss"] - ref["loss"]) <= 2e-6 * abs(ref["loss"])
+    assert_same_step(ref, DistCheckpointSource(ref_dir / "grads"), got, tmp_path)
+
+
+@pytest.mark.slow
+def test_megatron_initialisation_depends_on_the_layout(teacher, tmp_path):
+    """model.init=megatron keeps Megatron's per-rank initialisation: under TP=2 the same
+    seed gives other weights (what layout_independent exists for)."""
+    for name in ("single", "tp2"):
+        (tmp_path / name).mkdir()
+    run_worker(teacher, tmp_path / "single", 1, ["model.init=megatron"], step="fresh")
+    run_worker(teacher, tmp_path / "tp2", 2, ["model.init=megatron", *FRESH_LAYOUTS["tp2_sp"]], step="fresh")
+    differ = differing_weights(tmp_path / "single", tmp_path / "tp2")
+    assert any("in_proj" in n for n in differ) and any("conv1d" in n for n in differ), differ
+
+
 INVALID = [
     # (overrides, world size, key named in the error, words of the message)
     (["parallel.tp=3"], 3, "model.num_attention_heads", "divisible by parallel.tp=3"),

@@ -21,6 +21,9 @@ BACKENDS = ("local", "te")
 ACTIVATIONS = ("squared_relu", "relu", "gelu", "silu")
 ROUTER_SCORE_FUNCTIONS = ("sigmoid", "softmax")
 TOKEN_DISPATCHERS = ("auto", "allgather", "alltoall")
+# How a fresh model's weights are drawn (models/init.py): layout_independent gives the same
+# weights under every parallel layout; megatron is Megatron's own per-rank initialisation.
+INITS = ("layout_independent", "megatron")
 
 
 @dataclass
@@ -71,6 +74,8 @@ class ModelConfig:
     activation: str = "squared_relu"
     norm_eps: float = 1e-5
     init_method_std: float = 0.02
+    # Fresh weights: layout_independent (the same at any TP/PP/EP for a seed) or megatron.
+    init: str = "layout_independent"
     # local: Megatron's own parallel linears (CPU and GPU); te: Transformer Engine modules.
     backend: str = "local"
 
@@ -121,6 +126,7 @@ def validate_model_config(cfg: ModelConfig) -> None:
     for key in ("hidden_size", "vocab_size", "max_sequence_length"):
         _positive(key, getattr(cfg, key))
     require_choice("model.backend", cfg.backend, BACKENDS)
+    require_choice("model.init", cfg.init, INITS)
     require_choice("model.activation", cfg.activation, ACTIVATIONS)
     if not (isinstance(cfg.norm_eps, (int, float)) and cfg.norm_eps > 0):
         raise ConfigError("model.norm_eps", cfg.norm_eps, "must be a positive number")

@@ -20,6 +20,7 @@ from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.config.model import ModelConfig, validate_model_config
 from elastic_megatron.config.parallel import ParallelConfig, expert_tensor_parallel, validate_parallel_layout
 from elastic_megatron.models import compat
+from elastic_megatron.models.init import LayoutIndependentInit
 from elastic_megatron.models.specs import hybrid_stack_spec
 
 _ACTIVATIONS = {
@@ -139,8 +140,11 @@ def build_model(
     # A meta skeleton has no values to initialise; skipping Megatron's init functions makes
     # the 30B dry run's builds several times faster.
     tcfg = to_transformer_config(cfg, params_dtype, layout, **({"perform_initialization": False} if meta else {}))
-    with torch.device("meta") if meta else contextlib.nullcontext():
+    fresh = LayoutIndependentInit(tcfg) if cfg.init == "layout_independent" and not meta else None
+    with torch.device("meta") if meta else fresh.construction() if fresh else contextlib.nullcontext():
         model = _mamba_model(cfg, tcfg, parallel_state)
+    if fresh:
+        fresh.apply(model)  # the same weights under every layout (models/init.py)
     _mark_expert_params(model)
     if torch.cuda.is_available() and not meta:
         model.cuda(torch.cuda.current_device())

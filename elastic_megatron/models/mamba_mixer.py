@@ -133,6 +133,8 @@ class HybridMambaMixer(MegatronModule):
         self.d_conv = d_conv
         self.chunk_size = chunk_size
         self.dt_limit = tuple(dt_limit)
+        # Read by models/init.py, which draws these parameters whole (model.init=layout_independent).
+        self.init_ranges = {"A_init_range": tuple(A_init_range), "dt_min": dt_min, "dt_max": dt_max, "dt_init_floor": dt_init_floor}
         self.kernel = kernel
         self.d_state = config.mamba_state_dim
         self.headdim = config.mamba_head_dim

@@ -30,7 +30,7 @@ MAY_CHANGE = (
     "trainer.eval_interval", "trainer.eval_iters", "trainer.save_interval", "trainer.peak_flops",
     "trainer.step_sleep_s", "trainer.clip_grad", "trainer.max_skipped_steps",
     "parallel.", "logger.", "cluster.", "data.cache_dir",
-    "model.backend", "model.moe_token_dispatcher", "model.max_sequence_length",
+    "model.backend", "model.moe_token_dispatcher", "model.max_sequence_length", "model.init",
     "elastic.init_checkpoint", "elastic.importance.plots",
 )
 
