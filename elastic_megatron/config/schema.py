@@ -64,6 +64,41 @@ class DataConfig:
     seq_length: int = 256
     # Where Megatron writes its dataset index caches; null = <run.dir>/data_cache.
     cache_dir: Optional[str] = None
+    # The tokenizer of data without our tokenizer record beside them (e.g. tokenized by
+    # Megatron-LM's tools/preprocess_data.py): 'byte', a tokenizer.json, an HF tokenizer
+    # dir, or a run dir of tools/import_hf.py (its tokenizer/). Data with a record must match it.
+    tokenizer: Optional[str] = None
+    # How much of such data's .bin is scanned for ids outside that tokenizer's vocabulary
+    # before training: sample (a bounded sample, seconds at any size) or full (every token).
+    token_scan: str = "sample"
+
+
+TOKEN_SCANS = ("sample", "full")
+
+
+def split_blend(prefixes: list, weights: Optional[list]) -> tuple[list[str], Optional[list[float]]]:
+    """(prefixes, weights) of `data.prefixes` + `data.weights`, or of Megatron's flattened
+    form `data.prefixes=[w1, p1, w2, p2, ...]` (weights null): every other item a number."""
+    items = [str(p) for p in prefixes]
+
+    def number(text: str) -> Optional[float]:
+        try:
+            return float(text)
+        except ValueError:
+            return None
+
+    numbers = [number(x) for x in items]
+    if not items or numbers[0] is None:
+        return items, (list(weights) if weights is not None else None)
+    flat_ok = len(items) % 2 == 0 and all(n is not None for n in numbers[0::2]) and all(n is None for n in numbers[1::2])
+    if not flat_ok:
+        raise ConfigError("data.prefixes", items, "starts with a number, so it reads as Megatron's flattened blend "
+                          "[weight1, prefix1, weight2, prefix2, ...]: give a weight before every prefix, or "
+                          "prefixes only with data.weights")
+    if weights is not None:
+        raise ConfigError("data.weights", list(weights), "give the weights once: in data.weights or in the flattened "
+                          "data.prefixes=[w1, p1, ...], not both")
+    return items[1::2], [float(n) for n in numbers[0::2]]
 
 
 @dataclass
@@ -200,6 +235,8 @@ def validate_job(job: JobConfig, world_size: int = 1) -> None:
         raise ConfigError("data.seq_length", d.seq_length, f"must be <= model.max_sequence_length={job.model.max_sequence_length}")
     if not d.prefixes:
         raise ConfigError("data.prefixes", list(d.prefixes), "needs at least one data prefix (tools/preprocess_data.py writes them)")
+    split_blend(d.prefixes, d.weights)
+    require_choice("data.token_scan", d.token_scan, TOKEN_SCANS)
     require_choice("run.task", job.run.task, TASKS)
     require_choice("run.verify_checkpoints", job.run.verify_checkpoints, VERIFY_LEVELS)
     if job.run.task == "importance" and not job.elastic.parent_checkpoint:

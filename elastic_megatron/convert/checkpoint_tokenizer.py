@@ -41,12 +41,13 @@ def recorded_tokenizer(directory: Path, meta: dict, key: str = "--tokenizer"):
     if config:
         import yaml
 
-        prefixes = (yaml.safe_load(config).get("data") or {}).get("prefixes")
-        if prefixes:
+        data = yaml.safe_load(config).get("data") or {}
+        if data.get("prefixes"):
+            from elastic_megatron.config.schema import split_blend
             from elastic_megatron.data.datasets import load_tokenizer_for
 
             try:
-                return load_tokenizer_for(list(prefixes))
+                return load_tokenizer_for(split_blend(data["prefixes"], None)[0], data.get("tokenizer"))
             except ConfigError:
                 pass
     source = (meta.get("sliced_from") or {}).get("checkpoint")

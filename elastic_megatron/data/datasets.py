@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from elastic_megatron.config.errors import ConfigError
-from elastic_megatron.data.indexed import check_indexed_dataset, index_fingerprint, meta_path, output_prefix_of
-from elastic_megatron.data.tokenizer import tokenizer_from_description
+from elastic_megatron.config.schema import split_blend
+from elastic_megatron.data.indexed import check_indexed_dataset, check_token_ids, index_fingerprint, meta_path, output_prefix_of
+from elastic_megatron.data.tokenizer import named_tokenizer, same_tokenizer, tokenizer_from_description
 
 
 @dataclass
@@ -38,6 +39,13 @@ class DataSpec:
     cache_dir: str
     # Held-out validation data (whole prefixes); None = the `split`'s valid share of `prefixes`.
     valid_prefixes: Optional[list[str]] = None
+    # data.tokenizer (data without our tokenizer record) and data.token_scan.
+    tokenizer: Optional[str] = None
+    token_scan: str = "sample"
+
+    def __post_init__(self):
+        # Megatron's flattened [w1, p1, w2, p2] blend becomes prefixes + weights.
+        self.prefixes, self.weights = split_blend(self.prefixes, self.weights)
 
 
 def require_prefix(prefix: str, key: str) -> int:
@@ -74,29 +82,59 @@ def validate_data_spec(spec: DataSpec) -> None:
         parts = []
     if len(parts) != 3 or any(p < 0 for p in parts) or parts[0] <= 0 or parts[1] <= 0:
         raise ConfigError("data.split", spec.split, "three comma-separated proportions train,valid,test with train and valid > 0, e.g. '98,2,0'")
-    # Megatron splits each prefix by whole documents (GPT: by sequences, one per document
-    # here); an empty split would make its sample index loop forever, so refuse it here.
-    bounds = np.cumsum([0.0] + parts) / sum(parts)
     if spec.valid_prefixes:
         return  # the split is not used: training reads its prefixes whole
     for prefix in spec.prefixes:
-        n = sequences[prefix]
-        for name, i in (("train", 0), ("valid", 1)):
-            if round(bounds[i + 1] * n) - round(bounds[i] * n) < 1:
-                raise ConfigError("data.split", spec.split, f"leaves the {name} split of {prefix} ({n} documents) empty; use more data or a larger {name} share")
+        check_split(spec.split, prefix, sequences[prefix])
 
 
-def load_tokenizer_for(prefixes: list[str]):
-    """Rebuild the tokenizer preprocessing used, from `<output prefix>.tokenizer.meta.json`."""
-    descriptions = []
-    for prefix in prefixes:
+def check_split(split: str, prefix: str, n: int) -> None:
+    """A valid `split` (checked above) leaves the train and valid splits of `prefix`, `n`
+    documents, non-empty: Megatron splits each prefix by whole documents (GPT: by sequences,
+    one per document here); an empty split would make its sample index loop forever. Also
+    for a prefix about to be written (benchmarks/fidelity.py checks its text with it)."""
+    parts = [float(x) for x in split.split(",")]
+    bounds = np.cumsum([0.0] + parts) / sum(parts)
+    for name, i in (("train", 0), ("valid", 1)):
+        if round(bounds[i + 1] * n) - round(bounds[i] * n) < 1:
+            raise ConfigError("data.split", split, f"leaves the {name} split of {prefix} ({n} documents) empty; use more data or a larger {name} share")
+
+
+def load_tokenizer_for(prefixes: list[str], tokenizer: Optional[str] = None, token_scan: str = "sample"):
+    """The tokenizer of `prefixes`: rebuilt from `<output prefix>.tokenizer.meta.json`
+    (what tools/preprocess_data.py records), or the one `tokenizer` names (data.tokenizer)
+    for data without that record, e.g. Megatron-LM's; then the ids of their .bin are
+    checked against its vocabulary (`check_token_ids`: a sample, or all with
+    token_scan='full'). A named tokenizer must also be the one recorded beside the others."""
+    named = named_tokenizer(tokenizer) if tokenizer else None
+    descriptions, foreign = [], []
+    for prefix in dict.fromkeys(prefixes):
         path = meta_path(output_prefix_of(prefix))
-        if not path.is_file():
-            raise ConfigError("data.prefixes", prefix, f"no tokenizer description {path}; re-run tools/preprocess_data.py")
-        descriptions.append(json.loads(path.read_text())["tokenizer"])
+        if path.is_file():
+            recorded = json.loads(path.read_text())["tokenizer"]
+            if named is not None and not same_tokenizer(named.describe(), recorded):
+                raise ConfigError("data.tokenizer", tokenizer, f"is not the tokenizer {prefix} was made with ({path} "
+                                  f"records {recorded}); all prefixes need one tokenizer")
+            descriptions.append(recorded)
+        elif named is None:
+            raise ConfigError("data.prefixes", prefix, f"has no tokenizer record {path} (data tokenized elsewhere, e.g. by "
+                              "Megatron-LM's tools/preprocess_data.py, have none): name their tokenizer with "
+                              "data.tokenizer=<HF tokenizer dir, tokenizer.json or 'byte'>, or make the data with "
+                              "this project's tools/preprocess_data.py")
+        else:
+            foreign.append(prefix)
+    if named is not None:
+        for prefix in foreign:
+            check_token_ids(prefix, named.vocab_size, tokenizer, full=token_scan == "full")
+        return named
     if any(d != descriptions[0] for d in descriptions):
         raise ConfigError("data.prefixes", list(prefixes), f"all prefixes (training and validation) need one tokenizer; found {descriptions}")
     return tokenizer_from_description(descriptions[0])
+
+
+def spec_tokenizer(spec: DataSpec):
+    """The one tokenizer of a DataSpec's training and validation prefixes (load_tokenizer_for)."""
+    return load_tokenizer_for(spec.prefixes + (spec.valid_prefixes or []), spec.tokenizer, spec.token_scan)
 
 
 class _MegatronTokenizerView:
@@ -203,10 +241,11 @@ def recorded_batches(job: dict, num_batches: int, micro_batch_size: int, split: 
     d = job["data"]
     spec = DataSpec(prefixes=list(d["prefixes"]), weights=d["weights"], split=d["split"], seq_length=d["seq_length"],
                     seed=job["run"]["seed"], cache_dir=d["cache_dir"] or str(Path(job["run"]["dir"]) / "data_cache"),
-                    valid_prefixes=d.get("valid_prefixes"))
+                    valid_prefixes=d.get("valid_prefixes"), tokenizer=d.get("tokenizer"),
+                    token_scan=d.get("token_scan") or "sample")
     validate_data_spec(spec)
     n = num_batches * micro_batch_size
-    train, valid = build_datasets(spec, load_tokenizer_for(spec.prefixes), train_samples=n if split == "train" else micro_batch_size,
+    train, valid = build_datasets(spec, spec_tokenizer(spec), train_samples=n if split == "train" else micro_batch_size,
                                   valid_samples=n if split == "valid" else micro_batch_size)
     loader = make_loader(train if split == "train" else valid, 0, micro_batch_size, parallel_state.get_data_parallel_rank(), 1)
     return [next(loader) for _ in range(num_batches)]

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import sysconfig
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the preprocessing tool needs none
+    import torch
 
 
 def stdlib_source_files() -> list[Path]:
@@ -21,6 +23,8 @@ def stdlib_source_files() -> list[Path]:
 
 def unigram_entropy_nats(tokens: torch.Tensor, vocab_size: int) -> float:
     """Entropy of the empirical token distribution: the loss of the best context-free model."""
+    import torch
+
     counts = torch.bincount(tokens.long().flatten(), minlength=vocab_size).double()
     p = counts[counts > 0] / counts.sum()
     return float(-(p * p.log()).sum())

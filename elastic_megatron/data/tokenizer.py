@@ -202,6 +202,22 @@ def tokenizer_of_hf_dir(directory: str | Path):
     return HFTokenizer(str(directory), eos)
 
 
+def named_tokenizer(name: str, key: str = "data.tokenizer"):
+    """The tokenizer a user names for data that carry no record of theirs: 'byte', a
+    tokenizer.json, an HF tokenizer directory (tokenizer.json, and the eos token of its
+    tokenizer_config.json), or a run directory of tools/import_hf.py (its tokenizer/)."""
+    if name == "byte":
+        return ByteTokenizer()
+    path = Path(name)
+    if path.is_file() and path.suffix == ".json":
+        return HFTokenizer(str(path))
+    for directory in (path, path / "tokenizer"):
+        if (directory / "tokenizer.json").is_file():
+            return tokenizer_of_hf_dir(directory)
+    raise ConfigError(key, name, "no tokenizer there; allowed: 'byte', a tokenizer.json, an HF tokenizer directory "
+                      "(tokenizer.json + tokenizer_config.json), or a run directory of tools/import_hf.py (tokenizer/)")
+
+
 def build_tokenizer(type: str, path: Optional[str] = None, eod_token: Optional[str] = None):
     if type == "byte":
         return ByteTokenizer()

@@ -459,13 +459,13 @@ def check_data(job: JobConfig) -> tuple[list[str], list[str], Optional[dict]]:
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from elastic_megatron.data.datasets import load_tokenizer_for, validate_data_spec
+    from elastic_megatron.data.datasets import spec_tokenizer, validate_data_spec
     from elastic_megatron.training.run import data_spec
 
     spec = data_spec(job, Path(job.run.dir))
     try:
         validate_data_spec(spec)
-        tokenizer = load_tokenizer_for(spec.prefixes + (spec.valid_prefixes or []))
+        tokenizer = spec_tokenizer(spec)
     except ConfigError as err:
         return [f"data: {err}"], [], None
     failures, notes = [], []

@@ -34,6 +34,7 @@ import yaml
 from elastic_megatron.checkpoint.metadata import checkpoint_model_config, read_common_state, require_same_architecture
 from elastic_megatron.checkpoint.store import load_model_weights
 from elastic_megatron.config.errors import ConfigError
+from elastic_megatron.config.schema import split_blend
 from elastic_megatron.inference.loading import open_for_inference
 from elastic_megatron.data.datasets import heldout_dataset, load_tokenizer_for, make_loader, recorded_batches, require_prefix
 from elastic_megatron.data.tokenizer import same_tokenizer
@@ -105,7 +106,7 @@ def eval_data(checkpoint, data: Optional[str] = None, seq_length: Optional[int] 
         if seq_length is not None:
             raise ConfigError("--seq-length", seq_length, "applies to --data; the run's own validation split is read at its sequence length")
         n = num_batches or 16
-        tokenizer = load_tokenizer_for(list(job["data"]["prefixes"]))
+        tokenizer = load_tokenizer_for(split_blend(job["data"]["prefixes"], None)[0], job["data"].get("tokenizer"))
         return EvalData(recorded_batches(job, n, micro_batch_size), _token_bytes(tokenizer, cfg.vocab_size),
                         f"validation split of {checkpoint}'s data", job["data"]["seq_length"])
     require_prefix(data, "--data")

@@ -33,7 +33,7 @@ from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.config.parallel import layout_data_parallel
 from elastic_megatron.config.schema import JobConfig, validate_job
 from elastic_megatron.data.datasets import (
-    DataSpec, build_datasets, data_fingerprints, load_tokenizer_for, make_loader, validate_data_spec,
+    DataSpec, build_datasets, data_fingerprints, make_loader, spec_tokenizer, validate_data_spec,
 )
 from elastic_megatron.models.hybrid import build_model
 from elastic_megatron.parallel.context import split_batch
@@ -60,6 +60,8 @@ def data_spec(job: JobConfig, run_dir: Path) -> DataSpec:
         seed=job.run.seed,
         cache_dir=d.cache_dir or str(run_dir / "data_cache"),
         valid_prefixes=list(d.valid_prefixes) if d.valid_prefixes is not None else None,
+        tokenizer=d.tokenizer,
+        token_scan=d.token_scan,
     )
 
 
@@ -116,7 +118,7 @@ def prepare_run(job: JobConfig, initial_weights: Optional[str] = None, initial_k
     run_dir = Path(job.run.dir)
     spec = data_spec(job, run_dir)
     validate_data_spec(spec)
-    tokenizer = load_tokenizer_for(spec.prefixes + (spec.valid_prefixes or []))  # one tokenizer for training and validation data
+    tokenizer = spec_tokenizer(spec)  # one tokenizer for training and validation data
     if job.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError("model.vocab_size", job.model.vocab_size, f"must be >= the data's tokenizer vocabulary ({tokenizer.vocab_size})")
     identity = data_identity(tokenizer, data_fingerprints(spec.prefixes), data_fingerprints(spec.valid_prefixes or []))
