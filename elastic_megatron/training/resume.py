@@ -30,6 +30,8 @@ MAY_CHANGE = (
     "trainer.eval_interval", "trainer.eval_iters", "trainer.save_interval", "trainer.peak_flops",
     "trainer.step_sleep_s", "trainer.clip_grad", "trainer.max_skipped_steps",
     "parallel.", "logger.", "cluster.", "data.cache_dir",
+    # Which tokenizer the data have is held by the data identity (its description), not the key.
+    "data.tokenizer", "data.token_scan",
     "model.backend", "model.moe_token_dispatcher", "model.max_sequence_length", "model.init",
     "elastic.init_checkpoint", "elastic.importance.plots",
 )
