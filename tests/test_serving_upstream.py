@@ -221,7 +221,9 @@ def test_budget_control_through_two_upstreams_equals_local_budget_control(fleet,
     at small, answer at medium over the checkpoint (the front end's own budgets, and the
     generator), at the cap (the delimiter forced) and at a delimiter the trace writes."""
     client = front_client(fleet)
-    for delimiter, max_think in (("</think>", 6), ("k", 40)):
+    capped = generator.budget_control("Hello", "small", "medium", "</think>", max_think_tokens=40, max_answer_tokens=10)
+    written = next(c for c in capped.texts[0][2:] if c.isascii() and c.isprintable())  # a delimiter the trace writes
+    for delimiter, max_think in (("</think>", 6), (written, 40)):
         control = {"max_think_tokens": max_think, "think_delimiter": delimiter, "prompt": "Hello", "max_tokens": 10,
                    "temperature": 0}
         remote = client.post("/v1/completions", json={**control, "think_budget": "rsmall", "answer_budget": "rmedium"}).json()
@@ -235,7 +237,7 @@ def test_budget_control_through_two_upstreams_equals_local_budget_control(fleet,
         text, _ = stream_text(stream_lines(client, "/v1/completions",
                                            {**control, "think_budget": "rsmall", "answer_budget": "rmedium"}))
         assert text == remote["choices"][0]["text"]
-    assert out.texts[0].endswith("k") and len(out.token_ids[0]) < 40  # the second trace ended at the delimiter
+    assert out.texts[0].endswith(written) and len(out.token_ids[0]) < 40  # the second trace ended at the delimiter
 
 
 def test_the_openai_client_works_unchanged(fleet):
@@ -335,6 +337,25 @@ def test_a_client_that_disconnects_cancels_its_upstream_request(fleet):
     assert after['elastic_megatron_generated_tokens_total{budget="full"}'] - before < 1000
 
 
+def test_beyond_the_queue_bound_upstream_requests_get_429(fleet):
+    """16 requests at once for one upstream budget: 4 in flight + 8 waiting may be held
+    (--max-batch, --max-queue of the front end), the rest get 429 with Retry-After."""
+    async def burst():
+        async with httpx.AsyncClient(base_url=fleet["front"], headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                                     limits=httpx.Limits(max_connections=32)) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json={
+                "model": f"{NAME}:rmedium", "prompt": "q", "max_tokens": 300, "temperature": 0}) for _ in range(16)))
+
+    results = asyncio.run(burst())
+    codes = [r.status_code for r in results]
+    assert set(codes) <= {200, 429} and codes.count(200) >= 12 and 429 in codes, codes
+    refused = [r for r in results if r.status_code == 429]
+    assert all(r.headers["retry-after"] and r.json()["error"]["type"] == "rate_limit_error" for r in refused)
+    assert len({r.json()["choices"][0]["text"] for r in results if r.status_code == 200}) == 1
+    again = asyncio.run(burst())  # every place came back
+    assert [r.status_code for r in again].count(200) >= 12
+
+
 # ---- start-up: the front end alone, another tokenizer, bad options ---------------------------------------
 
 
@@ -392,7 +413,8 @@ def test_bad_upstream_options_are_one_line_exit_2(args, message):
 def test_task_scores_through_the_front_end_endpoint(fleet, tmp_path):
     """tools/evaluate_tasks.py --endpoint: lm-eval through the front end scores an upstream
     budget (log-likelihoods from its echoed prompt log-probs) as the same budget run here."""
-    from elastic_megatron.jobs.tasks import TaskRequest, run_tasks
+    from elastic_megatron.config.errors import ConfigError
+    from elastic_megatron.jobs.tasks import TaskRequest, check_request, run_tasks
 
     result = run_tasks(TaskRequest(None, ["stdlib_cloze"], str(tmp_path / "out"), budgets=["rsmall", "small"], limit=6,
                                    batch_size=2, endpoint=fleet["front"] + "/v1", api_key=KEY))
@@ -400,6 +422,13 @@ def test_task_scores_through_the_front_end_endpoint(fleet, tmp_path):
     assert set(main) == {"rsmall", "small"} and main["rsmall"].samples == 6
     assert main["rsmall"].value == main["small"].value
     assert "| endpoint | as served | rsmall | n/a |" in (tmp_path / "out" / "results.md").read_text()
+    for change, says in (({"budgets": ["nope"]}, "the endpoint serves"), ({"api_key": None}, "401"),
+                         ({"endpoint": "http://127.0.0.1:9/v1"}, "GET /v1/models failed"),
+                         ({"sorted": "runs/x"}, "not with --endpoint")):
+        with pytest.raises(ConfigError, match=says):  # before any task is read or evaluated
+            check_request(TaskRequest(None, ["stdlib_cloze"], str(tmp_path / "bad"), **{
+                "endpoint": fleet["front"] + "/v1", "api_key": KEY, **change}))
+    assert not (tmp_path / "bad").exists()
 
 
 # ---- the Slurm job ---------------------------------------------------------------------------------------

@@ -441,8 +441,10 @@ class RemoteBudgets:
         if self._waiting(assigned) > self.max_queue:
             raise QueueFull(self._waiting(self._assigned), self.max_queue)
         self._assigned = assigned
+        loop = asyncio.get_running_loop()
         for s in seqs:
-            self._tasks[s] = asyncio.get_running_loop().create_task(self._run(s))
+            task = self._tasks[s] = loop.create_task(self._run(s))
+            task.add_done_callback(lambda _task, seq=s: self._ended(seq))  # also when cancelled before it ran
 
     def cancel(self, seqs: list[Sequence]) -> None:
         for s in seqs:
@@ -450,6 +452,16 @@ class RemoteBudgets:
             task = self._tasks.get(s)
             if task is not None and not task.done():
                 task.cancel()
+
+    def _ended(self, seq: Sequence) -> None:
+        """A sequence's task is over, however: its place is free; one the server's stop
+        cancelled tells its client."""
+        self._tasks.pop(seq, None)
+        self._assigned[seq.budget] -= 1
+        if not seq.done:  # cancelled: by its client (nobody listens) or by the server stopping
+            seq.done = True
+            if self._stopping:
+                seq.sink(Failed(503, "the server stopped before this request finished"))
 
     async def _run(self, seq: Sequence) -> None:
         try:
@@ -464,26 +476,16 @@ class RemoteBudgets:
                 if seq.phase != "think":
                     break
                 self._to_answer(seq)  # however the trace ended, as ElasticGenerator.budget_control
-            self._assigned[seq.budget] -= 1
             seq.done = True
             text, tail = seq.out.final()
             seq.sink(Finished(reason, text, tail, len(seq.out.detok.tokens), seq.phases))
-        except asyncio.CancelledError:  # the client went away (or the server stops): the stream is closed
-            self._assigned[seq.budget] -= 1
-            seq.done = True
-            if self._stopping:
-                seq.sink(Failed(503, "the server stopped before this request finished"))
         except UpstreamError as err:
-            self._assigned[seq.budget] -= 1
             seq.done = True
             seq.sink(Failed(err.status, err.message))
         except Exception as err:  # a bug here: the client still gets one error
             log.exception("upstream request failed")
-            self._assigned[seq.budget] -= 1
             seq.done = True
             seq.sink(Failed(500, f"generation failed: {type(err).__name__}: {err}"))
-        finally:
-            self._tasks.pop(seq, None)
 
     async def _phase(self, seq: Sequence, up: Upstream) -> str:
         """One phase at the upstream of `seq.budget`, token by token, as the scheduler's
