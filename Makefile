@@ -27,7 +27,7 @@ TEST312_ARGS ?= -m "not slurm and not kernels and not gpu_rehearsal"
 KERNELS_TRITON_SPEC ?= triton==3.7.1
 MAMBA_SPEC ?= mamba-ssm==2.3.2.post1
 
-.PHONY: install install-312 install-kernels demo test test-312 test-fast test-kernels gpu-check gpu-check-rehearsal bench-recompute bench-fidelity clean
+.PHONY: install install-312 install-kernels demo docs test test-312 test-fast test-kernels gpu-check gpu-check-rehearsal bench-recompute bench-fidelity clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -106,6 +106,12 @@ demo: install $(DEMO_DATA)_text_document.idx
 	@$(PY) -c "import json; rows = json.load(open('runs/demo-eval/evaluation.json'))['rows']; \
 	[print(f\"{r['model']:9} {r['budget']:7} loss {r['loss']:.4f}  ppl {r['ppl']:7.3f}\") for r in rows]"
 
+# The documentation site (mkdocs + Material) into site/; the CLI and recipe-schema references are
+# generated from the code during the build (docs/gen_reference.py). --strict: a broken link or a
+# page missing from the nav fails.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 # Two pytest runs: everything but the kernels, then the kernels leg (TRITON_INTERPRET must be set
 # before Python starts, so it cannot share the first run's process).
 test: install install-kernels
@@ -155,4 +161,4 @@ bench-fidelity: install
 	$(PY) benchmarks/fidelity.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VENV312) .pytest_cache .cache runs/demo-*
+	rm -rf $(VENV) $(VENV312) .pytest_cache .cache runs/demo-* site
