@@ -150,7 +150,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow and not slurm and not kernels"
 
 # Step time and kept activations of each trainer.recompute mode, one run (the script's docstring);
-# e.g. make bench-recompute BENCH_ARGS="model=small seq=4096 --json runs/recompute.json"
+# e.g. make bench-recompute BENCH_ARGS="--model small --seq 4096 --json runs/recompute.json"
 bench-recompute: install
 	$(PY) benchmarks/activation_recompute.py $(BENCH_ARGS)
 

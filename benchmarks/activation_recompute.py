@@ -2,15 +2,16 @@
 elastic distillation step, every mode in one run on one device (CUDA when available).
 
     python benchmarks/activation_recompute.py               # tiny, seq 1024, batch 2, 5 steps
-    python benchmarks/activation_recompute.py model=small seq=4096 --json runs/recompute.json
+    python benchmarks/activation_recompute.py --model small --seq 4096 --json runs/recompute.json
 
 Modes: none; selective with the default modules (mamba_scan + moe), each module alone,
 all four; full (uniform, 1 layer). Each mode builds a fresh student (same seed, recompute
 applied before `ElasticDistillStep.setup`) and trains the last budget (routed for
 elastic=tiny_router, pinned for elastic=small). Timed: zero_grad + forward_backward, no
 optimizer step; after warm-up the modes' steps are interleaved, each round in a rotated order
-(interleave=0: one mode after another, one model resident). Other arguments: steps=,
-warmup=, batch=, elastic=, dotted job overrides.
+(--no-interleave: one mode after another, one model resident). Positional KEY=VALUE
+arguments are Hydra overrides of the job (recipe stage1_tiny, dotted keys), after the
+benchmark's own.
 
 Figures: the median step time and its ratio to none; saved, the bytes autograd keeps for
 backward (`SavedActivations`, device-independent: the primary memory figure) and its ratio;
@@ -36,15 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from elastic_megatron.checkpoint import store  # noqa: E402
-from elastic_megatron.convert.megatron_dist import config_yaml  # noqa: E402
-from elastic_megatron.elastic.step import ElasticDistillStep  # noqa: E402
-from elastic_megatron.models.hybrid import build_model, resolve_token_dispatcher  # noqa: E402
-from elastic_megatron.models.recompute import SavedActivations, apply_recompute  # noqa: E402
-from elastic_megatron.parallel.pipeline import forward_backward  # noqa: E402
-from elastic_megatron.parallel.setup import distributed  # noqa: E402
-from elastic_megatron.train import compose_job  # noqa: E402
-from elastic_megatron.training.run import params_dtype  # noqa: E402
+# Megatron's modules are imported where they are used: --help and a bad option answer at once.
+from elastic_megatron.cli import benchmark_parser, run_benchmark  # noqa: E402
+from elastic_megatron.config.compose import compose_recipe  # noqa: E402
+from elastic_megatron.config.errors import ConfigError, require_positive_int  # noqa: E402
 
 ALL_MODULES = ("core_attn", "mamba_scan", "moe", "mlp")
 # name -> apply_recompute arguments
@@ -122,6 +118,10 @@ class Run:
     teacher can be shared (`teacher`: that of another run)."""
 
     def __init__(self, name: str, mode: dict, job, dtype, micro_cpu: dict, teacher=None):
+        from elastic_megatron.elastic.step import ElasticDistillStep
+        from elastic_megatron.models.hybrid import build_model
+        from elastic_megatron.models.recompute import apply_recompute
+
         self.name, self.mode = name, mode
         self.kind = mode["granularity"]
         self.step_fn = ElasticDistillStep(job)
@@ -143,6 +143,8 @@ class Run:
 
     def step(self, i: int) -> float:
         """One timed step (step index i + 1); returns the loss."""
+        from elastic_megatron.parallel.pipeline import forward_backward
+
         _sync()
         start = time.perf_counter()
         self.zero_grad()
@@ -153,6 +155,9 @@ class Run:
 
     def measure(self, i: int, gpu: bool) -> None:
         """Saved activation bytes (and the loss) at step i, the peak memory at step i + 1."""
+        from elastic_megatron.models.recompute import SavedActivations
+        from elastic_megatron.parallel.pipeline import forward_backward
+
         self.zero_grad()
         with SavedActivations(self.model, self.step_fn.teacher) as saved:
             losses, _ = forward_backward(self.step_fn, self.model, [self.micro], step=i + 1)
@@ -203,52 +208,56 @@ def bench(runs: list[Run], steps: int, warmup: int, gpu: bool) -> None:
         i += 1
 
 
-def parse(argv: list[str]) -> tuple[dict, list[str], str | None]:
-    """(benchmark arguments, dotted job overrides, --json path)."""
-    args, overrides, json_path = {}, [], None
-    it = iter(argv)
-    for a in it:
-        if a == "--json":
-            json_path = next(it, None)
-            if json_path is None:
-                raise SystemExit("--json needs a path")
-        elif a.startswith("--json="):
-            json_path = a.split("=", 1)[1]
-        elif "=" not in a:
-            raise SystemExit(f"{a!r}: arguments are key=value (model, elastic, seq, batch, steps, warmup, "
-                             "interleave, dotted job overrides) or --json PATH")
-        elif "." in a.split("=", 1)[0]:
-            overrides.append(a)
-        else:
-            k, v = a.split("=", 1)
-            args[k] = v
-    unknown = set(args) - {"model", "elastic", "seq", "batch", "steps", "warmup", "interleave"}
-    if unknown:
-        raise SystemExit(f"unknown arguments {sorted(unknown)}")
-    return args, overrides, json_path
+def parse(argv=None):
+    parser = benchmark_parser(__doc__, overrides="Hydra overrides of the job (recipe stage1_tiny, dotted keys)")
+    parser.add_argument("--model", default="tiny", help="model preset (recipes/model/), default tiny")
+    parser.add_argument("--elastic", default=None, help=f"elastic spec (recipes/elastic/); default by model: {DEFAULT_ELASTIC}")
+    parser.add_argument("--seq", type=int, default=1024, help="tokens per sequence (default 1024)")
+    parser.add_argument("--batch", type=int, default=2, help="sequences per step (default 2)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 20 on GPU, 5 on CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per mode first (default 3 on GPU, 1 on CPU)")
+    parser.add_argument("--no-interleave", dest="interleave", action="store_false",
+                        help="run one mode after another, one model resident (default: steps interleaved)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write every figure and step time here")
+    return parser.parse_args(argv)
 
 
-def main(argv: list[str]) -> None:
+def main(argv=None) -> int:
+    args = parse(argv)
+    return run_benchmark(args, lambda: measure(args))
+
+
+def measure(args) -> None:
+    from elastic_megatron.checkpoint import store
+    from elastic_megatron.convert.megatron_dist import config_yaml
+    from elastic_megatron.models.hybrid import build_model, resolve_token_dispatcher
+    from elastic_megatron.parallel.setup import distributed
+    from elastic_megatron.training.run import params_dtype
+
     wall = time.perf_counter()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    args, extra, json_path = parse(argv)
     gpu = torch.cuda.is_available()
-    model = args.get("model", "tiny")
-    elastic = args.get("elastic", DEFAULT_ELASTIC.get(model))
+    model, extra, json_path, interleave = args.model, args.overrides, args.json, args.interleave
+    elastic = args.elastic or DEFAULT_ELASTIC.get(model)
     if elastic is None:
-        raise SystemExit(f"model={model}: name an elastic spec of that model (elastic=<recipes/elastic/*.yaml>)")
-    steps, warmup = int(args.get("steps", 20 if gpu else 5)), int(args.get("warmup", 3 if gpu else 1))
-    seq, batch = int(args.get("seq", 1024)), int(args.get("batch", 2))
-    interleave = args.get("interleave", "1").lower() not in ("0", "false", "no")
+        raise ConfigError("--elastic", None, f"--model {model} needs an elastic spec of that model (recipes/elastic/*.yaml); "
+                                             f"defaults exist for {sorted(DEFAULT_ELASTIC)}")
+    steps = (20 if gpu else 5) if args.steps is None else args.steps
+    warmup = (3 if gpu else 1) if args.warmup is None else args.warmup
+    seq, batch = args.seq, args.batch
+    for key, value in (("--steps", steps), ("--seq", seq), ("--batch", batch)):
+        require_positive_int(key, value)
+    if warmup < 0:
+        raise ConfigError("--warmup", warmup, "must be an integer >= 0")
+    base = compose_recipe("stage1_tiny", [f"model={model}", f"elastic={elastic}", "elastic.teacher_checkpoint=unused", *extra])
     dtype = params_dtype("auto")
     with tempfile.TemporaryDirectory() as tmp, distributed():
-        base = compose_job("stage1_tiny", [f"model={model}", f"elastic={elastic}", "elastic.teacher_checkpoint=unused"])
         teacher = Path(tmp) / "teacher"
         torch.manual_seed(0)
         store.save_checkpoint(teacher, build_model(base.model, dtype), None, None, 0, 0,
                               {"config": config_yaml(base.model), "sort_index": {"note": "benchmark"}})
         n = len(base.elastic.budgets)
-        job = compose_job("stage1_tiny", [
+        job = compose_recipe("stage1_tiny", [
             f"model={model}", f"elastic={elastic}", f"elastic.teacher_checkpoint={teacher}",
             f"elastic.curriculum.budget_probs=[{'0,' * (n - 1)}1]", "elastic.curriculum.budgets_per_batch=1",
             f"data.seq_length={seq}", "trainer.precision=auto", f"run.dir={Path(tmp) / 'run'}", *extra])
@@ -314,4 +323,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

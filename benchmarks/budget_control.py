@@ -30,7 +30,6 @@ budget_control.png.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -125,20 +124,24 @@ def draw(rows: list[dict], front: set[int], task: str, metric: str, path: Path) 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    from elastic_megatron.cli import benchmark_parser, run_benchmark
+
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--checkpoint", required=True, help="an elastic checkpoint (run dir)")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="directory for budget_control.json, .md and .png")
     ap.add_argument("--task", default="stdlib_assign", help="a generate_until task (shipped, --include-path, or lm-eval's)")
-    ap.add_argument("--include-path", action="append", default=[])
+    ap.add_argument("--include-path", action="append", default=[], help="a directory of task YAMLs (repeatable)")
     ap.add_argument("--think-delimiter", default=None, help="default: the task YAML's metadata.think_delimiter")
     ap.add_argument("--budgets", default="all", help="all, or comma-separated budgets (every ordered pair is run)")
     ap.add_argument("--caps", default="2,4,8,16,32", help="max_think_tokens values (comma-separated)")
     ap.add_argument("--limit", type=int, default=60, help="documents (the task's first N)")
     ap.add_argument("--rounds", type=int, default=6, help="chunks the documents are split into for interleaving")
-    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the server's weights (default fp32)")
     args = ap.parse_args(argv)
+    return run_benchmark(args, lambda: run(args))
 
-    from elastic_megatron.cli import report_errors
+
+def run(args) -> None:
     from elastic_megatron.config.errors import ConfigError, require_positive_int
     from elastic_megatron.jobs.evaluate import checkpoint_rows
     from elastic_megatron.jobs.tasks import (
@@ -167,10 +170,7 @@ def main(argv=None) -> int:
         n = min(args.limit, len(task.eval_docs))
         return caps, [name for name, _ in rows], manager, delimiter, n
 
-    code, checked = report_errors(check)
-    if code:
-        return code
-    caps, budgets, manager, delimiter, n = checked
+    caps, budgets, manager, delimiter, n = check()
     configs = [Config(PLAIN, b, None) for b in budgets] + [Config(t, a, c) for t in budgets for a in budgets for c in caps]
     chunks = [list(range(n))[r::args.rounds] for r in range(args.rounds) if r < n]
     name = "bc"
@@ -209,7 +209,6 @@ def main(argv=None) -> int:
     draw(rows, front, args.task, metric, out / "budget_control.png")
     print(table)
     print(f"wrote {out}/budget_control.json, .md, .png ({payload['wall_s']:.0f} s)")
-    return 0
 
 
 if __name__ == "__main__":

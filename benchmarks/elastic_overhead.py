@@ -2,13 +2,15 @@
 same model, measured in one run on one device.
 
     python benchmarks/elastic_overhead.py                     # tiny preset, tiny_router spec
-    python benchmarks/elastic_overhead.py model=small elastic=<spec for small> seq=4096
+    python benchmarks/elastic_overhead.py --model small --elastic <spec for small> --seq 4096
+    python benchmarks/elastic_overhead.py trainer.micro_batch_size=1   # Hydra overrides of both jobs
 
 Both runs use the training code path (ElasticDistillStep, forward_backward, the
 optimizer): the baseline distils the teacher into the full-width student with no budget
 routed (masks off, router idle); the elastic run trains the routed `small` budget
 (Gumbel-Softmax router, every width axis masked). Teacher weights are random: the
-timings do not depend on them.
+timings do not depend on them. Positional KEY=VALUE arguments are Hydra overrides of both
+jobs (recipe stage1_tiny), after the benchmark's own.
 """
 
 from __future__ import annotations
@@ -22,15 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from elastic_megatron.convert.megatron_dist import config_yaml  # noqa: E402
-from elastic_megatron.elastic.step import ElasticDistillStep  # noqa: E402
-from elastic_megatron.models.hybrid import build_model, resolve_token_dispatcher  # noqa: E402
-from elastic_megatron.parallel.pipeline import forward_backward  # noqa: E402
-from elastic_megatron.parallel.setup import distributed  # noqa: E402
-from elastic_megatron.train import compose_job  # noqa: E402
-from elastic_megatron.checkpoint import store  # noqa: E402
-from elastic_megatron.training.run import params_dtype  # noqa: E402
-from elastic_megatron.training.optim import build_optimizer  # noqa: E402
+from elastic_megatron.cli import benchmark_parser, run_benchmark  # noqa: E402
+from elastic_megatron.config.compose import compose_recipe  # noqa: E402
+from elastic_megatron.config.errors import ConfigError, require_positive_int  # noqa: E402
 
 
 def _sync():
@@ -39,6 +35,12 @@ def _sync():
 
 
 def time_steps(job, steps: int, warmup: int, seq: int, batch: int) -> float:
+    from elastic_megatron.elastic.step import ElasticDistillStep
+    from elastic_megatron.models.hybrid import build_model
+    from elastic_megatron.parallel.pipeline import forward_backward
+    from elastic_megatron.training.optim import build_optimizer
+    from elastic_megatron.training.run import params_dtype
+
     dtype = params_dtype("auto")
     step_fn = ElasticDistillStep(job)
     model = build_model(job.model, dtype, parallel=job.parallel)
@@ -67,27 +69,55 @@ def time_steps(job, steps: int, warmup: int, seq: int, batch: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def main(argv: list[str]) -> None:
-    args = dict(a.split("=", 1) for a in argv)
+def parse(argv=None):
+    parser = benchmark_parser(__doc__, overrides="Hydra overrides of both jobs (recipe stage1_tiny, dotted keys)")
+    parser.add_argument("--model", default="tiny", help="model preset (recipes/model/), default tiny")
+    parser.add_argument("--elastic", default=None,
+                        help="elastic spec (recipes/elastic/) whose last budget is routed; default tiny_router (model tiny only)")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 2048 on GPU, 256 on CPU)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 4 on GPU, 2 on CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 5 on CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on GPU, 1 on CPU)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    return run_benchmark(args, lambda: measure(args))
+
+
+def measure(args) -> None:
+    from elastic_megatron.checkpoint import store
+    from elastic_megatron.convert.megatron_dist import config_yaml
+    from elastic_megatron.models.hybrid import build_model, resolve_token_dispatcher
+    from elastic_megatron.parallel.setup import distributed
+    from elastic_megatron.training.run import params_dtype
+
     gpu = torch.cuda.is_available()
-    model = args.get("model", "tiny")
-    if model != "tiny" and "elastic" not in args:
-        raise SystemExit(f"model={model}: name an elastic spec of that model (elastic=<recipes/elastic/*.yaml>) "
-                         "whose last budget is routed; the shipped tiny_router fits model=tiny only")
-    steps, warmup = int(args.get("steps", 20 if gpu else 5)), int(args.get("warmup", 3 if gpu else 1))
-    seq, batch = int(args.get("seq", 2048 if gpu else 256)), int(args.get("batch", 4 if gpu else 2))
-    elastic = args.get("elastic", "tiny_router")
+    model = args.model
+    if model != "tiny" and args.elastic is None:
+        raise ConfigError("--elastic", None, f"--model {model} needs an elastic spec of that model (recipes/elastic/*.yaml) "
+                                             "whose last budget is routed; the default tiny_router fits --model tiny only")
+    steps, warmup, seq, batch = (default if given is None else given for given, default in (
+        (args.steps, 20 if gpu else 5), (args.warmup, 3 if gpu else 1), (args.seq, 2048 if gpu else 256),
+        (args.batch, 4 if gpu else 2)))
+    for key, value in (("--steps", steps), ("--seq", seq), ("--batch", batch)):
+        require_positive_int(key, value)
+    if warmup < 0:
+        raise ConfigError("--warmup", warmup, "must be an integer >= 0")
+    elastic = args.elastic or "tiny_router"
+    base = compose_recipe("stage1_tiny", [f"model={model}", f"elastic={elastic}", "elastic.teacher_checkpoint=unused",
+                                          *args.overrides])
     with tempfile.TemporaryDirectory() as tmp, distributed():
-        base = compose_job("stage1_tiny", [f"model={model}", f"elastic={elastic}", "elastic.teacher_checkpoint=unused"])
         teacher = Path(tmp) / "teacher"
         torch.manual_seed(0)
         store.save_checkpoint(teacher, build_model(base.model, params_dtype("auto")), None, None, 0, 0,
                                       {"config": config_yaml(base.model), "sort_index": {"note": "benchmark"}})
         common = [f"model={model}", f"elastic={elastic}", f"elastic.teacher_checkpoint={teacher}",
-                  "elastic.curriculum.budgets_per_batch=1", f"data.seq_length={seq}", "trainer.precision=auto"]
+                  "elastic.curriculum.budgets_per_batch=1", f"data.seq_length={seq}", "trainer.precision=auto", *args.overrides]
         n = len(base.elastic.budgets)
-        plain = compose_job("stage1_tiny", [*common, f"elastic.curriculum.budget_probs=[1{',0' * (n - 1)}]"])
-        routed = compose_job("stage1_tiny", [*common, f"elastic.curriculum.budget_probs=[{'0,' * (n - 1)}1]"])
+        plain = compose_recipe("stage1_tiny", [*common, f"elastic.curriculum.budget_probs=[1{',0' * (n - 1)}]"])
+        routed = compose_recipe("stage1_tiny", [*common, f"elastic.curriculum.budget_probs=[{'0,' * (n - 1)}1]"])
         print(f"model {model} ({'GPU ' + torch.cuda.get_device_name() if gpu else 'CPU'}), dispatcher "
               f"{resolve_token_dispatcher(base.model)}, batch {batch} x {seq} tokens, median of {steps} steps")
         t_plain = time_steps(plain, steps, warmup, seq, batch)
@@ -99,4 +129,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

@@ -14,8 +14,11 @@ What runs, each stage through the project's own recipes (python -m elastic_megat
    (never trained on), the rest is training data; both are tokenized by
    tools/preprocess_data.py (bytes by default, or a BPE trained on the training part,
    --bpe VOCAB) under <out>/data. The text itself is read where it lies, never copied.
-   A text that gives fewer than 10 documents, or a part shorter than one sequence, is
-   refused with a one-line error.
+   A text that gives fewer than 10 documents, a part shorter than one sequence, or a
+   training part some stage cannot split (the importance pass validates on the split's
+   2% share: about 25 training documents at least) is refused with one `error:` line
+   (exit 2) before the first stage trains; so is a bad --override (every stage's job is
+   composed and checked first). Bad input found by a stage later ends the same way.
 2. parent: `pretrain` of model=fidelity (recipes/model/fidelity.yaml, ~1M parameters,
    4x tiny), validated on the held-out part (data.valid_prefixes).
 3. importance + sorting (`importance_tiny`), stage 1 (`stage1_tiny`, uniform budgets)
@@ -56,7 +59,6 @@ after it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -89,10 +91,6 @@ def log(msg: str) -> None:
     print(f"[fidelity {time.strftime('%H:%M:%S')}] {msg}", file=sys.__stdout__, flush=True)
 
 
-class Refused(Exception):
-    """Input the benchmark cannot use: main prints it as one line and exits with 2."""
-
-
 # ---- data --------------------------------------------------------------------------------
 
 def documents(text: str, size: int = DOC_BYTES) -> list[str]:
@@ -112,16 +110,30 @@ def documents(text: str, size: int = DOC_BYTES) -> list[str]:
     return docs
 
 
-def make_data(text_path: Path, out: Path, bpe: int | None, seq_length: int) -> dict:
+def data_prefixes(out: Path) -> dict[str, str]:
+    """The tokenized parts' prefixes under `out` (the stages' data.prefixes)."""
+    return {name: str(out / f"{name}_text_document") for name in ("train", "heldout")}
+
+
+def split_text(text_path: Path) -> dict[str, list[str]]:
+    """The text's documents: {"train": ..., "heldout": the last 10%}."""
+    from elastic_megatron.config.errors import ConfigError
+
     try:
         docs = documents(text_path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
-        raise Refused(f"--text {text_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise ConfigError("--text", str(text_path), f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     if len(docs) < MIN_DOCUMENTS:
-        raise Refused(f"--text {text_path}: {len(docs)} document(s) of about {DOC_BYTES} bytes (paragraphs between blank "
-                      f"lines), need at least {MIN_DOCUMENTS} to hold out {HELDOUT_SHARE:.0%}; give a longer text")
+        raise ConfigError("--text", str(text_path), f"{len(docs)} document(s) of about {DOC_BYTES} bytes (paragraphs between "
+                          f"blank lines), need at least {MIN_DOCUMENTS} to hold out {HELDOUT_SHARE:.0%}; give a longer text")
     n_held = max(1, round(len(docs) * HELDOUT_SHARE))
-    parts = {"train": docs[:-n_held], "heldout": docs[-n_held:]}
+    return {"train": docs[:-n_held], "heldout": docs[-n_held:]}
+
+
+def make_data(text_path: Path, parts: dict[str, list[str]], out: Path, bpe: int | None, seq_length: int) -> dict:
+    """Each part tokenized by tools/preprocess_data.py under `out`."""
+    from elastic_megatron.config.errors import ConfigError
+
     out.mkdir(parents=True, exist_ok=True)
     prefixes = {}
     for name, part in parts.items():
@@ -135,12 +147,12 @@ def make_data(text_path: Path, out: Path, bpe: int | None, seq_length: int) -> d
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-            raise Refused(f"--text {text_path}: tokenizing the {name} part failed: {last}")
+            raise ConfigError("--text", str(text_path), f"tokenizing the {name} part failed: {last}")
         tokens = json.loads((out / f"{name}.tokenizer.meta.json").read_text())["tokens"]
         if tokens < seq_length + 1:
-            raise Refused(f"--text {text_path}: the {name} part is {tokens:,} tokens, less than one sequence of "
-                          f"--seq-length {seq_length} + 1; give a longer text or a shorter --seq-length")
-        prefixes[name] = str(out / f"{name}_text_document")
+            raise ConfigError("--text", str(text_path), f"the {name} part is {tokens:,} tokens, less than one sequence of "
+                              f"--seq-length {seq_length} + 1; give a longer text or a shorter --seq-length")
+        prefixes[name] = data_prefixes(out)[name]
     return {"prefixes": prefixes, "documents": {k: len(v) for k, v in parts.items()},
             "bytes": {k: sum(len(d.encode("utf-8")) for d in v) for k, v in parts.items()}}
 
@@ -290,9 +302,11 @@ def draw(rows: list[dict], path: Path) -> None:
 # ---- main -----------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from elastic_megatron.cli import benchmark_parser, run_benchmark
+
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--text", default=str(DEFAULT_TEXT), help="plain English text (default: the shipped tinyshakespeare)")
-    ap.add_argument("--out", default="runs/fidelity")
+    ap.add_argument("--out", default="runs/fidelity", help="directory of the data, every stage's run dir and the figures")
     ap.add_argument("--bpe", type=int, default=None, metavar="VOCAB", help="train a byte-level BPE of this size (default: bytes)")
     ap.add_argument("--seq-length", type=int, default=256)
     ap.add_argument("--pretrain-steps", type=int, default=500, help="about two passes over the training text")
@@ -309,17 +323,91 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.override = DEFAULT_OVERRIDES + args.override
 
-    text = Path(args.text)
-    if not text.is_file():
+    if not Path(args.text).is_file():
         ap.error(f"--text {args.text}: no such file; give a plain English text file")
     for o in args.override:
         if ":" not in o or o.split(":", 1)[0] not in STAGES[1:6] or "=" not in o:
             ap.error(f"--override {o!r}: write STAGE:KEY=VALUE with STAGE one of {list(STAGES[1:6])}")
+    return run_benchmark(args, lambda: run(args))
+
+
+def check_stages(planned: list[Stage], args, parts: dict | None = None, on_disk: bool = False) -> dict:
+    """Each stage's job as the trainer will compose it: without `parts`, the checks that
+    need no data (Hydra's and validate_job's: a bad --override); with the text's `parts`,
+    its data as the stage will read it: the split of a job that validates on its training
+    data (before the data is written), or every check of the written data (`on_disk`).
+    ConfigError names the stage. Returns the composed jobs by stage."""
+    from elastic_megatron.config.compose import compose_recipe
+    from elastic_megatron.config.errors import ConfigError
+    from elastic_megatron.config.schema import validate_job
+    from elastic_megatron.data.datasets import check_split, validate_data_spec
+
+    jobs = {}
+    for st in planned:
+        try:
+            job = jobs[st.key] = compose_recipe(st.recipe, st.overrides)
+            if parts is None:
+                if job.run.task == "train":
+                    validate_job(job)
+            elif on_disk:
+                from elastic_megatron.training.run import data_spec  # the trainer's imports: only once checked
+
+                validate_data_spec(data_spec(job, st.dir))
+            elif job.data.valid_prefixes is None:  # one prefix, the training part
+                check_split(job.data.split, job.data.prefixes[0], len(parts["train"]))
+        except ConfigError as err:
+            if parts is None and err.key == "overrides":  # Hydra's refusal
+                given = overrides_for(args, st.key.split(" ")[0])
+                raise ConfigError("--override", given, f"the {st.key} stage refuses them: {err.allowed}") from None
+            if parts is None:
+                raise ConfigError(err.key, err.value, f"{err.allowed} (the {st.key} stage)") from None
+            raise ConfigError("--text", args.text, f"its {len(parts['train'])} training documents are too few for "
+                                                   f"the {st.key} stage ({err}); give a longer text") from None
+    return jobs
+
+
+def run(args) -> None:
+    text = Path(args.text)
     steps = {k: max(1, round(getattr(args, f"{k}_steps") * args.scale)) for k in ("pretrain", "stage1", "stage2")}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     quiet = not args.verbose
     t_start = time.perf_counter()
+
+    # Every stage up to stage 2 (and a baseline, at a placeholder length) planned and checked
+    # before the first one trains.
+    data = {"prefixes": data_prefixes(out / "data")}
+    runs = {k: out / k for k in ("parent", "sorted", "stage1", "stage2")}
+
+    def planned(key: str, recipe: str, run_dir: Path, overrides: list[str]) -> Stage:
+        return Stage(key, recipe, run_dir, overrides + overrides_for(args, key.split(" ")[0]))
+
+    elastic = ["elastic=fidelity", f"elastic.teacher_checkpoint={runs['sorted']}"]
+    plan = [
+        planned("pretrain", "pretrain", runs["parent"], common(data, runs["parent"], args, steps["pretrain"], steps["pretrain"])
+                + ["trainer.lr=3.0e-3", "trainer.warmup_steps=20"]),
+        planned("importance", "importance_tiny", runs["sorted"], [
+            f"run.dir={runs['sorted']}", "model=fidelity", "elastic=fidelity", f"elastic.parent_checkpoint={runs['parent']}",
+            f"data.prefixes=[{data['prefixes']['train']}]", f"data.seq_length={args.seq_length}",
+            "elastic.importance.plots=false", f"run.seed={args.seed}"]),
+        planned("stage1", "stage1_tiny", runs["stage1"], common(data, runs["stage1"], args, steps["stage1"], steps["stage1"])
+                + elastic),
+        planned("stage2", "stage2_tiny", runs["stage2"], common(data, runs["stage2"], args, steps["stage2"], steps["stage2"])
+                + elastic + [f"elastic.init_checkpoint={runs['stage1']}"]),
+    ]
+    smallest = check_stages(plan, args)["stage1"].elastic.budgets[-1].name
+    probe = out / "distill_probe"  # never written: only its job is checked
+    plan_checks = plan + [planned("distill", "distill_tiny", probe, common(data, probe, args, 1, 1) + elastic
+                                  + [f"elastic.student_budget={smallest}"])]
+    check_stages(plan_checks[-1:], args)
+    parts = split_text(text)
+    check_stages(plan_checks, args, parts)
+
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"data: {text} -> {out / 'data'}")
+    data = make_data(text, parts, out / "data", args.bpe, args.seq_length)
+    log(f"data: {data['documents']['train']} training and {data['documents']['heldout']} held-out documents "
+        f"({data['bytes']['train']:,} / {data['bytes']['heldout']:,} bytes)")
+    check_stages(plan_checks, args, parts, on_disk=True)
 
     from elastic_megatron.elastic.budgets import checkpoint_budgets
     from elastic_megatron.elastic.widths import sub_model_config
@@ -328,38 +416,20 @@ def main(argv=None) -> int:
     from elastic_megatron.train import compose_job
     from elastic_megatron.training.flops import flops_per_token
 
-    log(f"data: {text} -> {out / 'data'}")
-    try:
-        data = make_data(text, out / "data", args.bpe, args.seq_length)
-    except Refused as e:
-        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
-        return 2
-    log(f"data: {data['documents']['train']} training and {data['documents']['heldout']} held-out documents "
-        f"({data['bytes']['train']:,} / {data['bytes']['heldout']:,} bytes)")
-
     fresh_from = STAGES.index(args.fresh) if args.fresh else len(STAGES)
     seconds: dict[str, float] = {}
 
     stages: dict[str, Stage] = {}
 
-    def stage(key: str, recipe: str, run_dir: Path, overrides: list[str]) -> Stage:
-        st = Stage(key, recipe, run_dir, overrides + overrides_for(args, key.split(" ")[0]))
-        if STAGES.index(key.split(" ")[0]) >= fresh_from and st.stamp.exists():
+    def stage(st: Stage) -> Stage:
+        if STAGES.index(st.key.split(" ")[0]) >= fresh_from and st.stamp.exists():
             st.stamp.unlink()
-        seconds[key] = st.run(quiet)
-        stages[key] = st
+        seconds[st.key] = st.run(quiet)
+        stages[st.key] = st
         return st
 
-    runs = {k: out / k for k in ("parent", "sorted", "stage1", "stage2")}
-    stage("pretrain", "pretrain", runs["parent"], common(data, runs["parent"], args, steps["pretrain"], steps["pretrain"])
-          + ["trainer.lr=3.0e-3", "trainer.warmup_steps=20"])
-    stage("importance", "importance_tiny", runs["sorted"], [f"run.dir={runs['sorted']}", "model=fidelity", "elastic=fidelity",
-          f"elastic.parent_checkpoint={runs['parent']}", f"data.prefixes=[{data['prefixes']['train']}]",
-          f"data.seq_length={args.seq_length}", "elastic.importance.plots=false", f"run.seed={args.seed}"])
-    elastic = ["elastic=fidelity", f"elastic.teacher_checkpoint={runs['sorted']}"]
-    stage("stage1", "stage1_tiny", runs["stage1"], common(data, runs["stage1"], args, steps["stage1"], steps["stage1"]) + elastic)
-    stage("stage2", "stage2_tiny", runs["stage2"], common(data, runs["stage2"], args, steps["stage2"], steps["stage2"]) + elastic
-          + [f"elastic.init_checkpoint={runs['stage1']}"])
+    for st in plan:
+        stage(st)
 
     # What the elastic run spent, per budget (counted by the step) and in all.
     jobs = {k: compose_job(st.recipe, st.overrides) for k, st in stages.items()}
@@ -388,8 +458,8 @@ def main(argv=None) -> int:
             continue
         d = out / f"distill_{name}_{which}"
         runs[f"distill_{name}_{which}"] = d
-        stage(f"distill {name} ({which})", "distill_tiny", d, common(data, d, args, n, max(1, n // args.curve_points)) + elastic
-              + [f"elastic.student_budget={name}"])
+        stage(planned(f"distill {name} ({which})", "distill_tiny", d, common(data, d, args, n, max(1, n // args.curve_points))
+                      + elastic + [f"elastic.student_budget={name}"]))
 
     # ---- held-out evaluation: one pass, the same batches for every model --------------------
     log("evaluate: one pass over the held-out part for every model")
@@ -539,7 +609,6 @@ def main(argv=None) -> int:
     (out / "fidelity.json").write_text(json.dumps(payload, indent=2))
     draw(rows, out / "fidelity.png")
     print(f"wrote {out / 'fidelity.json'} and {out / 'fidelity.png'}")
-    return 0
 
 
 if __name__ == "__main__":

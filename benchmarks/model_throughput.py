@@ -11,7 +11,6 @@ PyTorch path exists and it prints that alone.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -21,17 +20,18 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from elastic_megatron.cli import benchmark_parser, run_benchmark  # noqa: E402
+from elastic_megatron.config.errors import ConfigError, require_positive_int  # noqa: E402
 from elastic_megatron.config.model import model_config_from_dict  # noqa: E402
 from elastic_megatron.models.counter import model_size  # noqa: E402
-from elastic_megatron.models.hybrid import build_model  # noqa: E402
-from elastic_megatron.models.mamba_mixer import HAVE_MAMBA_SSM_KERNELS, HybridMambaMixer  # noqa: E402
-from elastic_megatron.parallel.setup import distributed  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "model"
 H100_BF16_PEAK_FLOPS = 989e12
 
 
 def measure(model, cfg, kernel: str, batch: int, seq: int, steps: int, warmup: int, device) -> dict:
+    from elastic_megatron.models.mamba_mixer import HybridMambaMixer
+
     for m in model.modules():
         if isinstance(m, HybridMambaMixer):
             m.kernel = kernel
@@ -68,16 +68,31 @@ def measure(model, cfg, kernel: str, batch: int, seq: int, steps: int, warmup: i
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="small", help="preset name in recipes/model/")
-    ap.add_argument("--seq-length", type=int, default=2048)
-    ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+def main(argv=None) -> int:
+    ap = benchmark_parser(__doc__)
+    ap.add_argument("--model", default="small", help="preset name in recipes/model/ (default small)")
+    ap.add_argument("--seq-length", type=int, default=2048, help="tokens per sequence (default 2048)")
+    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per step (default 4)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    return run_benchmark(args, lambda: run(args))
 
+
+def run(args) -> None:
+    # Megatron's modules only now: --help and a bad option answer at once.
+    from elastic_megatron.models.hybrid import build_model
+    from elastic_megatron.models.mamba_mixer import HAVE_MAMBA_SSM_KERNELS
+    from elastic_megatron.parallel.setup import distributed
+
+    presets = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    if args.model not in presets:
+        raise ConfigError("--model", args.model, f"a preset of recipes/model/: {presets}")
+    for key in ("seq_length", "micro_batch", "steps"):
+        require_positive_int(f"--{key.replace('_', '-')}", getattr(args, key))
+    if args.warmup < 0:
+        raise ConfigError("--warmup", args.warmup, "must be an integer >= 0")
     cfg = model_config_from_dict({**yaml.safe_load((RECIPES / f"{args.model}.yaml").read_text()),
                                   "max_sequence_length": max(args.seq_length, 1)})
     cuda = torch.cuda.is_available()
@@ -99,4 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -71,6 +71,50 @@ def tool_parser(doc: str, whole_doc: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad option as the other bad input is reported: one `error:`
+    line (no usage block), exit status 2."""
+
+    takes_overrides = False
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        for override in parsed.overrides if self.takes_overrides else []:
+            key = override.split("=", 1)[0].lstrip("+~")
+            if "=" not in override or "." not in key:  # `model=small` for --model small: a setting of the benchmark's own
+                option = f"--{key.replace('_', '-')}"
+                self.error(f"{override!r}: positional arguments are Hydra overrides of dotted keys, KEY=VALUE (e.g. "
+                           f"trainer.lr=1e-4); the benchmark's own settings are options"
+                           f"{f' ({option})' if option in self._option_string_actions else ''}")
+        return parsed
+
+
+def benchmark_parser(doc: str, overrides: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of a benchmark (benchmarks/*.py): its whole docstring, as
+    written, as --help (what it measures and how to read the figures), --debug, and a bad
+    option as one `error:` line with exit status 2. `overrides`: the help of positional
+    Hydra overrides (args.overrides, dotted KEY=VALUE) for a benchmark that composes jobs.
+    Run the benchmark with `run_benchmark`."""
+    parser = _OneLineParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help=f"show the traceback of a bad-input error (or set {DEBUG_ENV}=1)")
+    if overrides:
+        parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides)
+        parser.takes_overrides = True
+    return parser
+
+
+def run_benchmark(args: argparse.Namespace, job: Callable[[], object]) -> int:
+    """Run a benchmark's `job` (returning its exit status, None for 0): bad input from any of
+    its stages (a ConfigError, a missing file, ...) ends it as one `error:` line, exit 2."""
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
+    code, result = report_errors(job)
+    return code or int(result or 0)
+
+
 def _is_rank0() -> bool:
     return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 

@@ -55,9 +55,10 @@ def main(argv=None) -> int:
     failures: list[int] = []
 
     def job():
+        from elastic_megatron.config.compose import compose_recipe
         from elastic_megatron.jobs.dry_run import dry_run
 
-        report = dry_run(_compose(args.recipe, args.overrides), args.nodes, args.gpus_per_node, args.gpu_memory_gib,
+        report = dry_run(compose_recipe(args.recipe, args.overrides), args.nodes, args.gpus_per_node, args.gpu_memory_gib,
                          args.ranks, check_inputs=not args.skip_inputs, recipe=args.recipe)
         if args.json:
             Path(args.json).write_text(json.dumps(report.as_dict()))
@@ -75,27 +76,6 @@ def main(argv=None) -> int:
               "failure(s): the FAIL lines above", file=sys.stderr)
         return 2
     return code
-
-
-def _compose(recipe: str, overrides: list[str]):
-    """The job the recipe and overrides compose to (as elastic_megatron.train.compose_job,
-    without importing the trainer, so bad input is refused in seconds); Hydra's refusals
-    as ConfigError."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-
-    from elastic_megatron.config.errors import ConfigError
-    from elastic_megatron.config.schema import register_configs
-
-    register_configs()
-    try:
-        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "recipes"), version_base=None):
-            return OmegaConf.to_object(compose(config_name=recipe, overrides=list(overrides)))
-    except HydraException as err:
-        text = str(err).split("Config search path")[0] + (f" ({err.__cause__})" if err.__cause__ else "")
-        key = "recipe" if "primary config" in text else "overrides"
-        raise ConfigError(key, recipe if key == "recipe" else overrides, " ".join(text.split())) from None
 
 
 if __name__ == "__main__":
