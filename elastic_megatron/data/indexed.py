@@ -541,13 +541,20 @@ SCAN_BLOCK = 1 << 20
 SCAN_SAMPLE_BLOCKS = 16
 
 
+def _index_dtype(prefix: str) -> np.dtype:
+    from megatron.core.datasets.indexed_dataset import DType
+
+    with open(f"{prefix}.idx", "rb") as f:
+        code = _HEADER.unpack(f.read(_HEADER.size))[2]
+    return np.dtype(DType(code).name)
+
+
 def check_token_ids(prefix: str, vocab_size: int, tokenizer_name: str, full: bool = False) -> int:
     """Refuse `<prefix>.bin` when its token dtype cannot hold `vocab_size` ids or when a
     scanned token lies outside [0, vocab_size); returns how many tokens were scanned.
     For data without our tokenizer record, whose tokenizer the user named: a .bin made
     with another tokenizer nearly always holds ids the named one does not have."""
-    summary = check_indexed_dataset(prefix)
-    dtype = np.dtype(summary.dtype)
+    dtype = _index_dtype(prefix)  # the pair itself was checked by check_indexed_dataset
     if np.iinfo(dtype).max < vocab_size - 1:
         raise ConfigError("data.tokenizer", tokenizer_name, f"has {vocab_size:,} token ids but {prefix}.idx stores "
                           f"{dtype.name} ids (at most {np.iinfo(dtype).max:,}): the data were written for a smaller "
