@@ -174,7 +174,7 @@ class Upstream:
             return False
         if response.status_code != 200:
             raise self._answer_error(response.status_code, response.text, response.headers)
-        theirs = response.json().get("tokens")
+        theirs = _json(response, self.config.describe()).get("tokens")
         theirs = [t if isinstance(t, int) else t.get("id") for t in theirs or []]
         if theirs != ours:
             first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
@@ -190,7 +190,7 @@ class Upstream:
             raise self._failure(err) from None
         if response.status_code != 200:
             raise self._answer_error(response.status_code, response.text, response.headers)
-        return response.json()
+        return _json(response, self.config.describe())
 
     async def probe(self) -> dict:
         """Its state for /health: reached now (briefly), checked again if it was not up."""
@@ -361,6 +361,17 @@ class Upstream:
         top = [p.top for p in head] + [None] * (len(prompt) - len(head))
         logprobs[0], top[0] = None, None
         return PromptScores(list(prompt), logprobs, top), rest
+
+
+def _json(response: httpx.Response, described: str) -> dict:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise UpstreamError(502, f"{described} answered {response.request.url.path} with something that is not a JSON "
+                                 f"object: {response.text[:200]!r}")
+    return body
 
 
 def _token_id(text) -> Optional[int]:
