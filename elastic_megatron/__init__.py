@@ -7,9 +7,9 @@ import warnings
 # `models.compat.apply` prints one short note instead.
 warnings.filterwarnings("ignore", message=r".*Transformer Engine and Apex are not installed.*", category=UserWarning)
 warnings.filterwarnings("ignore", message=r"Apex is not installed.*", category=UserWarning)
-# Upstream deprecations of code paths Megatron-Core 0.16 itself takes on every checkpoint
-# load and model build; nothing a user of this project can act on.
-warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
+# Upstream deprecations of code paths Megatron-Core itself takes on every checkpoint save
+# and load (its torch_dist strategy uses torch's ShardedTensor); nothing a user of this
+# project can act on.
 warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r"Please use DTensor instead and we are deprecating ShardedTensor", category=FutureWarning)
 # Megatron-Core 0.19 (hyper_comm_grid.py) warns at import that absl-py is missing and falls

@@ -20,6 +20,11 @@ applies to (`MCORE_VERSION`, `mcore_at_least`):
   which runs before anything reads a checkpoint).
 - `_patch_mamba_stack_final_norm` patches the module that builds the stack's final norm
   (ssm/mamba_block.py before 0.18, models/hybrid/hybrid_block.py from 0.18).
+- `whole_layer_cuda_graph_scope`: `TransformerConfig`'s CUDA graph scope is
+  `cuda_graph_scope` up to 0.17 and `cuda_graph_modules` from 0.18; both default to the
+  deprecated "full", which warns on every config.
+- `dense_mlp_submodule`: a dense MLP layer's MLP is a `MLP.as_mlp_submodule` partial from
+  0.18 (a `ModuleSpec` of `MLP` is rewrapped with a logged warning), a `ModuleSpec` before.
 
 Megatron-Core assumes CUDA and, in a few places, Transformer Engine. Whatever a ModuleSpec can replace is replaced there (core attention, norms, the
 Mamba mixer: see `specs.py`). What remains is patched here, one function per problem,
@@ -103,6 +108,30 @@ def hybrid_model_kwargs(stack_spec, pattern: str) -> dict:
     spec = "hybrid_stack_spec" if mcore_at_least(0, 18) else "mamba_stack_spec"
     layers = "hybrid_layer_pattern" if mcore_at_least(0, 17) else "hybrid_override_pattern"
     return {spec: stack_spec, layers: pattern}
+
+
+def whole_layer_cuda_graph_scope() -> dict:
+    """TransformerConfig arguments for Megatron's default CUDA graph scope (the whole layer;
+    this project captures its own graphs, `cuda_graph_impl` stays "none") in the spelling
+    that does not warn: the default "full" warns 'full scope is deprecated' in every
+    TransformerConfig (0.16-0.19); an empty list means the same. The field is
+    `cuda_graph_modules` from 0.18 (`cuda_graph_scope` is its deprecated alias there)."""
+    return {"cuda_graph_modules" if mcore_at_least(0, 18) else "cuda_graph_scope": []}
+
+
+def dense_mlp_submodule(linear_fc1, linear_fc2, ffn_hidden_size: int):
+    """The MLP of a dense MLP layer (`TransformerLayerSubmodules.mlp`) with its width given:
+    without `ffn_hidden_size` Megatron's MLP warns that it is required (0.16-0.19). From 0.18
+    a layer's MLP is built by `MLP.as_mlp_submodule` (as in Megatron's own hybrid specs);
+    a `ModuleSpec` of `MLP` is still accepted but rewrapped with a logged warning. Up to
+    0.17 the layer builds a `ModuleSpec` and passes its params to `MLP`."""
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    submodules = MLPSubmodules(linear_fc1=linear_fc1, linear_fc2=linear_fc2)
+    if mcore_at_least(0, 18):
+        return functools.partial(MLP.as_mlp_submodule, submodules=submodules, ffn_hidden_size=ffn_hidden_size)
+    return ModuleSpec(module=MLP, params={"ffn_hidden_size": ffn_hidden_size}, submodules=submodules)
 
 
 def have_transformer_engine() -> bool:

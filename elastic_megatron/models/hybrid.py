@@ -87,6 +87,7 @@ def to_transformer_config(
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         use_mamba_mem_eff_path=False,
+        **compat.whole_layer_cuda_graph_scope(),
     )
     if layout.pp > 1 and len({len(st) for st in stages}) > 1:
         kwargs.update(num_layers_in_first_pipeline_stage=len(stages[0]), num_layers_in_last_pipeline_stage=len(stages[-1]))
@@ -152,8 +153,13 @@ def build_model(
 
 
 def _mamba_model(cfg: ModelConfig, tcfg, parallel_state):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
     return compat.hybrid_model_class()(
         config=tcfg,
+        # The initialised parallel state's groups, passed explicitly as Megatron-LM's training
+        # passes them to its model providers (left out, the model looks up the same groups).
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_sequence_length,
         pre_process=parallel_state.is_pipeline_first_stage(),

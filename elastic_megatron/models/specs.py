@@ -28,7 +28,6 @@ from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import (
     MoETransformerLayer,
@@ -102,7 +101,7 @@ def _local_stack_spec(cfg: ModelConfig) -> ModuleSpec:
                 module=MLPLayer,
                 submodules=TransformerLayerSubmodules(
                     pre_mlp_layernorm=norm,
-                    mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+                    mlp=compat.dense_mlp_submodule(column, row, cfg.ffn_hidden_size),
                     mlp_bda=get_bias_dropout_add,
                     sharded_state_dict_keys_map={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
                 ),
@@ -154,10 +153,7 @@ def _te_stack_spec(cfg: ModelConfig) -> ModuleSpec:
             mlp_layer=ModuleSpec(
                 module=MLPLayer,
                 submodules=TransformerLayerSubmodules(
-                    mlp=ModuleSpec(
-                        module=MLP,
-                        submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear),
-                    ),
+                    mlp=compat.dense_mlp_submodule(TELayerNormColumnParallelLinear, TERowParallelLinear, cfg.ffn_hidden_size),
                     mlp_bda=get_bias_dropout_add,
                 ),
             ),
