@@ -4,7 +4,8 @@ one or at different positions, sequences joining and leaving a running state, fa
 quantization, both router score functions); a budget's view model (views or contiguous
 copies) equals the hard-masked parent and the sliced checkpoint; greedy generation equals
 transformers' on the HF export of the slice; budget control's answer is the answer
-budget's own greedy continuation (a plain forward of the sliced model, no cache);
+budget's own greedy continuation (a plain forward of the sliced model, no cache); the
+compiled step (torch.compile) gives the eager step's greedy tokens on every budget;
 sampling is reproducible; bad input is one line, exit 2."""
 
 from __future__ import annotations
@@ -146,6 +147,45 @@ def join_and_leave(dec: HybridDecoder, tol: float = 1e-5) -> None:
 def test_sequences_join_and_leave_a_running_state(generator, static):
     dec = generator.decoder("medium")
     join_and_leave(HybridDecoder(dec.model, dec.cfg, static=True) if static else dec)
+
+
+def greedy(dec: HybridDecoder, batch: list[list[int]], new: int) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy tokens [new steps][b] and logits [b, new + 1, vocab] of `batch` in a state of its own."""
+    now, state = dec.prefill(batch, new)
+    tokens, seen = [], [now]
+    for _ in range(new):
+        tokens.append(seen[-1].argmax(-1))
+        seen.append(dec.step(tokens[-1], state))
+    return [t.tolist() for t in tokens], torch.stack(seen, dim=1)
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+# The compiled step (torch.compile, inductor's C++ kernels on CPU: a compile takes ~10 s
+# here) against the eager one: the same greedy tokens, every budget (the routed experts
+# are an opaque operator in the graph on CPU; every expert weighted is the static step's,
+# tested above).
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", list(BUDGETS))
+def test_compiled_step_gives_the_eager_greedy_tokens(generator, budget):
+    eager = generator.decoder(budget)
+    compiled = HybridDecoder(eager.model, eager.cfg, compiled=True)
+    batch = prompts()
+    want, want_logits = greedy(eager, batch, 12)
+    got, got_logits = greedy(compiled, batch, 12)
+    assert got == want
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4 * want_logits.abs().max().item())
+    graphs = compiled_graphs()
+    other = prompts((3, 20, 51), seed=9)  # another state (other length), other positions: no recompile
+    assert greedy(compiled, other, 20)[0] == greedy(eager, other, 20)[0]
+    assert compiled_graphs() == graphs
+    if budget == "full":
+        join_and_leave(compiled, tol=1e-4)  # three slots again: continuous batching, no recompile
+        assert compiled_graphs() == graphs
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])

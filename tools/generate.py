@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--contiguous-budgets", action="store_true",
                         help="copy a budget's strided weight views into contiguous tensors (faster reads, more memory: printed)")
     parser.add_argument("--cuda-graph", action="store_true", help="run each decode step as a captured CUDA graph (CUDA only)")
+    parser.add_argument("--compile", action="store_true", help="run each decode step compiled (torch.compile: inductor "
+                        "on CPU, CUDA graphs on CUDA); one compile per budget and batch size, on its first step")
     parser.add_argument("--report", default=None, help="write tokens and timings as JSON here")
     args = parser.parse_args(argv)
 
@@ -70,12 +72,14 @@ def main(argv=None) -> int:
             raise ConfigError("--budget", args.budget, "not with budget control (--think-budget/--answer-budget)")
         if args.cuda_graph and not torch.cuda.is_available():
             raise ConfigError("--cuda-graph", True, "needs a CUDA device; this machine has none")
+        if args.cuda_graph and args.compile:
+            raise ConfigError("--compile", True, "is a decode step of its own; choose it or --cuda-graph")
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
         stream = (lambda i, text: print(text, end="", flush=True)) if len(prompts) == 1 else None
         with distributed(1, 1, 1, seed=args.seed):
             gen = ElasticGenerator.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, precision=args.precision,
                                                    calibration_batches=args.calibration_batches,
-                                                   contiguous=args.contiguous_budgets, cuda_graph=args.cuda_graph)
+                                                   contiguous=args.contiguous_budgets, cuda_graph=args.cuda_graph, compiled=args.compile)
             if control:
                 print(prompts[0], end="", flush=True)
                 out = gen.budget_control(prompts[0], args.think_budget, args.answer_budget, args.delimiter,

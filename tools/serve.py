@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--contiguous-budgets", action="store_true",
                         help="copy a budget's strided weight views into contiguous tensors (faster reads, more memory)")
     parser.add_argument("--cuda-graph", action="store_true", help="run each decode step as a captured CUDA graph (CUDA only)")
+    parser.add_argument("--compile", action="store_true", help="run each decode step compiled (torch.compile: inductor "
+                        "on CPU, CUDA graphs on CUDA); one compile per budget and batch size, at start-up")
     parser.add_argument("--budgets-from", default=None,
                         help="serve at the budgets another elastic checkpoint of the same architecture records instead "
                              "of this checkpoint's own (a sorted parent at an elastic run's budgets: its untrained slices)")
@@ -91,13 +93,15 @@ def main(argv=None) -> int:
 
         if args.cuda_graph and not torch.cuda.is_available():
             raise ConfigError("--cuda-graph", True, "needs a CUDA device; this machine has none")
+        if args.cuda_graph and args.compile:
+            raise ConfigError("--compile", True, "is a decode step of its own; choose it or --cuda-graph")
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
         name = args.model_name or fleet.model_name or Path(args.checkpoint).resolve().name
         with distributed(1, 1, 1, seed=args.seed):
             gen = ElasticGenerator.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, dtype=dtype,
                                                    precision=args.precision, calibration_batches=args.calibration_batches,
                                                    budgets_from=args.budgets_from, contiguous=args.contiguous_budgets,
-                                                   cuda_graph=args.cuda_graph)
+                                                   cuda_graph=args.cuda_graph, compiled=args.compile)
             options.check(gen.cfg.max_sequence_length)  # the length limit: before the weights are read
             sock = bind(args.host, args.port)
             if fleet.upstreams:

@@ -40,6 +40,20 @@ attention over all `max_len` positions under a mask, every routed expert weighte
 routing weight) and is captured once per state, when the state is made; each step then
 copies the tokens in and replays it. `static=True` runs that same static step without a
 graph (what the CPU tests check against the full forward).
+
+Compiled (`compiled=True`): the step over every slot of the state goes through
+`torch.compile` (inductor: C++ kernels on CPU; `mode="reduce-overhead"`, CUDA graphs, on
+CUDA), fusing the hundreds of small per-token operations into a few kernels. Its inputs
+are tensors only (tokens, positions, the caches), so a new state of the same shape reuses
+the compiled code: one compile per budget and slot count, on the first step (a server
+warms up every budget at start). On CPU the attention window is a dynamic size (the
+longest sequence + 1, like the eager step) and so is `max_len`; on CUDA the window is
+all `max_len` positions, as for the captured graph. On CUDA the MoE layers weight every
+expert (no host sync, as the captured graph); on CPU only the routed experts run, as one
+opaque operator in the graph (inference/layers.py `routed_experts`), since every expert on
+every row would multiply the expert FLOPs by experts / top-k. The eager step stays the
+reference: tests/test_inference.py holds the compiled step to its greedy tokens on every
+budget.
 """
 
 from __future__ import annotations
@@ -49,12 +63,15 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo import config as dynamo_config
+from torch._dynamo import mark_dynamic
 
 from elastic_megatron.config.errors import ConfigError
 from elastic_megatron.config.model import ATTENTION, MAMBA, MLP, MOE, ModelConfig
 from elastic_megatron.elastic.sites import layer_sites
 from elastic_megatron.inference.layers import (
-    AttentionStep, Linear, MambaStep, MlpStep, MoEStep, Norm, PrefillCaches, check_moe_supported, is_wrapped,
+    HAVE_SELECTIVE_STATE_UPDATE, AttentionStep, Linear, MambaStep, MlpStep, MoEStep, Norm, PrefillCaches,
+    check_moe_supported, is_wrapped,
 )
 from elastic_megatron.models.cache import CacheShapes, DecodeState
 from elastic_megatron.models.forward import output_layer, unwrap
@@ -66,12 +83,24 @@ __all__ = ["HybridDecoder", "DecodeState", "token_logprobs"]
 class StepContext:
     """Where the rows of one decode step stand (read by the attention and MoE steps)."""
 
-    static: bool = False
+    static: bool = False  # MoE: every expert on every row, weighted (no host sync)
+    compiled: bool = False  # MoE: data-dependent expert calls leave the compiled graph
     same_position: Optional[int] = None  # every row at this position (eager): no mask, slice writes
     rows: Optional[torch.Tensor] = None  # [n] row ids, for writes at per-row positions
     positions: Optional[torch.Tensor] = None  # [n] each row's position
     width: int = 0  # positions attended to
     mask: Optional[torch.Tensor] = None  # [n, 1, 1, width] bool, True = attend
+
+
+@dataclass
+class StepCaches:
+    """The caches a step reads and writes (a DecodeState's, as plain tensors: what the
+    compiled step takes as inputs, so that it does not depend on the state object)."""
+
+    keys: list
+    values: list
+    conv: list
+    ssm: list
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -80,7 +109,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 class HybridDecoder:
-    def __init__(self, model, cfg: ModelConfig, static: bool = False, cuda_graph: bool = False):
+    def __init__(self, model, cfg: ModelConfig, static: bool = False, cuda_graph: bool = False, compiled: bool = False):
         self.model = unwrap(model)
         self.cfg = cfg
         config = self.model.config
@@ -88,6 +117,9 @@ class HybridDecoder:
         self.device, self.dtype = param.device, param.dtype
         self.cuda_graph = cuda_graph
         self.static = static or cuda_graph
+        if compiled and (static or cuda_graph):
+            raise ConfigError("--compile", True, "is a step of its own; not with --cuda-graph or static=True")
+        self.compiled = compiled
         if cfg.backend != "local":  # TE fuses the norms into its linears: other modules, other parameters
             raise ConfigError("model.backend", cfg.backend, "cached decoding runs the local backend's modules; allowed: local")
         if cuda_graph and self.device.type != "cuda":
@@ -121,6 +153,9 @@ class HybridDecoder:
         self._fast = {id(m) for step in self.layers for m in step.linears()} | {id(self.output.module)}
         self._states: list[DecodeState] = []  # kept for reuse when states carry a captured graph
         self._check_hooks()
+        self._compiled_step = None
+        if compiled:
+            self._compile()
 
     # ---- states -----------------------------------------------------------------------------
 
@@ -132,12 +167,16 @@ class HybridDecoder:
         state = DecodeState(self.shapes, slots, max_len, self.dtype, self.device)
         if self.cuda_graph:
             self._capture(state)
+        if self.compiled and self.device.type != "cuda":
+            for cache in state.keys + state.values:  # any max_len: one compile per budget and slot count
+                mark_dynamic(cache, 2)
         return state
 
     def _request_state(self, batch: int, max_len: int) -> DecodeState:
         """A state for one request: new, or (with CUDA graphs, whose capture is worth
-        keeping) a kept one of the same batch that is long enough, emptied."""
-        if not self.cuda_graph:
+        keeping, or compiled, whose CUDA graphs are recorded per state's shapes) a kept
+        one of the same batch that is long enough, emptied."""
+        if not (self.cuda_graph or self.compiled):
             return self.new_state(batch, max_len)
         for state in self._states:
             if state.slots == batch and state.max_len >= max_len:
@@ -242,10 +281,11 @@ class HybridDecoder:
             graph.replay()
             state.advance(n)
             return logits[:n].clone()  # the graph's output buffer is rewritten by the next replay
-        if self.static:
+        if self.static or self.compiled:
             token_buffer = torch.zeros(state.slots, dtype=torch.long, device=self.device)
             token_buffer[:n] = tokens
-            logits = self._static_step(token_buffer, state)[:n]
+            step = self._run_compiled if self.compiled else self._static_step
+            logits = step(token_buffer, state)[:n]
         else:
             logits = self._run(tokens, state, self._eager_context(state, n))
         state.advance(n)
@@ -266,6 +306,51 @@ class HybridDecoder:
         mask = (state.arange[None, :] <= positions[:, None]).view(state.slots, 1, 1, state.max_len)
         context = StepContext(static=True, rows=state.rows, positions=positions, width=state.max_len, mask=mask)
         return self._run(tokens, state, context)
+
+    # ---- the compiled step --------------------------------------------------------------------
+
+    def _compile(self) -> None:
+        """torch.compile of the step over every slot (`_compiled_body`); nothing is traced
+        until the first step. The Mamba kernel choice is fixed here, outside the graph."""
+        probe = torch.empty(0, device=self.device)
+        for layer in self.layers:
+            if isinstance(layer, MambaStep):
+                layer.use_triton = HAVE_SELECTIVE_STATE_UPDATE and layer.mixer.use_triton(probe)
+        cuda = self.device.type == "cuda"
+        # One graph or an error: a graph break inside the loop over layers would leave dynamo
+        # compiling each layer's call on its own, recompiled for every layer object.
+        self._compiled_step = torch.compile(self._compiled_body, dynamic=False, fullgraph=True,
+                                            mode="reduce-overhead" if cuda else None)
+
+    def _run_compiled(self, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        if self.device.type == "cuda":
+            window = state.arange  # static: one CUDA graph per state shape
+        else:  # the filled positions only (a dynamic size), as the eager step attends
+            window = state.arange[:max(state.lengths) + 1]
+            mark_dynamic(window, 0)
+        # Every expert on every row (no host sync, what a CUDA graph needs) multiplies the
+        # expert FLOPs by experts / top-k: on a CPU, where a batch's linears are compute
+        # bound, only the routed experts run (an opaque operator in the graph).
+        dense_moe = self.device.type == "cuda"
+        caches = (state.keys, state.values, state.conv, state.ssm)
+        # The package turns dynamo off on CPU (models/compat.py: Megatron's jit_fuser); on
+        # only here. The limit: one compiled graph per budget and slot count, kept (one code
+        # object serves every decoder's step).
+        with dynamo_config.patch(disable=False, recompile_limit=64, accumulated_recompile_limit=512):
+            logits = self._compiled_step(tokens, state.positions, state.live, window, caches, dense_moe)
+        return logits.clone() if self.device.type == "cuda" else logits  # CUDA graphs' outputs are overwritten
+
+    def _compiled_body(self, tokens, positions, live, window, caches, dense_moe: bool) -> torch.Tensor:
+        n = tokens.shape[0]
+        mask = (window[None, :] <= positions[:, None]).view(n, 1, 1, window.shape[0])
+        context = StepContext(static=dense_moe, compiled=True, rows=torch.arange(n, device=tokens.device),
+                              positions=positions, width=window.shape[0], mask=mask)
+        h = F.embedding(tokens, self.embedding)
+        state = StepCaches(*caches)
+        for layer in self.layers:
+            h = layer(h, state, context)
+        positions.add_(live)
+        return self.output(self.final_norm(h)).float()
 
     def _run(self, tokens: torch.Tensor, state: DecodeState, context: StepContext) -> torch.Tensor:
         n = tokens.shape[0]

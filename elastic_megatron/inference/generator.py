@@ -117,14 +117,15 @@ class ElasticGenerator:
     that every request is checked before the weights are read)."""
 
     def __init__(self, model, cfg, budgets: dict[str, Widths], tokenizer, source: str = "", contiguous: bool = False,
-                 cuda_graph: bool = False, quantization: Optional[dict] = None):
+                 cuda_graph: bool = False, quantization: Optional[dict] = None, compiled: bool = False):
         self._parent, self.cfg, self.tokenizer, self.source = model, cfg, tokenizer, source
         # Scales (a QuantHooks record) every budget's model runs fake-quantized with, or None
         # (inference/loading.py budget_quantization); attached to each model as it is built.
         self.quantization = quantization
         # Set before the first generation: budgets' strided weights copied contiguous
-        # (memory: view_stats[name].copied_bytes), decode steps as CUDA graphs (CUDA only).
-        self.contiguous, self.cuda_graph = contiguous, cuda_graph
+        # (memory: view_stats[name].copied_bytes), decode steps as CUDA graphs (CUDA only) or
+        # compiled (torch.compile: one compile per budget and batch size, on its first step).
+        self.contiguous, self.cuda_graph, self.compiled = contiguous, cuda_graph, compiled
         self.budgets = budgets  # name -> widths (the parent itself under FULL when not elastic)
         self.elastic = any(w != full_widths(cfg) for w in budgets.values())
         self._decoders: dict[str, HybridDecoder] = {}
@@ -142,7 +143,7 @@ class ElasticGenerator:
     def from_checkpoint(cls, path: str | Path, tokenizer: Optional[str] = None, dtype: torch.dtype = torch.float32,
                         precision: Optional[str] = None, calibration_batches: int = 16,
                         budgets_from: Optional[str | Path] = None, contiguous: bool = False,
-                        cuda_graph: bool = False) -> "ElasticGenerator":
+                        cuda_graph: bool = False, compiled: bool = False) -> "ElasticGenerator":
         """Load a checkpoint (run dir or iter_* dir, or a Hugging Face directory: BF16, FP8 or
         NVFP4, inference/loading.py) once; `tokenizer`: a tokenizer.json to use instead of the
         one the checkpoint records. `precision` (bf16, fp8, nvfp4; default: as stored, a QAD
@@ -163,7 +164,7 @@ class ElasticGenerator:
             budgets = dict(recorded_budgets(meta, directory))
         quantization = budget_quantization(checkpoint, precision, calibration_batches)
         return cls(lambda: checkpoint.load_model(dtype), cfg, budgets, tok, str(directory), quantization=quantization,
-                   contiguous=contiguous, cuda_graph=cuda_graph)
+                   contiguous=contiguous, cuda_graph=cuda_graph, compiled=compiled)
 
     def budget_names(self) -> list[str]:
         return list(self.budgets)
@@ -194,7 +195,7 @@ class ElasticGenerator:
 
                 q = self.quantization
                 attach(model, q, q["format"], q["recipe"])
-            self._decoders[name] = HybridDecoder(model, sub_cfg, cuda_graph=self.cuda_graph)
+            self._decoders[name] = HybridDecoder(model, sub_cfg, cuda_graph=self.cuda_graph, compiled=self.compiled)
         return self._decoders[name]
 
     # ---- generation -------------------------------------------------------------------------

@@ -28,6 +28,9 @@ wrapper quantizes exactly as in the full forward.
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -127,6 +130,7 @@ class MambaStep:
         self.A_log, self.D = mixer.A_log, mixer.D
         self.gate_norm = mixer.norm  # GatedRMSNorm
         self.A = torch.empty_like(mixer.A_log, dtype=torch.float32)
+        self.use_triton = None  # the kernel choice fixed by a compiled decoder (None: per call)
         self.refresh()
 
     def refresh(self) -> None:
@@ -190,7 +194,8 @@ class MambaStep:
         # One step of the recurrence per head (heads grouped: head i reads group i // per_group).
         dt = self.mixer._dt(dt)
         ssm = state.ssm[self.slot][:n]
-        if HAVE_SELECTIVE_STATE_UPDATE and self.mixer.use_triton(x):
+        triton = self.use_triton if self.use_triton is not None else HAVE_SELECTIVE_STATE_UPDATE and self.mixer.use_triton(x)
+        if triton:
             y = self._triton_step(ssm, x, dt, B, C)
         else:
             y = self._step(ssm, x, dt, B, C)
@@ -284,6 +289,8 @@ class MoEStep:
         self.router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(c.moe_router_dtype)
         self.experts = [Mlp(e, activation) for e in moe.experts.local_experts]
         self.shared = Mlp(moe.shared_experts, activation) if moe.shared_experts is not None else None
+        self.handle = next(_MOE_HANDLES)  # how the compiled step's opaque op finds this layer
+        _MOE_LAYERS[self.handle] = self
 
     def linears(self) -> list:
         return [m for mlp in self.experts + ([self.shared] if self.shared else []) for m in mlp.linears()]
@@ -322,6 +329,8 @@ class MoEStep:
         weights, chosen = self.route(x)
         if step.static:
             out = self._every_expert(x, weights, chosen)
+        elif step.compiled:  # which experts run is data: an opaque op in the compiled graph
+            out = routed_experts(x, weights, chosen, self.handle)
         elif x.shape[0] == 1:
             out = self._one_token(x, weights, chosen)
         else:
@@ -329,6 +338,9 @@ class MoEStep:
         if self.shared is not None:
             out = out + self.shared(x)
         return h + out
+
+    def _routed_eager(self, x, weights, chosen):
+        return self._one_token(x, weights, chosen) if x.shape[0] == 1 else self._routed(x, weights, chosen)
 
     def _one_token(self, x, weights, chosen):
         out = None
@@ -361,6 +373,25 @@ class MoEStep:
             y = expert(x, dense[:, e:e + 1])
             out = y if out is None else out + y
         return out
+
+
+# The compiled decode step runs the routed experts of a MoE layer as one opaque operator:
+# which experts run depends on the data (a host sync), which a graph cannot hold, and a
+# graph break inside the loop over layers would leave dynamo compiling each layer's call
+# on its own (and recompiling it for every layer object).
+_MOE_HANDLES = itertools.count()
+_MOE_LAYERS: "weakref.WeakValueDictionary[int, MoEStep]" = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("elastic_megatron::routed_experts", mutates_args=())
+def routed_experts(x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, layer: int) -> torch.Tensor:
+    """The routed experts' weighted sum of MoE layer `layer` (its handle) for rows `x`."""
+    return _MOE_LAYERS[layer]._routed_eager(x, weights, chosen)
+
+
+@routed_experts.register_fake
+def _(x, weights, chosen, layer):
+    return torch.empty_like(x)
 
 
 def check_moe_supported(config) -> None:
