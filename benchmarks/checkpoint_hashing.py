@@ -4,9 +4,14 @@ the other candidate hashes, then write/verify times for a checkpoint-shaped dire
 one process and spread over several (the checkpoint store's collective manifest: each
 rank hashes a balanced share of the files).
 
+    python benchmarks/checkpoint_hashing.py                    # 512 MiB file and checkpoint
+    python benchmarks/checkpoint_hashing.py --size-mb 4096 --dir /lustre/scratch/me
+    python benchmarks/checkpoint_hashing.py --processes 1 2 4 --shards 8
+
 Everything is measured in this run on this machine. "cached" reads come from the page
 cache (the file was just written); "cold" rows first evict the file's pages with
-posix_fadvise(DONTNEED) after an fsync, so they read from the storage under --dir.
+posix_fadvise(DONTNEED) after an fsync, so they read from the storage under --dir. The
+process rows start N gloo ranks on this machine; on a cluster the ranks sit on many nodes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from elastic_megatron.cli import benchmark_parser, run_benchmark  # noqa: E402
+from elastic_megatron.config.errors import ConfigError  # noqa: E402
 from elastic_megatron.checkpoint.manifest import (  # noqa: E402
     DEFAULT_HASH,
     DEFAULT_WORKERS,
@@ -103,14 +110,8 @@ def _spread_rank(rank: int, world: int, port: int, ckpt: str, result: str) -> No
     dist.destroy_process_group()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python benchmarks/checkpoint_hashing.py", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  python benchmarks/checkpoint_hashing.py                    # 512 MiB file and checkpoint\n"
-               "  python benchmarks/checkpoint_hashing.py --size-mb 4096 --dir /lustre/scratch/me\n"
-               "  python benchmarks/checkpoint_hashing.py --processes 1 2 4 --shards 8")
+def main(argv=None) -> int:
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--size-mb", type=positive_int, default=512, help="size of the test file and of the checkpoint "
                         "in MiB (default: 512)")
     parser.add_argument("--dir", default=None, help="where to write the temporary files (default: $TMPDIR); a "
@@ -120,9 +121,13 @@ def main() -> None:
     parser.add_argument("--processes", type=positive_int, nargs="+", default=[1, 2], metavar="N",
                         help="process counts (gloo ranks on this machine) that write and verify the checkpoint's "
                         "manifest together, each hashing its share (default: 1 2)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    return run_benchmark(args, lambda: run(args))
+
+
+def run(args) -> None:
     if args.dir is not None and not Path(args.dir).is_dir():
-        parser.error(f"--dir {args.dir}: not a directory")
+        raise ConfigError("--dir", args.dir, "an existing directory to write the temporary files in")
     size = args.size_mb << 20
     gb = 1e9
     work = Path(tempfile.mkdtemp(prefix="ckpt_hashing_", dir=args.dir))
@@ -198,4 +203,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
