@@ -121,6 +121,61 @@ def test_export_of_our_model_matches_transformers_logits(dist, tmp_path):
     assert (a - b).abs().max().item() <= 2e-5 * max(1.0, b.abs().max().item())
 
 
+# The keys of the released dense Nemotron-H config.json (nvidia/Nemotron-H-8B-Base-8K; its
+# 47B/56B siblings carry the same set), written down from that published file: no MoE field.
+RELEASED_DENSE_FIELDS = {
+    "architectures", "attention_bias", "attention_dropout", "attention_head_dim", "auto_map", "bos_token_id",
+    "chunk_size", "conv_kernel", "eos_token_id", "expand", "hidden_dropout", "hidden_size", "hybrid_override_pattern",
+    "initializer_range", "intermediate_size", "layer_norm_epsilon", "mamba_head_dim", "mamba_hidden_act",
+    "mamba_num_heads", "mamba_proj_bias", "max_position_embeddings", "mlp_bias", "mlp_hidden_act", "model_type",
+    "n_groups", "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "num_logits_to_keep",
+    "pad_token_id", "rescale_prenorm_residual", "residual_in_fp32", "rms_norm_eps", "sliding_window",
+    "ssm_state_size", "tie_word_embeddings", "time_step_floor", "time_step_limit", "time_step_max", "time_step_min",
+    "time_step_rank", "torch_dtype", "transformers_version", "use_bias", "use_cache", "use_conv_bias",
+    "use_mamba_kernels", "vocab_size",
+}
+# What an export adds, each a field of transformers 5's NemotronHConfig: its layer list, its
+# name for torch_dtype, head_dim (the dense configs' remote code called it
+# attention_head_dim), the SSM cache dtype.
+EXPORT_EXTRAS = {"layers_block_type", "dtype", "head_dim", "mamba_ssm_cache_dtype"}
+# transformers' NemotronHConfig MoE fields (its defaults stand in when they are absent).
+MOE_KEYS = {"n_routed_experts", "output_router_logits", "n_shared_experts", "moe_intermediate_size",
+            "moe_shared_expert_intermediate_size", "moe_latent_size", "moe_shared_expert_overlap", "num_experts_per_tok",
+            "routed_scaling_factor", "n_group", "topk_group", "norm_topk_prob"}
+
+
+def test_a_dense_export_has_the_released_dense_fields_and_matches_transformers_logits(dist, tmp_path):
+    """A pattern without `E` layers exports no MoE field (a reader would take the model for
+    MoE); transformers builds it with every tensor in place and gives our logits; the
+    import reads it back to the same model. A pattern without `-` layers has no
+    intermediate_size and imports too."""
+    from dataclasses import asdict, replace
+
+    cfg = replace(preset("tiny"), hybrid_pattern="M*M-M-", name="tiny_dense")
+    model = randomised_model(cfg, seed=4)
+    store.save_checkpoint(tmp_path / "run", model, None, None, 0, 0, {"config": config_yaml(cfg)})
+    out = export_hf(tmp_path / "run", tmp_path / "hf", precision="fp32")
+    conf = json.loads((out / "config.json").read_text())
+    assert not set(conf) & MOE_KEYS and "num_nextn_predict_layers" not in conf, sorted(set(conf) & MOE_KEYS)
+    assert set(conf) - EXPORT_EXTRAS <= RELEASED_DENSE_FIELDS, sorted(set(conf) - EXPORT_EXTRAS - RELEASED_DENSE_FIELDS)
+    assert conf["intermediate_size"] == cfg.ffn_hidden_size and conf["hybrid_override_pattern"] == "M*M-M-"
+    ref, info = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids, pos = token_batch(cfg.vocab_size, batch=2, seq=40)
+    a, b = logits(model, ids, pos), hf_logits(ref.eval(), ids)
+    assert (a - b).abs().max().item() <= 2e-5 * max(1.0, b.abs().max().item())
+    ours, imported = load_ours(import_hf(out, tmp_path / "imported", precision="fp32"))
+    assert imported.hybrid_pattern == cfg.hybrid_pattern and imported.ffn_hidden_size == cfg.ffn_hidden_size
+    assert torch.equal(logits(ours, ids, pos), a)
+    moe_only = replace(preset("tiny"), hybrid_pattern="M*EME", name="tiny_moe")
+    conf = hf.hf_config_from_model(moe_only, torch.bfloat16)
+    assert "intermediate_size" not in conf and MOE_KEYS - set(conf) == {"output_router_logits", "moe_shared_expert_overlap"}
+    back = asdict(hf.model_config_from_hf(conf, name="tiny_moe"))
+    for key in ("kv_channels", "mamba_dt_min", "moe_token_dispatcher", "ffn_hidden_size"):  # derived, or unused here
+        back.pop(key)
+    assert back == {k: v for k, v in asdict(moe_only).items() if k in back}
+
+
 def test_dist_checkpoint_source_and_writer_round_trip(dist, tmp_path):
     """Reading our checkpoint key by key gives the model's state dict; writing it back
     with the lazy writer gives a checkpoint Megatron's loader reads identically."""

@@ -43,6 +43,15 @@ _ALIASES = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_
             "attention_head_dim": "head_dim"}
 _ACTIVATIONS = {"relu2": "squared_relu"}
 _PRENORM = {MAMBA: "norm.weight", ATTENTION: "input_layernorm.weight", MLP: "pre_mlp_layernorm.weight", MOE: "pre_mlp_layernorm.weight"}
+# Written only for a pattern with MoE layers: released dense Nemotron-H configs carry none of
+# them, and a reader may take any of them for the MoE architecture (llama.cpp's converter
+# does so on num_experts_per_tok). num_nextn_predict_layers came with the MoE generation too.
+MOE_FIELDS = ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "moe_shared_expert_intermediate_size",
+              "n_shared_experts", "moe_latent_size", "routed_scaling_factor", "norm_topk_prob", "n_group", "topk_group",
+              "num_nextn_predict_layers")
+# Written only for a pattern with dense MLP layers ('-'); mlp_hidden_act and mlp_bias stay
+# (MoE experts read them too).
+DENSE_MLP_FIELDS = ("intermediate_size",)
 
 
 def read_hf_config(directory: str | Path) -> dict:
@@ -154,7 +163,9 @@ def hf_config_from_model(cfg: ModelConfig, dtype: torch.dtype, tokens: Optional[
     `hybrid_override_pattern` + `num_hidden_layers` (their remote code, older transformers
     and vLLM's own NemotronHConfig read these), with the field names the released configs
     carry (`n_groups`, `conv_kernel`, `chunk_size`, `time_step_min`, the MoE fields).
-    `tokens`: bos/eos/pad ids of the tokenizer the export carries (data/tokenizer.py)."""
+    `MOE_FIELDS` only when the pattern has an `E` layer and `DENSE_MLP_FIELDS` only when it
+    has a `-` layer, as the released dense (Nemotron-H 8B/47B/56B) and MoE (Nemotron 3 Nano)
+    configs do. `tokens`: bos/eos/pad ids of the tokenizer the export carries."""
     def refuse(key, value, allowed):
         raise ConfigError(f"model.{key}", value, f"has no Hugging Face Nemotron-H equivalent; allowed: {allowed}")
 
@@ -166,7 +177,7 @@ def hf_config_from_model(cfg: ModelConfig, dtype: torch.dtype, tokens: Optional[
         if not cfg.moe_shared_expert_ffn_hidden_size:
             refuse("moe_shared_expert_ffn_hidden_size", 0, "> 0 (HF Nemotron-H always has a shared expert)")
     dtype_name = str(dtype).removeprefix("torch.")
-    return {
+    conf = {
         "architectures": ["NemotronHForCausalLM"],
         "model_type": "nemotron_h",
         "dtype": dtype_name,
@@ -215,6 +226,8 @@ def hf_config_from_model(cfg: ModelConfig, dtype: torch.dtype, tokens: Optional[
         "use_cache": True,
         **(tokens or {}),
     }
+    unused = (MOE_FIELDS if not cfg.count(MOE) else ()) + (DENSE_MLP_FIELDS if not cfg.count(MLP) else ())
+    return {k: v for k, v in conf.items() if k not in unused}
 
 
 def _qkv_split(cfg: ModelConfig):
