@@ -126,6 +126,21 @@ def test_foreign_data_need_their_tokenizer_named_and_its_ids(tmp_path, monkeypat
     assert load_tokenizer_for([prefix]).describe() == bpe.describe()
 
 
+def test_named_tokenizer_forms(tmp_path):
+    """data.tokenizer: 'byte', a tokenizer.json, an HF dir, an imported run dir or its checkpoint."""
+    from elastic_megatron.data.tokenizer import named_tokenizer
+
+    hf = hf_dir(tmp_path / "run" / "tokenizer", extra_tokens=["<x>"])
+    (tmp_path / "run" / "checkpoints" / "iter_0000001").mkdir(parents=True)
+    for name in (f"{hf}/tokenizer.json", hf, tmp_path / "run", tmp_path / "run" / "checkpoints" / "iter_0000001"):
+        tok = named_tokenizer(str(name))
+        assert isinstance(tok, HFTokenizer) and tok.vocab_size == 258 and tok.eod_token == "<|endoftext|>"
+    assert isinstance(named_tokenizer("byte"), ByteTokenizer)
+    with pytest.raises(ConfigError, match="allowed: 'byte'") as err:
+        named_tokenizer(str(tmp_path / "nothing"))
+    assert err.value.key == "data.tokenizer"
+
+
 def test_megatron_flattened_blend():
     assert split_blend(["0.7", "a", "0.3", "b"], None) == (["a", "b"], [0.7, 0.3])
     assert split_blend(["a", "b"], [1, 2]) == (["a", "b"], [1, 2])

@@ -205,13 +205,17 @@ def tokenizer_of_hf_dir(directory: str | Path):
 def named_tokenizer(name: str, key: str = "data.tokenizer"):
     """The tokenizer a user names for data that carry no record of theirs: 'byte', a
     tokenizer.json, an HF tokenizer directory (tokenizer.json, and the eos token of its
-    tokenizer_config.json), or a run directory of tools/import_hf.py (its tokenizer/)."""
+    tokenizer_config.json), or a run directory of tools/import_hf.py or one of its
+    checkpoints (the run's tokenizer/)."""
     if name == "byte":
         return ByteTokenizer()
     path = Path(name)
     if path.is_file() and path.suffix == ".json":
         return HFTokenizer(str(path))
-    for directory in (path, path / "tokenizer"):
+    # A run dir of tools/import_hf.py keeps the source's tokenizer in tokenizer/, beside
+    # checkpoints/iter_N (which may be named too).
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
+    for directory in (path, run_dir / "tokenizer"):
         if (directory / "tokenizer.json").is_file():
             return tokenizer_of_hf_dir(directory)
     raise ConfigError(key, name, "no tokenizer there; allowed: 'byte', a tokenizer.json, an HF tokenizer directory "
