@@ -514,6 +514,49 @@ def test_a_plain_checkpoint_is_served_and_refuses_budget_control(dist, tmp_path)
     assert not server.scheduler.alive
 
 
+@pytest.mark.slow
+def test_a_compiled_server_gives_the_generators_tokens(dist, checkpoint, generator):
+    """tools/serve.py --compile: the decode step of every budget compiled at start-up (the
+    warm-up), then concurrent greedy requests of every budget, batched together on the
+    server's slots, give the eager generator's tokens (invariant 13), with no compile
+    while serving."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch._dynamo.utils import counters
+
+    from elastic_megatron.serving.app import Server
+    from elastic_megatron.serving.options import ServeOptions, bind
+
+    gen = ElasticGenerator.from_checkpoint(checkpoint, compiled=True)
+    before = counters["stats"]["unique_graphs"]
+    server = Server(gen, NAME, ServeOptions(max_batch=3, max_queue=8, max_model_len=256))
+    compiled_at_start = counters["stats"]["unique_graphs"]
+    assert compiled_at_start > before and all(d.compiled for d in server.scheduler.decoders.values())
+    sock = bind("127.0.0.1", 0)
+    uv = server.uvicorn(log_level="warning")
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not uv.started:
+            time.sleep(0.05)
+        http = httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=120)
+        asks = [(budget, prompt) for budget in BUDGETS for prompt in ("def parse(args):", "x = [", "The quick brown fox")]
+
+        def ask(item):
+            budget, prompt = item
+            body = {"model": f"{NAME}:{budget}", "prompt": prompt, "max_tokens": 10, "temperature": 0}
+            return http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+        with ThreadPoolExecutor(len(asks)) as pool:
+            answers = list(pool.map(ask, asks))
+        for (budget, prompt), answer in zip(asks, answers):
+            assert answer == text_of(generator, solo(generator, prompt, budget, 10)), (budget, prompt)
+    finally:
+        uv.should_exit = True
+        thread.join(30)
+    assert counters["stats"]["unique_graphs"] == compiled_at_start
+
+
 def test_serve_tool_refuses_bad_options_at_once():
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "serve.py"), "--checkpoint", "anything", "--max-batch", "0"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
