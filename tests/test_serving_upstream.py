@@ -130,13 +130,14 @@ def generator(elastic):
 def fleet(elastic, scripted, tmp_path_factory):
     """The upstreams (small, medium: tools/serve.py over each slice; small wants an API
     key) and the front end (tools/serve.py over the elastic checkpoint + upstream budgets
-    rsmall, rmedium, spare (nobody listens there yet), broken (answers 500))."""
+    rsmall, rmedium, spare (nobody listens there yet), broken (answers 500)). All three start
+    together: an upstream not up yet when the front end starts is checked by its first use."""
     checkpoint, slices = elastic
-    up = {"small": serve("--checkpoint", str(slices["small"]), "--port", "0", "--api-key", UPSTREAM_KEY),
-          "medium": serve("--checkpoint", str(slices["medium"]), "--port", "0")}
-    procs = dict(up)
+    ports = {"small": free_port(), "medium": free_port()}
+    urls = {b: f"http://127.0.0.1:{port}" for b, port in ports.items()}
+    procs = {"small": serve("--checkpoint", str(slices["small"]), "--port", str(ports["small"]), "--api-key", UPSTREAM_KEY),
+             "medium": serve("--checkpoint", str(slices["medium"]), "--port", str(ports["medium"]))}
     try:
-        urls = {b: serving_url(p) for b, p in up.items()}
         spare_port = free_port()
         config = tmp_path_factory.mktemp("fleet-config") / "fleet.yaml"
         config.write_text(json.dumps({"upstreams": {  # JSON is YAML
@@ -147,12 +148,14 @@ def fleet(elastic, scripted, tmp_path_factory):
         procs["front"] = serve("--checkpoint", str(checkpoint), "--upstreams", str(config), "--port", "0", "--api-key", KEY,
                                "--max-batch", "4", "--max-queue", "8")
         front = serving_url(procs["front"])
+        assert [serving_url(procs[b]) for b in ("small", "medium")] == [urls["small"], urls["medium"]]
         yield {"front": front, "urls": urls, "procs": procs, "spare_port": spare_port, "slices": slices}
     finally:
         for p in procs.values():
             if p.poll() is None:
                 os.kill(p.pid, signal.SIGCONT)
             stop_server(p, grace_s=20)
+    assert procs["front"].returncode == 0  # SIGTERM: the front end drained and exited 0
 
 
 def front_client(fleet) -> httpx.Client:
@@ -395,6 +398,35 @@ def test_a_front_end_without_a_checkpoint_and_another_tokenizer_refused(fleet, s
             FrontEnd(fleet_config([f"other=http://127.0.0.1:{scripted.server_port}/v1"]), "x", options, tokenizer=tokenizer)
     finally:
         scripted.tokens = None
+
+
+def test_the_upstreams_file_and_model_ids_are_checked(tmp_path, monkeypatch):
+    """The --upstreams file: each bad entry is refused naming its key; an upstream listing
+    several models needs the one named."""
+    from elastic_megatron.config.errors import ConfigError
+    from elastic_megatron.serving.fleet import fleet_config
+    from elastic_megatron.serving.upstream import Upstream, UpstreamError
+
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    for upstreams, says in (({"a": {"url": "http://h:1/v1", "tiemout": 3}}, "upstreams.a.tiemout"),
+                            ({"a": {"url": "http://h:1/v1", "timeout": -1}}, "upstreams.a.timeout"),
+                            ({"a": {"url": "http://h:1/v1", "api_key_env": "NO_SUCH_KEY"}}, "is not set"),
+                            ({"a b": "http://h:1/v1"}, "a budget name is"),
+                            ({"a": {"model": "m"}}, "must be an http")):
+        config = tmp_path / "fleet.yaml"
+        config.write_text(json.dumps({"upstreams": upstreams}))
+        with pytest.raises(ConfigError, match=says):
+            fleet_config([], str(config))
+    config.write_text(json.dumps({"max_model_len": 512, "upstreams": {"a": "http://h:1/v1", "b": {
+        "url": "http://h:2/v1/", "model": "m", "prompt_ids": False}}}))
+    fleet = fleet_config(["c=http://h:3/v1"], str(config))
+    assert [(u.budget, u.url, u.model, u.prompt_ids) for u in fleet.upstreams] == [
+        ("a", "http://h:1/v1", None, True), ("b", "http://h:2/v1", "m", False), ("c", "http://h:3/v1", None, True)]
+    assert fleet.max_model_len == 512 and fleet.upstreams[1].root == "http://h:2"
+    several = [{"id": "x", "root": "x"}, {"id": "y", "root": "y"}]
+    with pytest.raises(UpstreamError, match="serves \\['x', 'y'\\]: name the one"):
+        Upstream(fleet.upstreams[0], None)._pick_model(several)
+    assert Upstream(fleet.upstreams[1], None)._pick_model([*several, {"id": "m", "root": "m"}])[0] == "m"
 
 
 @pytest.mark.parametrize("args, message", [
