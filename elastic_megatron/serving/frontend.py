@@ -124,6 +124,9 @@ class FrontEnd(Server):
         if max_len is None:
             raise ConfigError("--max-model-len", None, "no budget is reachable to report its length; give the length "
                                                        "its upstreams serve (prompt + new tokens)")
+        if gen is not None and max_len > gen.cfg.max_sequence_length:
+            raise ConfigError("max_model_len", max_len, f"must be at most the checkpoint's max_sequence_length "
+                                                        f"({gen.cfg.max_sequence_length}): its budgets are served here")
         budgets = local_budgets + fleet.budgets()
         self.served = FleetModel(tokenizer, name, max_len, budgets)
         self.metrics = Metrics(budgets)
