@@ -175,7 +175,7 @@ class Upstream:
         if response.status_code != 200:
             raise self._answer_error(response.status_code, response.text, response.headers)
         theirs = _json(response, self.config.describe()).get("tokens")
-        theirs = [t if isinstance(t, int) else t.get("id") for t in theirs or []]
+        theirs = [t if isinstance(t, int) else t.get("id") if isinstance(t, dict) else None for t in theirs or []]
         if theirs != ours:
             first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
             raise UpstreamError(503, f"{self.config.describe()} has another tokenizer than the other budgets: "
