@@ -15,6 +15,7 @@ jobs (recipe stage1_tiny), after the benchmark's own.
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -78,6 +79,7 @@ def parse(argv=None):
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 4 on GPU, 2 on CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 5 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on GPU, 1 on CPU)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the figures to FILE as JSON")
     return parser.parse_args(argv)
 
 
@@ -126,6 +128,11 @@ def measure(args) -> None:
         print(f"plain distillation (full width, no router)  {t_plain * 1e3:9.1f} ms/step  {tokens / t_plain:12,.0f} tok/s")
         print(f"elastic (router + masks, routed budget)     {t_elastic * 1e3:9.1f} ms/step  {tokens / t_elastic:12,.0f} tok/s")
         print(f"elastic overhead: {100 * (t_elastic / t_plain - 1):+.1f}%")
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "model": model, "elastic": elastic, "device": torch.cuda.get_device_name() if gpu else "cpu",
+                "batch": batch, "seq": seq, "steps": steps, "plain_step_s": t_plain, "elastic_step_s": t_elastic,
+                "elastic_over_plain": t_elastic / t_plain}, indent=1))
 
 
 if __name__ == "__main__":

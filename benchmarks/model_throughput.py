@@ -11,6 +11,7 @@ PyTorch path exists and it prints that alone.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    ap.add_argument("--json", default=None, metavar="FILE", help="also write the figures to FILE as JSON")
     args = ap.parse_args(argv)
     return run_benchmark(args, lambda: run(args))
 
@@ -111,6 +113,12 @@ def run(args) -> None:
             print(f"{r['kernel']:<12}{r['tokens_per_s']:>12,.0f}{r['step_s']:>10.3f}{r['peak_mem_gib']:>10.2f}{mfu:>8}")
         if len(results) == 2:
             print(f"triton / torch speed-up: {results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x")
+        if args.json:
+            figures = {"model": cfg.name, "dtype": str(dtype), "micro_batch": args.micro_batch, "seq_length": args.seq_length,
+                       "device": torch.cuda.get_device_name() if cuda else "cpu", "kernels": results}
+            if len(results) == 2:
+                figures["triton_over_torch"] = results[0]["tokens_per_s"] / results[1]["tokens_per_s"]
+            Path(args.json).write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":
