@@ -361,6 +361,8 @@ def check_stages(planned: list[Stage], args, parts: dict | None = None, on_disk:
                 raise ConfigError("--override", given, f"the {st.key} stage refuses them: {err.allowed}") from None
             if parts is None:
                 raise ConfigError(err.key, err.value, f"{err.allowed} (the {st.key} stage)") from None
+            if on_disk:
+                raise ConfigError("--text", args.text, f"the {st.key} stage refuses its data ({err})") from None
             raise ConfigError("--text", args.text, f"its {len(parts['train'])} training documents are too few for "
                                                    f"the {st.key} stage ({err}); give a longer text") from None
     return jobs
