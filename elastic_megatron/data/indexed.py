@@ -350,8 +350,9 @@ def corpus_outputs(output_prefix: str) -> list[tuple[str, dict]]:
     """(data prefix, record) of every output of the corpus `output_prefix` (as given to
     --output-prefix): its shards 0..N-1 in order, or its one unsharded output. Refuses a
     corpus with a shard missing or unfinished."""
-    if finished_output(output_prefix) is not None:
-        return [(data_prefix(output_prefix), finished_output(output_prefix))]
+    whole = finished_output(output_prefix)
+    if whole is not None:
+        return [(data_prefix(output_prefix), whole)]
     base = Path(output_prefix)
     found: dict[int, set] = {}
     for meta_file in base.parent.glob(f"{glob.escape(base.name)}.shard*-of-*.tokenizer.meta.json"):
