@@ -133,7 +133,11 @@ def load_chat_template_tokenizer(tokenizer_dir: str):
     if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         raise ConfigError("--tokenizer-path", tokenizer_dir, "--input-format chat needs an HF tokenizer directory "
                           "(tokenizer.json + tokenizer_config.json with its chat template)")
-    from transformers import AutoTokenizer
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ConfigError("--input-format", "chat", "renders with transformers' apply_chat_template: "
+                          "pip install 'elastic_megatron[chat]'") from None
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     if not getattr(tok, "chat_template", None):
