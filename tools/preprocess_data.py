@@ -52,8 +52,8 @@ def corpora_of(items: list[str]) -> list[tuple]:
     try:
         prefixes, weights = split_blend(items, None)
     except ConfigError:
-        raise ConfigError("--corpora", items, "output prefixes, each after its weight (0.7 data/web 0.3 data/chat) "
-                          "or none after one (data/web data/chat)") from None
+        raise ConfigError("--corpora", items, "output prefixes with a weight before each (0.7 data/web 0.3 data/chat) "
+                          "or before none (data/web data/chat)") from None
     return list(zip(weights or [None] * len(prefixes), prefixes))
 
 
