@@ -78,6 +78,12 @@ from elastic_megatron.models.forward import output_layer, unwrap
 
 __all__ = ["HybridDecoder", "DecodeState", "token_logprobs"]
 
+# The compiled step's code object serves every decoder (budget) and slot count: room for
+# that many compiled graphs (the limits' names before torch 2.7: cache_size_limit,
+# accumulated_cache_size_limit).
+_RECOMPILE_LIMITS = ({"recompile_limit": 64, "accumulated_recompile_limit": 512} if hasattr(dynamo_config, "recompile_limit")
+                     else {"cache_size_limit": 64, "accumulated_cache_size_limit": 512})
+
 
 @dataclass
 class StepContext:
@@ -336,7 +342,7 @@ class HybridDecoder:
         # The package turns dynamo off on CPU (models/compat.py: Megatron's jit_fuser); on
         # only here. The limit: one compiled graph per budget and slot count, kept (one code
         # object serves every decoder's step).
-        with dynamo_config.patch(disable=False, recompile_limit=64, accumulated_recompile_limit=512):
+        with dynamo_config.patch(disable=False, **_RECOMPILE_LIMITS):
             logits = self._compiled_step(tokens, state.positions, state.live, window, caches, dense_moe)
         return logits.clone() if self.device.type == "cuda" else logits  # CUDA graphs' outputs are overwritten
 
