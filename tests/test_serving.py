@@ -314,7 +314,7 @@ def test_stop_strings_end_the_text_before_them(server, generator):
     ('{"messages": [{"role": "user", "content": "hi", "name": "\\ud800"}]}', "messages.0"),
     ('{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"x": ["\\ud800"]}}', "chat_template_kwargs"),
     # bounds and odd values
-    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "a", "stop": [chr(97 + i) for i in range(17)]}, "stop"),
     ({"prompt": "a", "stop": "x" * 257}, "stop"),
     ({"prompt": "a", "stop": 3}, "stop"),
     ({"prompt": ["a"] * (MAX_BATCH + MAX_QUEUE + 1)}, "prompt"),
