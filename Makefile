@@ -19,7 +19,7 @@ PY312 := $(VENV312)/bin/python
 # On Python 3.12 the registry's torch 2.13.0 is a CUDA build (it runs on the CPU).
 TORCH312_SPEC ?= torch==2.13.0
 MCORE312_SPEC ?= megatron-core>=0.19,<0.20
-# pytest arguments of the 3.12 leg (see README "Versions": what it leaves out and why).
+# pytest arguments of the 3.12 leg (see docs/install.md: what it leaves out and why).
 TEST312_ARGS ?= -m "not slurm and not kernels and not gpu_rehearsal"
 # The Triton-interpreter leg (make test-kernels): mamba-ssm's Python sources (its CUDA extensions
 # are not compiled) and the Triton that torch 2.13's CUDA build requires, i.e. what a GPU machine
@@ -125,7 +125,7 @@ test-kernels: install-kernels
 
 # The GPU acceptance run (tools/gpu_check.py) on a fresh H100/H200 machine, in the Python environment
 # it finds (a container's, or GPU_PY=...): the gpu extra installed (GPU_WHEELS=DIR: from wheels built
-# elsewhere, no index, as the README's "GPU acceptance run" shows), then every stage; the report folder is
+# elsewhere, no index, as docs/gpu.md shows), then every stage; the report folder is
 # GPU_CHECK_OUT. gpu-check-rehearsal: the same sequence on CPU at tiny sizes (CI runs it in tests/test_gpu_check.py).
 GPU_PY ?= python3
 GPU_CHECK_OUT ?= runs/gpu-check

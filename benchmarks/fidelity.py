@@ -82,7 +82,7 @@ LIMITS = {"nested_vs_a_ppl": 0.03, "full_vs_parent_ppl": 0.01, "token_ratio": 0.
 # The benchmark's own settings on top of the CPU recipes (printed with the other knobs;
 # --override wins): every budget on every stage-1 micro-batch and two of the three (by
 # the 0.5/0.3/0.2 curriculum) in stage 2, one teacher forward shared. With one budget per
-# micro-batch the full budget drifted from the parent (+2.7% perplexity, see README).
+# micro-batch the full budget drifted from the parent (+2.7% perplexity, see docs/benchmarks.md).
 DEFAULT_OVERRIDES = ["stage1:elastic.curriculum.budgets_per_batch=3", "stage2:elastic.curriculum.budgets_per_batch=2"]
 
 

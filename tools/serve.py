@@ -16,7 +16,7 @@ vLLM, SGLang, llama.cpp's llama-server, or this tool), alone or next to the chec
 
     python tools/serve.py --model-name nemotron --tokenizer slices/small \
         --upstream small=http://node1:8000/v1 --upstream full=http://node2:8000/v1
-    python tools/serve.py --upstreams fleet.yaml       # model ids, API keys, timeouts (README: Serve)
+    python tools/serve.py --upstreams fleet.yaml       # model ids, API keys, timeouts (docs/serving.md)
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
                         help="budget NAME served by the OpenAI-compatible server at URL (vLLM, SGLang, llama-server, "
                              "tools/serve.py), e.g. small=http://node1:8000/v1; repeat per budget")
     parser.add_argument("--upstreams", default=None, metavar="FILE",
-                        help="a YAML file of upstream budgets: url, model id, API key, timeouts (README: Serve)")
+                        help="a YAML file of upstream budgets: url, model id, API key, timeouts (docs/serving.md)")
     parser.add_argument("--upstream-timeout", type=float, default=60.0,
                         help="--upstream: seconds without a byte from an upstream before its request gets 504")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

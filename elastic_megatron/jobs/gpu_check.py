@@ -10,7 +10,7 @@ timed-out stage is recorded and the run goes on, so one slot of GPU time shows e
   environment   versions of torch, CUDA, Triton, mamba_ssm, Megatron-Core, ModelOpt, TE; the GPU
   pytest-gpu    `pytest -m gpu` (Triton scan/decode vs PyTorch on CUDA, CUDA graphs, ModelOpt CUDA)
   data          the embedded corpus tokenized (tools/preprocess_data.py)
-  pretrain .. qad   the chain of README "Quickstart" on the `small` preset in bf16: pretrain,
+  pretrain .. qad   the chain of `make demo` on the `small` preset in bf16: pretrain,
                 importance + sorting, stage 1, stage 2, NVFP4 QAD (Megatron DDP and its
                 distributed optimizer in bf16, the Triton kernels)
   resume        stage 1 continued for a few steps from its own checkpoint (bf16 resume)
@@ -312,7 +312,7 @@ def environment(run: Run) -> dict:
         raise RuntimeError("no CUDA GPU visible: run on a GPU machine, or use --rehearse on a CPU")
     if not HAVE_MAMBA_SSM_KERNELS:
         raise RuntimeError("mamba_ssm's Triton kernels do not import (not installed, or its package imports the "
-                           "compiled selective_scan_cuda: see the README's GPU acceptance run): the GPU would run "
+                           "compiled selective_scan_cuda: see docs/gpu.md): the GPU would run "
                            "the PyTorch scan")
     return info
 

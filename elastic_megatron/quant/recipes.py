@@ -178,7 +178,7 @@ def check_kernel_alignment(parent: ModelConfig, cfg: ModelConfig, fmt: str, reci
                            key: str = "--size") -> None:
     """Refuse a quantized export of budget `budget` (the model of `cfg`, nested in `parent`)
     one of whose quantized GEMM dimensions breaks the serving kernels' alignment. A dimension
-    the parent itself breaks (a CPU toy preset's, see README) is the parent's architecture,
+    the parent itself breaks (a CPU toy preset's, see docs/quantization.md) is the parent's architecture,
     not the budget's choice: it is reported by tools/describe_model.py, not refused here."""
     inherited = {(k, d) for k, d, _, _ in kernel_misalignments(parent, fmt, recipe)}
     for kind, dim, size, axis in kernel_misalignments(cfg, fmt, recipe):
