@@ -160,55 +160,6 @@ class SchemaKey:
     meaning: str
 
 
-# Meanings of fields that have no comment in their dataclass (names as Megatron-LM's flags).
-# A field's own comment wins; a new field needs one or the other (tests/test_docs.py).
-FALLBACK_MEANINGS = {
-    "run.name": "The job's name (logs, W&B run name).",
-    "run.seed": "Random seed of initialisation, data order and budget sampling.",
-    "model.name": "The preset's name (recipes/model/<name>.yaml), recorded in checkpoints.",
-    "model.hidden_size": "Model width (d_model).",
-    "model.vocab_size": "Vocabulary size of the embedding and output layer.",
-    "model.num_query_groups": "Key/value head groups of grouped query attention.",
-    "model.mamba_head_dim": "Channels per Mamba2 head.",
-    "model.mamba_state_dim": "SSM state size per head (d_state).",
-    "model.mamba_num_groups": "Groups of the B and C projections (n_groups).",
-    "model.mamba_conv_kernel": "Width of the causal depthwise convolution.",
-    "model.mamba_chunk_size": "Chunk length of the chunked SSD scan.",
-    "model.moe_router_topk": "Experts each token is routed to.",
-    "model.moe_ffn_hidden_size": "FFN width of one routed expert.",
-    "model.moe_router_score_function": "sigmoid | softmax scores of the MoE router.",
-    "model.moe_router_enable_expert_bias": "Aux-loss-free load balancing: a per-expert bias added to the scores for routing.",
-    "model.moe_router_topk_scaling_factor": "Scale of the top-k routing weights; null = none.",
-    "model.activation": "MLP and expert activation: squared_relu | relu | gelu | silu.",
-    "model.norm_eps": "Epsilon of the RMSNorms.",
-    "model.init_method_std": "Standard deviation of the normal weight initialisation.",
-    "data.seq_length": "Tokens per training sequence (<= model.max_sequence_length).",
-    "trainer.max_steps": "Optimizer steps of the run.",
-    "trainer.micro_batch_size": "Sequences per forward/backward on one data-parallel rank.",
-    "trainer.global_batch_size": "Sequences per optimizer step over all data-parallel ranks (gradient accumulation fills the gap).",
-    "trainer.lr": "Peak learning rate (Adam).",
-    "trainer.min_lr": "Learning rate at the end of the decay.",
-    "trainer.warmup_steps": "Linear warmup steps from 0 to trainer.lr.",
-    "trainer.lr_decay_style": "constant | linear | cosine decay after warmup.",
-    "trainer.weight_decay": "AdamW weight decay.",
-    "trainer.adam_beta1": "Adam beta1.",
-    "trainer.adam_beta2": "Adam beta2.",
-    "trainer.adam_eps": "Adam epsilon.",
-    "trainer.clip_grad": "Gradient norm clipping threshold; 0 disables clipping.",
-    "trainer.log_interval": "Steps between log lines (and W&B points).",
-    "trainer.eval_interval": "Steps between validation passes.",
-    "trainer.eval_iters": "Validation micro-batches per pass.",
-    "trainer.save_interval": "Steps between checkpoints (the last step is always saved).",
-    "trainer.recompute_num_layers": "full recompute: layers per recomputed group (uniform) or recomputed layers per stage (block).",
-    "logger.type": "none | wandb.",
-    "logger.project": "W&B project.",
-    "logger.entity": "W&B entity (team); null = the default of the API key.",
-    "logger.mode": "W&B mode: offline (synced later with `wandb sync`) | online | disabled.",
-    "logger.tags": "W&B run tags.",
-    "cluster.gpus_per_node": "GPUs per node (set by the Slurm launchers; 0 on CPU).",
-}
-
-
 def _field_comments(cls) -> dict[str, str]:
     """field name -> the comment lines right above it (or at the end of its line)."""
     source = textwrap.dedent(inspect.getsource(cls))
@@ -277,7 +228,7 @@ def schema_keys(cls=None, prefix: str = "") -> list[SchemaKey]:
                 keys.append(SchemaKey(key, f"list[{nested.__name__}]", _default(f), doc))
             keys += schema_keys(nested, f"{key}{suffix}.")
         else:
-            keys.append(SchemaKey(key, _type_name(f.type), _default(f), comments.get(f.name) or FALLBACK_MEANINGS.get(key, "")))
+            keys.append(SchemaKey(key, _type_name(f.type), _default(f), comments.get(f.name, "")))
     return keys
 
 

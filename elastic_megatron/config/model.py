@@ -30,26 +30,35 @@ INITS = ("layout_independent", "megatron")
 class ModelConfig:
     """Architecture of a hybrid model. Widths of unused layer types are ignored."""
 
+    # The preset's name (recipes/model/<name>.yaml), recorded in checkpoints.
     name: str = "custom"
     # One symbol per layer: M Mamba2, * attention, - dense MLP, E MoE.
     hybrid_pattern: str = "M*-E"
+    # Model width (d_model).
     hidden_size: int = 64
+    # Vocabulary size of the embedding and output layer.
     vocab_size: int = 256
     # Longest sequence the model is built for (no positional embedding: only a bound).
     max_sequence_length: int = 4096
 
     # Attention: grouped query attention, no positional embedding.
     num_attention_heads: int = 4
+    # Key/value head groups of grouped query attention.
     num_query_groups: int = 2
     # Channels per attention head; None means hidden_size // num_attention_heads.
     kv_channels: Optional[int] = None
 
     # Mamba2 mixer.
     mamba_num_heads: int = 8
+    # Channels per Mamba2 head.
     mamba_head_dim: int = 16
+    # SSM state size per head (d_state).
     mamba_state_dim: int = 16
+    # Groups of the B and C projections (n_groups).
     mamba_num_groups: int = 2
+    # Width of the causal depthwise convolution.
     mamba_conv_kernel: int = 4
+    # Chunk length of the chunked SSD scan.
     mamba_chunk_size: int = 128
     # Lower clamp of the Mamba step size dt after softplus; 0 = no clamp (Megatron's and
     # mamba_ssm's default). transformers' Nemotron-H clamps at its time_step_min, so HF
@@ -61,18 +70,26 @@ class ModelConfig:
 
     # MoE ('E' layers), as in Nemotron 3 Nano: sigmoid scores, expert bias, scaled top-k.
     moe_num_experts: int = 4
+    # Experts each token is routed to.
     moe_router_topk: int = 2
+    # FFN width of one routed expert.
     moe_ffn_hidden_size: int = 64
     # 0 disables the shared expert.
     moe_shared_expert_ffn_hidden_size: int = 64
+    # sigmoid | softmax scores of the MoE router.
     moe_router_score_function: str = "sigmoid"
+    # Aux-loss-free load balancing: a per-expert bias added to the scores for routing.
     moe_router_enable_expert_bias: bool = True
+    # Scale of the top-k routing weights; null = none.
     moe_router_topk_scaling_factor: Optional[float] = 2.5
     # auto: allgather on CPU (alltoall creates CUDA streams), alltoall on GPU.
     moe_token_dispatcher: str = "auto"
 
+    # MLP and expert activation: squared_relu | relu | gelu | silu.
     activation: str = "squared_relu"
+    # Epsilon of the RMSNorms.
     norm_eps: float = 1e-5
+    # Standard deviation of the normal weight initialisation.
     init_method_std: float = 0.02
     # Fresh weights: layout_independent (the same at any TP/PP/EP for a seed) or megatron.
     init: str = "layout_independent"

@@ -35,7 +35,9 @@ WANDB_MODES = ("offline", "online", "disabled")
 class RunConfig:
     # One directory per job, chosen once: the Slurm job id survives requeues.
     dir: str = "runs/${oc.env:SLURM_JOB_ID,local}"
+    # The job's name (logs, W&B run name).
     name: str = "pretrain"
+    # Random seed of initialisation, data order and budget sampling.
     seed: int = 1234
     # train: pretraining, or elastic distillation when elastic.enabled;
     # importance: score and sort elastic.parent_checkpoint into run.dir.
@@ -61,6 +63,7 @@ class DataConfig:
     # null = validate on the split's valid share of `prefixes`. With it, training reads
     # `prefixes` whole and `split` is unused.
     valid_prefixes: Optional[list[str]] = None
+    # Tokens per training sequence (<= model.max_sequence_length).
     seq_length: int = 256
     # Where Megatron writes its dataset index caches; null = <run.dir>/data_cache.
     cache_dir: Optional[str] = None
@@ -103,25 +106,42 @@ def split_blend(prefixes: list, weights: Optional[list]) -> tuple[list[str], Opt
 
 @dataclass
 class TrainerConfig:
+    # Optimizer steps of the run.
     max_steps: int = 100
+    # Sequences per forward/backward on one data-parallel rank.
     micro_batch_size: int = 4
+    # Sequences per optimizer step over all data-parallel ranks (gradient accumulation fills the
+    # gap).
     global_batch_size: int = 8
+    # Peak learning rate (Adam).
     lr: float = 3.0e-4
+    # Learning rate at the end of the decay.
     min_lr: float = 3.0e-5
+    # Linear warmup steps from 0 to trainer.lr.
     warmup_steps: int = 10
+    # constant | linear | cosine decay after warmup.
     lr_decay_style: str = "cosine"
     # null = decay over max_steps.
     lr_decay_steps: Optional[int] = None
+    # AdamW weight decay.
     weight_decay: float = 0.1
+    # Adam beta1.
     adam_beta1: float = 0.9
+    # Adam beta2.
     adam_beta2: float = 0.95
+    # Adam epsilon.
     adam_eps: float = 1.0e-8
+    # Gradient norm clipping threshold; 0 disables clipping.
     clip_grad: float = 1.0
     # auto: bf16 on GPU, fp32 on CPU.
     precision: str = "auto"
+    # Steps between log lines (and W&B points).
     log_interval: int = 10
+    # Steps between validation passes.
     eval_interval: int = 100
+    # Validation micro-batches per pass.
     eval_iters: int = 4
+    # Steps between checkpoints (the last step is always saved).
     save_interval: int = 100
     # Peak dense FLOP/s of one accelerator for MFU (H100 bf16: 989e12).
     peak_flops: float = 989.0e12
@@ -136,6 +156,8 @@ class TrainerConfig:
     # full: uniform (every group of recompute_num_layers layers) | block (the first
     # recompute_num_layers layers of each pipeline stage).
     recompute_method: str = "uniform"
+    # full recompute: layers per recomputed group (uniform) or recomputed layers per stage
+    # (block).
     recompute_num_layers: int = 1
     # selective: any of core_attn, mamba_scan, moe (routed experts), mlp (dense MLP and shared
     # expert). Default: what saves most per recompute cost (benchmarks/activation_recompute.py):
@@ -146,10 +168,15 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
+    # none | wandb.
     type: str = "none"
+    # W&B project.
     project: str = "elastic_megatron"
+    # W&B entity (team); null = the default of the API key.
     entity: Optional[str] = None
+    # W&B mode: offline (synced later with `wandb sync`) | online | disabled.
     mode: str = "offline"
+    # W&B run tags.
     tags: list[str] = field(default_factory=list)
 
 
@@ -157,6 +184,7 @@ class LoggerConfig:
 class ClusterConfig:
     # local: a workstation or a test machine; slurm: launched by slurm/*.sh.
     name: str = "local"
+    # GPUs per node (set by the Slurm launchers; 0 on CPU).
     gpus_per_node: int = 0
 
 
