@@ -234,8 +234,9 @@ class Run:
         if stage.call is not None:
             try:
                 figures = stage.call(self) or {}
-                return Result(stage.name, "passed", time.monotonic() - begin, stage.budget_s, log=_rel(log, self.out),
-                              figures=figures)
+                # A stage run here has a log only if it ran a subprocess of its own.
+                return Result(stage.name, "passed", time.monotonic() - begin, stage.budget_s,
+                              log=_rel(log, self.out) if log.exists() else "", figures=figures)
             except Exception as err:  # a failed stage is recorded; the next one runs
                 log.write_text(f"{type(err).__name__}: {err}\n")
                 return Result(stage.name, "failed", time.monotonic() - begin, stage.budget_s, log=_rel(log, self.out),
