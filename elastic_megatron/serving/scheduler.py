@@ -90,6 +90,14 @@ class Token:
     top: Optional[list[tuple[int, float]]] = None
 
 
+def end_of_text_entry(token: int, offset: int, logprob: Optional[float], top) -> Token:
+    """A scored prompt (`echo` + `logprobs`) whose first pick ends the text still reports that
+    pick, with no text and not counted as a completion token, as OpenAI's completions do:
+    lm-evaluation-harness reads a continuation's log-likelihood as token_logprobs[ctxlen:-1],
+    dropping one generated entry, so without it the prompt's last token would be dropped."""
+    return Token(token, "", offset, logprob, top)
+
+
 @dataclass
 class Finished:
     reason: str  # stop | length | abort
@@ -351,6 +359,8 @@ class Scheduler:
     def _take(self, seq: Sequence, token: int, logprob: Optional[float], top, now: float) -> None:
         budget = seq.budget
         if token == self.tokenizer.eod:
+            if seq.score_prompt:
+                seq.sink(end_of_text_entry(token, len(seq.out.text), logprob, top))
             self._end_phase(seq, "stop")
             return
         seq.phase_tokens.append(token)

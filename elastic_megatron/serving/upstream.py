@@ -36,7 +36,8 @@ from elastic_megatron.inference.generator import ends_thinking
 from elastic_megatron.serving.fleet import UpstreamConfig
 from elastic_megatron.serving.metrics import LATENCY_BUCKETS, PREFIX, Metrics
 from elastic_megatron.serving.protocol import error_body
-from elastic_megatron.serving.scheduler import NotServing, PromptScores, QueueFull, Sequence, Token, Failed, Finished
+from elastic_megatron.serving.scheduler import (NotServing, PromptScores, QueueFull, Sequence, Token, Failed, Finished,
+                                               end_of_text_entry)
 from elastic_megatron.serving.text import encode
 
 log = logging.getLogger("elastic_megatron.serving")
@@ -522,6 +523,8 @@ class RemoteBudgets:
                     reason = piece
                     break
                 if piece.token == self.tokenizer.eod:
+                    if seq.score_prompt:
+                        seq.sink(end_of_text_entry(piece.token, len(seq.out.text), piece.logprob, piece.top))
                     reason = "stop"
                     break
                 seq.phase_tokens.append(piece.token)
