@@ -213,7 +213,7 @@ def test_sharded_blend_and_foreign_data_train_and_resume(tmp_path):
                                "--output-prefix", str(tmp_path / "web"), "--shard", f"{i}/3"], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
     blend = write_blend([(None, str(tmp_path / "web"))], tmp_path / "blend.yaml")
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    text = (REPO / "elastic_megatron" / "data" / "text" / "tinyshakespeare.txt").read_text(encoding="utf-8")  # shipped
     foreign = foreign_dataset(tmp_path / "megatron_text_document",
                               [list(text[i:i + 600].encode()) + [256] for i in range(0, 120_000, 600)])
     flattened = ",".join(f"{w},{p}" for w, p in zip([0.25] * 3, blend["prefixes"])) + f",0.25,{foreign}"
