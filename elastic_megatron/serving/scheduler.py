@@ -98,6 +98,34 @@ def end_of_text_entry(token: int, offset: int, logprob: Optional[float], top) ->
     return Token(token, "", offset, logprob, top)
 
 
+def take_token(seq: "Sequence", token: int, logprob: Optional[float], top, tokenizer, metrics: Metrics,
+               now: float) -> Optional[str]:
+    """A sequence's next token, picked here or streamed by an upstream (serving/upstream.py): sent
+    to its sink with its text, counted in the metrics; why its phase ends with it (stop, length)
+    or None. The end of text ends the phase and is not a token of the answer."""
+    if token == tokenizer.eod:
+        if seq.score_prompt:
+            seq.sink(end_of_text_entry(token, len(seq.out.text), logprob, top))
+        return "stop"
+    seq.phase_tokens.append(token)
+    offset = len(seq.out.text)
+    seq.sink(Token(token, seq.out.add(token), offset, logprob, top))
+    metrics.generated_tokens.labels(seq.budget).inc()
+    if seq.last_token_time is None:
+        metrics.first_token.labels(seq.budget).observe(now - seq.arrival)
+    else:
+        metrics.inter_token.labels(seq.budget).observe(now - seq.last_token_time)
+    seq.last_token_time = now
+    if seq.out.stopped_at is not None:
+        return "stop"
+    if len(seq.phase_tokens) >= seq.phase_max:
+        return "length"
+    if seq.phase == "think" and ends_thinking(tokenizer, seq.phase_tokens, seq.control.delimiter,
+                                              seq.control.delimiter_ids):
+        return "stop"
+    return None
+
+
 @dataclass
 class Finished:
     reason: str  # stop | length | abort
@@ -357,30 +385,11 @@ class Scheduler:
             self._take(seq, token, logprob, top, now)
 
     def _take(self, seq: Sequence, token: int, logprob: Optional[float], top, now: float) -> None:
-        budget = seq.budget
-        if token == self.tokenizer.eod:
-            if seq.score_prompt:
-                seq.sink(end_of_text_entry(token, len(seq.out.text), logprob, top))
-            self._end_phase(seq, "stop")
-            return
-        seq.phase_tokens.append(token)
-        offset = len(seq.out.text)
-        seq.sink(Token(token, seq.out.add(token), offset, logprob, top))
-        self.metrics.generated_tokens.labels(budget).inc()
-        if seq.last_token_time is None:
-            self.metrics.first_token.labels(budget).observe(now - seq.arrival)
-        else:
-            self.metrics.inter_token.labels(budget).observe(now - seq.last_token_time)
-        seq.last_token_time = now
-        if seq.out.stopped_at is not None:
-            self._end_phase(seq, "stop")
-        elif len(seq.phase_tokens) >= seq.phase_max:
-            self._end_phase(seq, "length")
-        elif seq.phase == "think" and ends_thinking(self.tokenizer, seq.phase_tokens, seq.control.delimiter,
-                                                     seq.control.delimiter_ids):
-            self._end_phase(seq, "stop")
-        else:
+        reason = take_token(seq, token, logprob, top, self.tokenizer, self.metrics, now)
+        if reason is None:
             seq.next_token = token
+        else:
+            self._end_phase(seq, reason)
 
     def _end_phase(self, seq: Sequence, reason: str) -> None:
         if seq.phase != "think":

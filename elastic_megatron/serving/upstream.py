@@ -32,12 +32,11 @@ from typing import AsyncIterator, Optional
 
 import httpx
 
-from elastic_megatron.inference.generator import ends_thinking
 from elastic_megatron.serving.fleet import UpstreamConfig
 from elastic_megatron.serving.metrics import LATENCY_BUCKETS, PREFIX, Metrics
 from elastic_megatron.serving.protocol import error_body
 from elastic_megatron.serving.scheduler import (NotServing, PromptScores, QueueFull, Sequence, Token, Failed, Finished,
-                                               end_of_text_entry)
+                                               take_token)
 from elastic_megatron.serving.text import encode
 
 log = logging.getLogger("elastic_megatron.serving")
@@ -522,28 +521,8 @@ class RemoteBudgets:
                 if isinstance(piece, str):  # the upstream ended the phase itself
                     reason = piece
                     break
-                if piece.token == self.tokenizer.eod:
-                    if seq.score_prompt:
-                        seq.sink(end_of_text_entry(piece.token, len(seq.out.text), piece.logprob, piece.top))
-                    reason = "stop"
-                    break
-                seq.phase_tokens.append(piece.token)
-                offset = len(seq.out.text)
-                seq.sink(Token(piece.token, seq.out.add(piece.token), offset, piece.logprob, piece.top))
-                now = time.perf_counter()
-                self.metrics.generated_tokens.labels(budget).inc()
-                if seq.last_token_time is None:
-                    self.metrics.first_token.labels(budget).observe(now - seq.arrival)
-                else:
-                    self.metrics.inter_token.labels(budget).observe(now - seq.last_token_time)
-                seq.last_token_time = now
-                if seq.out.stopped_at is not None:
-                    reason = "stop"
-                elif len(seq.phase_tokens) >= seq.phase_max:
-                    reason = "length"
-                elif seq.phase == "think" and ends_thinking(self.tokenizer, seq.phase_tokens, seq.control.delimiter,
-                                                            seq.control.delimiter_ids):
-                    reason = "stop"
+                reason = take_token(seq, piece.token, piece.logprob, piece.top, self.tokenizer, self.metrics,
+                                    time.perf_counter())
                 if reason is not None:
                     break
         self._record(seq)
