@@ -13,6 +13,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     triton_interpreter.install()
 
 import dataclasses
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,25 @@ def sorted_parent(stdlib_prefix, tmp_path_factory):
     meta = metadata.read_common_state(path)["meta"]
     assert meta["sort_index"] and meta["importance"]["max_logit_diff_after_sort"] <= 1e-4
     return root, stdlib_prefix
+
+
+@contextmanager
+def serving_in_thread(server):
+    """An in-process server (serving.app.Server or the front end) on a free 127.0.0.1 port, run by
+    uvicorn in a thread; yields its base URL once it accepts requests, stops it afterwards."""
+    import threading
+    import time
+
+    from elastic_megatron.serving.options import bind
+
+    sock = bind("127.0.0.1", 0)
+    uv = server.uvicorn(log_level="warning")
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not uv.started:
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        uv.should_exit = True
+        thread.join(30)

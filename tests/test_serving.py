@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from checkpoint_helpers import elastic_meta
-from conftest import REPO, preset
+from conftest import REPO, preset, serving_in_thread
 from elastic_helpers import logits, randomised_model
 from elastic_megatron.checkpoint import store
 from elastic_megatron.elastic.widths import Widths, full_widths
@@ -487,20 +487,14 @@ def test_a_plain_checkpoint_runs_at_the_budgets_of_an_elastic_one(dist, checkpoi
 def test_a_plain_checkpoint_is_served_and_refuses_budget_control(dist, tmp_path):
     from elastic_megatron.convert.megatron_dist import config_yaml
     from elastic_megatron.serving.app import Server
-    from elastic_megatron.serving.options import ServeOptions, bind
+    from elastic_megatron.serving.options import ServeOptions
 
     store.save_checkpoint(tmp_path / "plain", randomised_model(CFG, seed=2), None, None, 1, 0,
                           {"config": config_yaml(CFG), "data": {"tokenizer": {"type": "byte"}}})
     gen = ElasticGenerator.from_checkpoint(tmp_path / "plain")
     server = Server(gen, "plain", ServeOptions(max_batch=2, max_queue=2, max_model_len=128))
-    sock = bind("127.0.0.1", 0)
-    uv = server.uvicorn(log_level="warning")
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        while not uv.started:
-            time.sleep(0.05)
-        http = httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=60)
+    with serving_in_thread(server) as url:
+        http = httpx.Client(base_url=url, timeout=60)
         assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["plain", "plain:full"]
         r = http.post("/v1/completions", json={"prompt": "a", "think_budget": "full", "answer_budget": "full"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "think_budget" and "elastic" in r.json()["error"]["message"]
@@ -508,9 +502,6 @@ def test_a_plain_checkpoint_is_served_and_refuses_budget_control(dist, tmp_path)
         assert r.status_code == 400 and "128" in r.json()["error"]["message"]  # --max-model-len
         out = http.post("/v1/completions", json={"prompt": "ab", "max_tokens": 5, "temperature": 0}).json()
         assert out["choices"][0]["text"] == gen.generate(["ab"], max_new_tokens=5).texts[0]
-    finally:
-        uv.should_exit = True
-        thread.join(30)
     assert not server.scheduler.alive
 
 
@@ -525,21 +516,15 @@ def test_a_compiled_server_gives_the_generators_tokens(dist, checkpoint, generat
     from torch._dynamo.utils import counters
 
     from elastic_megatron.serving.app import Server
-    from elastic_megatron.serving.options import ServeOptions, bind
+    from elastic_megatron.serving.options import ServeOptions
 
     gen = ElasticGenerator.from_checkpoint(checkpoint, compiled=True)
     before = counters["stats"]["unique_graphs"]
     server = Server(gen, NAME, ServeOptions(max_batch=3, max_queue=8, max_model_len=256))
     compiled_at_start = counters["stats"]["unique_graphs"]
     assert compiled_at_start > before and all(d.compiled for d in server.scheduler.decoders.values())
-    sock = bind("127.0.0.1", 0)
-    uv = server.uvicorn(log_level="warning")
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        while not uv.started:
-            time.sleep(0.05)
-        http = httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=120)
+    with serving_in_thread(server) as url:
+        http = httpx.Client(base_url=url, timeout=120)
         asks = [(budget, prompt) for budget in BUDGETS for prompt in ("def parse(args):", "x = [", "The quick brown fox")]
 
         def ask(item):
@@ -551,9 +536,6 @@ def test_a_compiled_server_gives_the_generators_tokens(dist, checkpoint, generat
             answers = list(pool.map(ask, asks))
         for (budget, prompt), answer in zip(asks, answers):
             assert answer == text_of(generator, solo(generator, prompt, budget, 10)), (budget, prompt)
-    finally:
-        uv.should_exit = True
-        thread.join(30)
     assert counters["stats"]["unique_graphs"] == compiled_at_start
 
 

@@ -31,7 +31,7 @@ import httpx
 import pytest
 
 from checkpoint_helpers import elastic_meta
-from conftest import REPO, preset
+from conftest import REPO, preset, serving_in_thread
 from elastic_helpers import randomised_model
 from elastic_megatron.checkpoint import store
 from elastic_megatron.elastic.widths import Widths, full_widths
@@ -369,28 +369,18 @@ def test_a_front_end_without_a_checkpoint_and_another_tokenizer_refused(fleet, s
     from elastic_megatron.config.errors import ConfigError
     from elastic_megatron.serving.fleet import fleet_config
     from elastic_megatron.serving.frontend import FrontEnd, front_end_tokenizer
-    from elastic_megatron.serving.options import ServeOptions, bind
+    from elastic_megatron.serving.options import ServeOptions
 
     tokenizer = front_end_tokenizer(str(fleet["slices"]["medium"]))
     options = ServeOptions(max_batch=2, max_queue=2)
     server = FrontEnd(fleet_config([f"medium={fleet['urls']['medium']}/v1"]), "alone", options, tokenizer=tokenizer)
-    sock = bind("127.0.0.1", 0)
-    uv = server.uvicorn(log_level="warning")
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        while not uv.started:
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with serving_in_thread(server) as url:
         assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["alone", "alone:medium"]
         body = {"prompt": "def", "max_tokens": 8, "temperature": 0}
         through = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
         assert through == httpx.post(fleet["urls"]["medium"] + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
         r = httpx.post(url + "/v1/completions", json={**body, "think_budget": "medium", "answer_budget": "medium"}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "think_budget"  # one budget: nothing to control
-    finally:
-        uv.should_exit = True
-        thread.join(30)
 
     scripted.tokens = [1, 2, 3]
     try:
